@@ -1,0 +1,20 @@
+# Two entry points for a fresh clone: `make demo` (the main job) and `make test`.
+# Both create the virtual environment at .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test venv
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) -m infer.demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest tests

@@ -1,0 +1,154 @@
+"""Decoder building blocks shared by the target and the drafters: RMSNorm, RoPE, GQA attention, SwiGLU.
+
+Every parameter carries logical axis names (`embed`, `heads`, `kv_heads`, `mlp`, `vocab`, `norm`);
+`specblock_jax.sharding` maps them to mesh axes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from specblock_jax.config import ModelConfig, RopeScaling
+
+NEG_INF = -1e30  # finite, so fully masked rows (padding) give a uniform softmax, never NaN
+
+
+def dense(features: int, axes: tuple[str | None, str | None], name: str, dtype, use_bias: bool = False):
+    """A bias-free (by default) linear layer whose kernel is laid out (in, out) with logical axes."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)),
+        name=name,
+    )
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, scaled in the activation dtype (as Hugging Face does)."""
+
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        weight = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                            (x.shape[-1],), self.dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return weight * x32.astype(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+    """Inverse frequencies [head_dim/2], with Llama 3.x scaling of the low frequencies."""
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if scaling is None:
+        return inv.astype(np.float32)
+    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    scaled = np.where(wavelen > low_wavelen, inv / scaling.factor, inv)
+    mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    scaled = np.where(mid, (1 - smooth) * inv / scaling.factor + smooth * inv, scaled)
+    return scaled.astype(np.float32)
+
+
+def apply_rope(x_BxTxNxD: jax.Array, positions_BxT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Hugging Face rotate-half RoPE: frequencies duplicated as cat(f, f), not interleaved pairs."""
+    angles_BxTxF = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    angles_BxTxD = jnp.concatenate([angles_BxTxF, angles_BxTxF], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles_BxTxD), jnp.sin(angles_BxTxD)
+    x32 = x_BxTxNxD.astype(jnp.float32)
+    half = x32.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x_BxTxNxD.dtype)
+
+
+def write_kv(cache_BxSxKxD: jax.Array, new_BxTxKxD: jax.Array, slots_BxT: jax.Array) -> jax.Array:
+    """Scatter the new tokens' keys or values into their cache slots (out-of-range slots are dropped)."""
+    rows_Bx1 = jnp.arange(cache_BxSxKxD.shape[0])[:, None]
+    return cache_BxSxKxD.at[rows_Bx1, slots_BxT].set(new_BxTxKxD.astype(cache_BxSxKxD.dtype), mode="drop")
+
+
+def attend(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS) -> jax.Array:
+    """Grouped-query attention with an explicit boolean mask; softmax in float32."""
+    b, t, n, d = q_BxTxNxD.shape
+    kv = k_BxSxKxD.shape[2]
+    q_BxTxKxGxD = q_BxTxNxD.reshape(b, t, kv, n // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD,
+                        preferred_element_type=jnp.float32) / math.sqrt(d)
+    scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxD.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD)
+    return out.reshape(b, t, n * d)
+
+
+class Attention(nn.Module):
+    """GQA self-attention. With a cache, new K/V are written to `slots` first, then all S slots are
+    attended under `mask`; without one, the T tokens attend to each other under a [B, T, T] mask."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxH, positions_BxT, mask, kv_cache=None, slots_BxT=None):
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        b, t, _ = x_BxTxH.shape
+        q = dense(c.num_heads * c.head_dim, ("embed", "heads"), "q_proj", dtype, c.attention_bias)(x_BxTxH)
+        k = dense(c.num_kv_heads * c.head_dim, ("embed", "kv_heads"), "k_proj", dtype, c.attention_bias)(x_BxTxH)
+        v = dense(c.num_kv_heads * c.head_dim, ("embed", "kv_heads"), "v_proj", dtype, c.attention_bias)(x_BxTxH)
+        q = q.reshape(b, t, c.num_heads, c.head_dim)
+        k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
+        v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
+        if c.qk_norm:
+            q = RMSNorm(c.rms_norm_eps, dtype, name="q_norm")(q)
+            k = RMSNorm(c.rms_norm_eps, dtype, name="k_norm")(k)
+        inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
+        q, k = apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq)
+        if kv_cache is not None:
+            k_cache, v_cache = write_kv(kv_cache[0], k, slots_BxT), write_kv(kv_cache[1], v, slots_BxT)
+            out = attend(q, k_cache, v_cache, mask)
+            kv_cache = (k_cache, v_cache)
+        else:
+            out = attend(q, k, v, mask)
+        out = dense(c.hidden_size, ("heads", "embed"), "o_proj", dtype)(out)
+        return out, kv_cache
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        gate = dense(c.intermediate_size, ("embed", "mlp"), "gate_proj", dtype)(x)
+        up = dense(c.intermediate_size, ("embed", "mlp"), "up_proj", dtype)(x)
+        return dense(c.hidden_size, ("mlp", "embed"), "down_proj", dtype)(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm Llama block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions_BxT, mask, kv_cache=None, slots_BxT=None):
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        h, kv_cache = Attention(c, name="self_attn")(
+            RMSNorm(c.rms_norm_eps, dtype, name="input_layernorm")(x), positions_BxT, mask, kv_cache, slots_BxT)
+        x = x + h
+        x = x + MLP(c, name="mlp")(RMSNorm(c.rms_norm_eps, dtype, name="post_attention_layernorm")(x))
+        return x, kv_cache
