@@ -202,7 +202,7 @@ def export_target(cfg: TargetTrainConfig, state, steps: int, tok, splits, tokens
                             "bytes_per_token": round(bpt, 3), "bits_per_byte": round(nats / math.log(2) / bpt, 4)}
         entry["train_documents"] = len(splits[domain]["train"])
         summary["domains"][domain] = entry
-    path = hf.export_hf(cfg.model, state["params"], cfg.export_dir, tokenizer=tok)
+    path = hf.export_hf(cfg.model, state["params"], cfg.export_dir, tokenizer=tok, overwrite=True)
     (path / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary["domains"], indent=1))
     print(f"exported the target to {path}")
