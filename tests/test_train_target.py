@@ -84,9 +84,10 @@ def trained(tmp_path_factory):
 def test_training_lowers_validation_loss(trained):
     cfg, _ = trained
     log = read_log(cfg)
-    first, last = log[0]["loss"], log[-1]["loss"]
-    assert last < first - 0.5, (first, last)
-    assert log[-1]["step"] == 12 and "val_loss_code" in log[0] and "val_loss_prose" in log[0]
+    assert [r["step"] for r in log] == [10, 12]
+    chance = np.log(cfg.model.vocab_size)  # what a freshly initialised model scores
+    for domain in ("code", "prose"):
+        assert log[-1][f"val_loss_{domain}"] < 0.75 * chance, log[-1]
 
 
 def test_resume_after_interruption_matches_uninterrupted(trained, tmp_path):
