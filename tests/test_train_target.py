@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from specblock_jax import hf
+from specblock_jax import data, hf
 from specblock_jax.checkpoint import CheckpointError
 from specblock_jax.config import ConfigError, load_yaml
 from train import train_target
@@ -71,6 +71,15 @@ def read_log(cfg: TargetTrainConfig) -> list[dict]:
 def assert_params_equal(a, b):
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def few_prompts():
+    """The tiny test split holds too few lines for the real number of held-out prompts."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_target, "PROMPTS_PER_DOMAIN", 3)
+        mp.setattr(train_target, "PROMPT_CHARS", 60)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +148,17 @@ def test_export_loads_in_transformers_with_matching_logits(trained):
     assert set(summary["domains"]) == {"code", "prose"}
     for domain in summary["domains"].values():
         assert domain["test"]["bits_per_byte"] > 0 and domain["validation"]["documents"] >= 1
+
+
+def test_export_ships_held_out_prompts_from_the_test_split(trained):
+    cfg, _ = trained
+    splits = train_target.corpus_splits(cfg)
+    for domain in ("code", "prose"):
+        path = os.path.join(cfg.export_dir, "prompts", f"{domain}.jsonl")
+        assert len(data.read_prompts_jsonl(path)) == 3
+        test_docs = {d.name: d.text for d in splits[domain]["test"]}
+        for row in map(json.loads, open(path)):
+            assert row["domain"] == domain and row["prompt"] in test_docs[row["source"]]
 
 
 def test_unknown_key_and_wrong_type_are_errors(tmp_path):

@@ -30,6 +30,10 @@ from specblock_jax.models import target as target_lib
 from specblock_jax.optim import OptimConfig, make_optimizer, schedule
 
 
+PROMPTS_PER_DOMAIN = 48
+PROMPT_CHARS = 320
+
+
 @dataclasses.dataclass(frozen=True)
 class TargetTrainConfig:
     model: ModelConfig
@@ -204,6 +208,9 @@ def export_target(cfg: TargetTrainConfig, state, steps: int, tok, splits, tokens
         summary["domains"][domain] = entry
     path = hf.export_hf(cfg.model, state["params"], cfg.export_dir, tokenizer=tok, overwrite=True)
     (path / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
+    for domain, sp in splits.items():  # held-out prompts for demos and benchmarks, from the test split only
+        data.write_jsonl(data.held_out_prompts(sp["test"], n=PROMPTS_PER_DOMAIN, prompt_chars=PROMPT_CHARS,
+                                               seed=cfg.seed), path / "prompts" / f"{domain}.jsonl")
     print(json.dumps(summary["domains"], indent=1))
     print(f"exported the target to {path}")
     return path

@@ -1,0 +1,53 @@
+"""Generate text from the command line with the embedded target (default) or any HF directory.
+
+    python -m infer.generate --prompt "def fibonacci(n):" --max-new-tokens 64
+    python -m infer.generate --prompt-file prompts.jsonl --method ngram --temperature 0.7
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from specblock_jax import data, generate, load_target
+from specblock_jax.drafter import load_drafter
+
+METHODS = ("ar", "ngram")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    src.add_argument("--prompt-file", help='JSONL file with one {"prompt": "..."} per line')
+    p.add_argument("--target", default=None, help="Hugging Face directory of the target (default: embedded)")
+    p.add_argument("--method", choices=METHODS, default="ar",
+                   help="ar: plain decoding; ngram: prompt-lookup speculative decoding (default: ar)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of text")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    prompts = args.prompt or data.read_prompts_jsonl(args.prompt_file)
+    target = load_target(args.target)
+    drafter = None if args.method == "ar" else load_drafter(args.method, target)
+    out = generate(target, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, drafter=drafter)
+    for prompt, text, ids in zip(prompts, out.texts, out.token_ids):
+        if args.json:
+            print(json.dumps({"prompt": prompt, "completion": text, "token_ids": ids}))
+        else:
+            print(f"{prompt}\033[1m{text}\033[0m\n{'-' * 60}")
+    stats = {k: out.stats[k] for k in ("iterations", "tokens_per_s", "compile_s") if k in out.stats}
+    print(json.dumps(stats), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
