@@ -1,9 +1,11 @@
 """Decoding: prefill a static KV cache, then generate inside one `jax.lax.while_loop`.
 
-Plain decoding is one target forward per token. Its pieces (`prefill`, `is_eos`, the `DecodeResult`
-layout, `generate`'s validation and timing) are shared with the speculative loop that will sit beside
-`plain_init` / `plain_loop`. Rows are independent: each has its own length, its own stop, and decodes
-greedily exactly as it would alone.
+Plain decoding is one target forward per token. Speculative decoding drafts a tree (any drafter
+behind `specblock_jax.drafter`), verifies it in one target forward with a tree attention mask,
+accepts a path losslessly (`verify.accept`) and commits it (`kvcache.commit`). Both loops share
+`prefill`, the output bookkeeping (`_emit`), `DecodeResult` and `generate`'s validation and timing.
+Rows are independent: each has its own length, its own stop, and decodes greedily exactly as it
+would alone.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
+import os
 import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -19,11 +22,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specblock_jax import kvcache
+from specblock_jax import kvcache, verify
+from specblock_jax import tree as tree_lib
 from specblock_jax.config import ModelConfig
+from specblock_jax.drafter import Drafter, load_drafter
 from specblock_jax.kvcache import KVCache
 from specblock_jax.models import target as target_lib
 from specblock_jax.sampling import SamplingParams, sample
+from specblock_jax.tree import Tree
 
 PAD_ID = -1  # fills generated-token slots after a row stopped
 MAX_LEN_MULTIPLE = 64  # default cache lengths and prompt widths are rounded up to this, to share compiles
@@ -45,16 +51,17 @@ class PlainState(NamedTuple):
 
 
 def prefill(params: Any, config: ModelConfig, prompt_BxT: jax.Array, prompt_lens_B: jax.Array,
-            max_len: int) -> tuple[KVCache, jax.Array]:
-    """Right-padded prompts -> a `max_len`-slot cache committed up to each prompt's length, and each
-    row's [B, V] logits at its last prompt token. Padding K/V lands in slots >= length, which decoding
+            max_len: int, feature_layers: tuple[int, ...] = ()) -> tuple[KVCache, jax.Array, jax.Array | None]:
+    """Right-padded prompts -> a `max_len`-slot cache committed up to each prompt's length, each row's
+    [B, V] logits at its last prompt token, and the `feature_layers` outputs at every prompt position
+    ([B, T, F], None without feature layers). Padding K/V lands in slots >= length, which decoding
     overwrites before any mask lets it be seen."""
     b, t = prompt_BxT.shape
     positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     out = target_lib.forward(params, config, prompt_BxT, positions_BxT, kvcache.causal_mask(t, max_len),
                              kvcache.init_cache(config, b, max_len), positions_BxT,
-                             logit_positions_BxP=(prompt_lens_B - 1)[:, None])
-    return out.cache.replace(lengths=prompt_lens_B.astype(jnp.int32)), out.logits[:, 0]
+                             feature_layers=feature_layers, logit_positions_BxP=(prompt_lens_B - 1)[:, None])
+    return out.cache.replace(lengths=prompt_lens_B.astype(jnp.int32)), out.logits[:, 0], out.features
 
 
 def is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
@@ -65,18 +72,47 @@ def is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
     return stop
 
 
+def _emit(tokens_BxN: jax.Array, num_generated_B: jax.Array, done_B: jax.Array, new_BxK: jax.Array,
+          count_B: jax.Array, eos_ids: tuple[int, ...]) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Append each running row's first `count_B` new tokens to its output, cut at max_new_tokens and
+    just after the first stop token; a row that reaches either is done. Returns the output, the
+    generated counts, `done_B` and how many tokens each row emitted."""
+    max_new_tokens = tokens_BxN.shape[1]
+    k_K = jnp.arange(new_BxK.shape[1])
+    stop_BxK = is_eos(new_BxK, eos_ids)
+    no_stop_before_BxK = jnp.cumsum(stop_BxK, axis=1) - stop_BxK == 0
+    emit_BxK = ((k_K < count_B[:, None]) & (num_generated_B[:, None] + k_K < max_new_tokens)
+                & no_stop_before_BxK & ~done_B[:, None])
+    slots_BxK = jnp.where(emit_BxK, num_generated_B[:, None] + k_K, max_new_tokens)  # past the end: dropped
+    tokens_BxN = tokens_BxN.at[jnp.arange(tokens_BxN.shape[0])[:, None], slots_BxK].set(new_BxK, mode="drop")
+    emitted_B = jnp.sum(emit_BxK, axis=1, dtype=jnp.int32)
+    num_generated_B = num_generated_B + emitted_B
+    done_B = done_B | jnp.any(emit_BxK & stop_BxK, axis=1) | (num_generated_B >= max_new_tokens)
+    return tokens_BxN, num_generated_B, done_B, emitted_B
+
+
+def _start(params: Any, config: ModelConfig, prompt_BxT: jax.Array, prompt_lens_B: jax.Array, rng: jax.Array,
+           max_new_tokens: int, max_len: int, sampling: SamplingParams, eos_ids: tuple[int, ...],
+           feature_layers: tuple[int, ...] = ()):
+    """Prefill and sample each row's first new token from its last prompt position. Returns the cache,
+    the prompt features, the output (tokens, counts, done) holding that token, and the rng."""
+    cache, logits_BxV, features_BxTxF = prefill(params, config, prompt_BxT, prompt_lens_B, max_len, feature_layers)
+    rng, key = jax.random.split(rng)
+    first_B = sample(key, logits_BxV, sampling)
+    b = prompt_BxT.shape[0]
+    output = _emit(jnp.full((b, max_new_tokens), PAD_ID, jnp.int32), jnp.zeros((b,), jnp.int32),
+                   jnp.zeros((b,), bool), first_B[:, None], jnp.ones((b,), jnp.int32), eos_ids)[:3]
+    return cache, features_BxTxF, output, rng
+
+
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "max_len", "sampling", "eos_ids"))
 def plain_init(params: Any, config: ModelConfig, prompt_BxT: jax.Array, prompt_lens_B: jax.Array,
                rng: jax.Array, *, max_new_tokens: int, max_len: int, sampling: SamplingParams,
                eos_ids: tuple[int, ...]) -> PlainState:
-    """Prefill and sample each row's first new token from its last prompt position."""
-    cache, logits_BxV = prefill(params, config, prompt_BxT, prompt_lens_B, max_len)
-    rng, key = jax.random.split(rng)
-    first_B = sample(key, logits_BxV, sampling)
-    b = prompt_BxT.shape[0]
-    tokens_BxN = jnp.full((b, max_new_tokens), PAD_ID, jnp.int32).at[:, 0].set(first_B)
-    return PlainState(cache=cache, tokens_BxN=tokens_BxN, num_generated_B=jnp.ones((b,), jnp.int32),
-                      done_B=is_eos(first_B, eos_ids) | (max_new_tokens == 1), rng=rng,
+    """Prefill and sample each row's first new token."""
+    cache, _, (tokens_BxN, num_generated_B, done_B), rng = _start(
+        params, config, prompt_BxT, prompt_lens_B, rng, max_new_tokens, max_len, sampling, eos_ids)
+    return PlainState(cache=cache, tokens_BxN=tokens_BxN, num_generated_B=num_generated_B, done_B=done_B, rng=rng,
                       iterations=jnp.zeros((), jnp.int32))
 
 
@@ -84,7 +120,6 @@ def plain_init(params: Any, config: ModelConfig, prompt_BxT: jax.Array, prompt_l
 def plain_loop(params: Any, config: ModelConfig, state: PlainState, *, sampling: SamplingParams,
                eos_ids: tuple[int, ...]) -> PlainState:
     """One target forward per step until every row has stopped (EOS emitted, or max_new_tokens)."""
-    max_new_tokens = state.tokens_BxN.shape[1]
     rows_B = jnp.arange(state.tokens_BxN.shape[0])
 
     def step(s: PlainState) -> PlainState:
@@ -94,13 +129,10 @@ def plain_loop(params: Any, config: ModelConfig, state: PlainState, *, sampling:
                                  kvcache.decode_mask(lengths_B, s.cache.max_len), s.cache, lengths_B[:, None])
         rng, key = jax.random.split(s.rng)
         next_B = sample(key, out.logits[:, 0], sampling)
-        active_B = ~s.done_B
         # Stopped rows keep computing (static batch) but commit nothing: their writes are dropped.
-        tokens_BxN = s.tokens_BxN.at[rows_B, jnp.where(active_B, s.num_generated_B, max_new_tokens)].set(
-            next_B, mode="drop")
-        num_generated_B = s.num_generated_B + active_B
-        done_B = s.done_B | is_eos(next_B, eos_ids) | (num_generated_B >= max_new_tokens)
-        return PlainState(cache=out.cache.replace(lengths=lengths_B + active_B), tokens_BxN=tokens_BxN,
+        tokens_BxN, num_generated_B, done_B, _ = _emit(
+            s.tokens_BxN, s.num_generated_B, s.done_B, next_B[:, None], jnp.ones_like(lengths_B), eos_ids)
+        return PlainState(cache=out.cache.replace(lengths=lengths_B + (~s.done_B)), tokens_BxN=tokens_BxN,
                           num_generated_B=num_generated_B, done_B=done_B, rng=rng, iterations=s.iterations + 1)
 
     return jax.lax.while_loop(lambda s: ~jnp.all(s.done_B), step, state)
@@ -117,8 +149,152 @@ def decode_plain(params: Any, config: ModelConfig, prompt_BxT: jax.Array, prompt
     return _result(state)
 
 
-def _result(state: PlainState) -> DecodeResult:
+def _result(state: PlainState | SpecState) -> DecodeResult:
     return DecodeResult(state.tokens_BxN, state.num_generated_B, state.iterations)
+
+
+class SpecStats(NamedTuple):
+    verify_steps: jax.Array  # [] int32 loop steps that verified a tree (the others decoded the root alone)
+    steps_by_tokens_BxK: jax.Array  # [B, max_depth + 2] int32: [b, k] = steps in which row b emitted k tokens
+    #   (k - 1 accepted drafts + the bonus; fewer on a row's last step when EOS or max_new_tokens cut the path)
+    drafter_forwards: jax.Array  # [] int32 drafter forward passes, all steps
+    malformed_trees: jax.Array  # [] int32 (running row, step) pairs whose tree was malformed (see `_malformed`)
+    first_malformed: jax.Array  # [3] int32 (node, parent, token) of the first node dropped for it; -1 if none
+
+
+class SpecState(NamedTuple):
+    cache: KVCache  # lengths[b] = prompt + generated tokens of row b, except the newest (the root)
+    drafter_state: Any
+    root_B: jax.Array  # [B] int32 the newest generated token
+    tokens_BxN: jax.Array
+    num_generated_B: jax.Array
+    done_B: jax.Array
+    rng: jax.Array
+    iterations: jax.Array
+    stats: SpecStats
+
+
+@functools.partial(jax.jit, static_argnames=("config", "method", "max_new_tokens", "max_len", "sampling", "eos_ids"))
+def spec_init(params: Any, config: ModelConfig, drafter_params: Any, prompt_BxT: jax.Array,
+              prompt_lens_B: jax.Array, rng: jax.Array, *, method: Any, max_new_tokens: int, max_len: int,
+              sampling: SamplingParams, eos_ids: tuple[int, ...]) -> SpecState:
+    """Prefill (with the drafter's feature layers), sample each row's first token (the first root),
+    and initialise the drafter."""
+    cache, features_BxTxF, (tokens_BxN, num_generated_B, done_B), rng = _start(
+        params, config, prompt_BxT, prompt_lens_B, rng, max_new_tokens, max_len, sampling, eos_ids,
+        tuple(method.feature_layers))
+    root_B = tokens_BxN[:, 0]
+    drafter_state = method.init(drafter_params, prompt_BxT, prompt_lens_B, features_BxTxF, root_B, max_len)
+    b, zero = prompt_BxT.shape[0], jnp.zeros((), jnp.int32)
+    stats = SpecStats(verify_steps=zero, steps_by_tokens_BxK=jnp.zeros((b, method.max_depth + 2), jnp.int32),
+                      drafter_forwards=zero, malformed_trees=zero, first_malformed=jnp.full((3,), -1, jnp.int32))
+    return SpecState(cache=cache, drafter_state=drafter_state, root_B=root_B, tokens_BxN=tokens_BxN,
+                     num_generated_B=num_generated_B, done_B=done_B, rng=rng, iterations=zero, stats=stats)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "method", "sampling", "eos_ids"))
+def spec_loop(params: Any, config: ModelConfig, drafter_params: Any, state: SpecState, *, method: Any,
+              sampling: SamplingParams, eos_ids: tuple[int, ...]) -> SpecState:
+    """Draft -> verify -> accept -> commit, one target forward per step, until every row has stopped."""
+    b, max_len = state.tokens_BxN.shape[0], state.cache.max_len
+    feature_layers = tuple(method.feature_layers)
+
+    def verify_tree(cache: KVCache, tree: Tree):
+        """One forward over all N + 1 nodes, written at scratch slots past the committed prefix."""
+        lengths_B = cache.lengths
+        out = target_lib.forward(params, config, tree.tokens, tree_lib.positions(tree, lengths_B),
+                                 tree_lib.verify_mask(tree, lengths_B, max_len, method.max_depth), cache,
+                                 tree_lib.slots(tree, lengths_B), feature_layers=feature_layers)
+        return out.logits, out.features, out.cache
+
+    def decode_root(cache: KVCache, tree: Tree):
+        """Nothing drafted: a plain decode step of the root, padded to the tree's shapes."""
+        lengths_B = cache.lengths
+        out = target_lib.forward(params, config, tree.tokens[:, :1], lengths_B[:, None],
+                                 kvcache.decode_mask(lengths_B, max_len), cache, lengths_B[:, None],
+                                 feature_layers=feature_layers)
+        pad = lambda x_Bx1xF: jnp.pad(x_Bx1xF, ((0, 0), (0, method.budget), (0, 0)))
+        return pad(out.logits), None if out.features is None else pad(out.features), out.cache
+
+    def step(s: SpecState) -> SpecState:
+        running_B = ~s.done_B
+        lengths_B = s.cache.lengths
+        drafted, drafter_state, forwards = method.draft(drafter_params, s.drafter_state, s.root_B, lengths_B)
+        _check_draft(drafted, forwards, method.budget, b)
+        drafted = drafted.replace(tokens=drafted.tokens.at[:, 0].set(s.root_B))  # the loop's root, whatever was there
+        tree = _verifiable(drafted, config.vocab_size)
+        any_draft = jnp.any(tree.valid[:, 1:] & running_B[:, None])
+        logits_BxN1xV, features_BxN1xF, cache = jax.lax.cond(any_draft, verify_tree, decode_root, s.cache, tree)
+        rng, key = jax.random.split(s.rng)
+        acceptance = verify.accept(tree, logits_BxN1xV, sampling, key, method.max_depth)
+        tokens_BxN, num_generated_B, done_B, emitted_B = _emit(
+            s.tokens_BxN, s.num_generated_B, s.done_B, acceptance.tokens_BxD1, acceptance.length_B + 1, eos_ids)
+        # Drafts past a cut (EOS, max_new_tokens) are not committed: lengths stay prompt + generated - 1.
+        cache = kvcache.commit(cache, acceptance.path_BxD1, emitted_B - 1, running_B)
+        drafter_state = method.commit(drafter_params, drafter_state, tree, acceptance, features_BxN1xF, lengths_B)
+        drafter_state = _keep_rows(running_B, drafter_state, s.drafter_state)
+        stats = SpecStats(
+            verify_steps=s.stats.verify_steps + any_draft,
+            steps_by_tokens_BxK=s.stats.steps_by_tokens_BxK.at[jnp.arange(b), emitted_B].add(running_B),
+            drafter_forwards=s.stats.drafter_forwards + forwards,
+            malformed_trees=s.stats.malformed_trees + jnp.sum(_malformed(drafted, config.vocab_size) & running_B),
+            first_malformed=_first_malformed(s.stats.first_malformed, drafted, tree, running_B))
+        return SpecState(cache=cache, drafter_state=drafter_state,
+                         root_B=jnp.where(running_B, acceptance.bonus_B, s.root_B), tokens_BxN=tokens_BxN,
+                         num_generated_B=num_generated_B, done_B=done_B, rng=rng, iterations=s.iterations + 1,
+                         stats=stats)
+
+    return jax.lax.while_loop(lambda s: ~jnp.all(s.done_B), step, state)
+
+
+def _check_draft(tree: Tree, forwards: Any, budget: int, batch_size: int) -> None:
+    """Trace time: the drafter's outputs have the static shapes the loop needs."""
+    tree_lib.check_static(tree, budget)
+    if tree.batch_size != batch_size:
+        raise ValueError(f"drafter tree has batch size {tree.batch_size}, the prompts have {batch_size}")
+    if jnp.shape(forwards) != () or not jnp.issubdtype(jnp.result_type(forwards), jnp.integer):
+        raise ValueError(f"drafter forwards must be an integer scalar, got shape {jnp.shape(forwards)} "
+                         f"and dtype {jnp.result_type(forwards)}")
+
+
+def _verifiable(drafted: Tree, vocab_size: int) -> Tree:
+    """The tree the target verifies: nodes with out-of-vocabulary tokens invalid, then `sanitize`d
+    (malformed nodes and their descendants invalid), then invalid nodes fed as token 0, so whatever a
+    drafter left there (say -1) never reaches the embedding, whose out-of-range rows would be NaN and
+    leak through the attention."""
+    tree = tree_lib.sanitize(drafted.replace(valid=drafted.valid & _in_vocab(drafted.tokens, vocab_size)))
+    return tree.replace(tokens=jnp.where(tree.valid, tree.tokens, 0))
+
+
+def _in_vocab(tokens: jax.Array, vocab_size: int) -> jax.Array:
+    return (tokens >= 0) & (tokens < vocab_size)
+
+
+def _malformed(drafted: Tree, vocab_size: int) -> jax.Array:
+    """[B] bool: the row's tree breaks the tree invariants or has a valid out-of-vocabulary node."""
+    return tree_lib.malformed(drafted) | jnp.any(drafted.valid & ~_in_vocab(drafted.tokens, vocab_size), axis=1)
+
+
+def _first_malformed(first_3: jax.Array, drafted: Tree, tree: Tree, running_B: jax.Array) -> jax.Array:
+    """Keep the (node, parent, token) of the first node that `_verifiable` dropped from a running row.
+    A row's lowest dropped node is itself at fault: its parent was not dropped, so the node's token is
+    out of the vocabulary, or its parent comes after it or is not a valid node."""
+    dropped_BxN1 = drafted.valid & ~tree.valid & running_B[:, None]
+    flat = jnp.argmax(dropped_BxN1.reshape(-1))
+    row, node = flat // dropped_BxN1.shape[1], flat % dropped_BxN1.shape[1]
+    found = jnp.stack([node, drafted.parents[row, node], drafted.tokens[row, node]]).astype(jnp.int32)
+    return jnp.where((first_3[0] < 0) & jnp.any(dropped_BxN1), found, first_3)
+
+
+def _keep_rows(running_B: jax.Array, new: Any, old: Any) -> Any:
+    """Rows that have stopped keep their old drafter state (every leaf is batch-leading)."""
+    def select(new_leaf, old_leaf):
+        if jnp.ndim(new_leaf) == 0 or jnp.shape(new_leaf)[0] != running_B.shape[0]:
+            raise ValueError(f"every drafter state leaf must have the batch ({running_B.shape[0]}) as its leading "
+                             f"axis, got a leaf of shape {jnp.shape(new_leaf)}")
+        return jnp.where(running_B.reshape((-1,) + (1,) * (jnp.ndim(new_leaf) - 1)), new_leaf, old_leaf)
+
+    return jax.tree.map(select, new, old)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,42 +306,58 @@ class GenerateOutput:
 
 def generate(target: target_lib.Target, prompts: Sequence[str] | Sequence[Sequence[int]], *,
              max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             seed: int = 0, drafter: Any = None, max_len: int | None = None,
+             seed: int = 0, drafter: Drafter | str | None = None, max_len: int | None = None,
              stop_on_eos: bool = True) -> GenerateOutput:
     """Generate continuations of a batch of prompts (strings, or token-id lists).
 
-    Every input is checked before any compute. Compilation is done ahead and timed apart
-    (`stats["compile_s"]`), so `prefill_s`, `decode_s` and `tokens_per_s` (all new tokens over
+    With a `drafter` (a `Drafter`, or a kind / directory for `load_drafter`) decoding is speculative
+    and lossless: greedy output is identical to plain decoding's, sampled output has the same
+    distribution. Its stats add `verify_steps` and `single_steps` (loop steps that verified a tree, or
+    decoded the roots alone because no running row had a draft), `steps_by_tokens[b][k]` (steps in
+    which row b committed k tokens: k - 1 accepted drafts and the bonus), `tau` (tokens committed per
+    target forward in the loop, over all rows) and `tau_per_row`, `drafter_forwards` and
+    `malformed_trees`; a drafter that produced a malformed tree is a ValueError after the run.
+    Every input is checked before any compute. Compilation is done ahead and timed
+    apart (`stats["compile_s"]`), so `prefill_s`, `decode_s` and `tokens_per_s` (all new tokens over
     prefill + decode time) measure execution only. Greedy rows decode exactly as they would alone;
     sampled rows share one rng stream, so a row's samples depend on the batch it is in.
     """
-    if drafter is not None:
-        raise NotImplementedError("speculative decoding arrives with the tree core")
     sampling = SamplingParams(temperature, top_k, top_p)
     config = target.config
     prompt_ids = _encode_prompts(target, prompts)
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    max_len = _resolve_max_len(config, [len(p) for p in prompt_ids], max_new_tokens, max_len)
+    if isinstance(drafter, (str, os.PathLike)):
+        drafter = load_drafter(drafter, target)
+    if drafter is not None:
+        _check_drafter(drafter, config)
+    scratch = 0 if drafter is None else drafter.method.budget + 1
+    max_len = _resolve_max_len(config, [len(p) for p in prompt_ids], max_new_tokens, max_len, scratch)
     width = min(_round_up(max(len(p) for p in prompt_ids), MAX_LEN_MULTIPLE), max_len)
     prompt_BxT = np.zeros((len(prompt_ids), width), np.int32)
     for i, ids in enumerate(prompt_ids):
         prompt_BxT[i, :len(ids)] = ids
     prompt_lens_B = np.array([len(p) for p in prompt_ids], np.int32)
     static = dict(sampling=sampling, eos_ids=tuple(config.eos_token_ids) if stop_on_eos else ())
+    if drafter is None:
+        init_jit, loop_jit, weights = plain_init, plain_loop, (target.params,)
+    else:
+        init_jit, loop_jit, weights = spec_init, spec_loop, (target.params, drafter.params)
+        static["method"] = drafter.method
     rng = jax.random.key(seed)
 
     start = time.perf_counter()
-    init_lowered = plain_init.lower(target.params, config, prompt_BxT, prompt_lens_B, rng,
-                                    max_new_tokens=max_new_tokens, max_len=max_len, **static)
+    init_lowered = init_jit.lower(weights[0], config, *weights[1:], prompt_BxT, prompt_lens_B, rng,
+                                  max_new_tokens=max_new_tokens, max_len=max_len, **static)
     init_fn = init_lowered.compile()
-    loop_fn = plain_loop.lower(target.params, config, init_lowered.out_info, **static).compile()
+    loop_fn = loop_jit.lower(weights[0], config, *weights[1:], init_lowered.out_info, **static).compile()
     compiled = time.perf_counter()
-    state = jax.block_until_ready(init_fn(target.params, prompt_BxT, prompt_lens_B, rng))
+    state = jax.block_until_ready(init_fn(*weights, prompt_BxT, prompt_lens_B, rng))
     prefilled = time.perf_counter()
-    result = jax.block_until_ready(_result(loop_fn(target.params, state)))
+    state = jax.block_until_ready(loop_fn(*weights, state))
     done = time.perf_counter()
 
+    result = _result(state)
     tokens_BxN, num_B = np.asarray(result.tokens_BxN), np.asarray(result.num_generated_B)
     token_ids = [tokens_BxN[i, :num_B[i]].tolist() for i in range(len(prompt_ids))]
     texts = (None if target.tokenizer is None
@@ -175,7 +367,57 @@ def generate(target: target_lib.Target, prompts: Sequence[str] | Sequence[Sequen
                  new_tokens=num_B.tolist(), max_len=max_len, compile_s=compiled - start,
                  prefill_s=prefilled - compiled, decode_s=done - prefilled,
                  tokens_per_s=float(num_B.sum()) / total_s)
+    if drafter is not None:
+        stats.update(_spec_stats(jax.device_get(state.stats), int(result.iterations), config.vocab_size))
     return GenerateOutput(token_ids=token_ids, texts=texts, stats=stats)
+
+
+def _check_drafter(drafter: Any, config: ModelConfig) -> None:
+    """The drafter's static config, before any compute: the loop's shapes come from it."""
+    if not isinstance(drafter, Drafter):
+        raise ValueError(f"drafter must be a specblock_jax.drafter.Drafter, a drafter kind or directory, or None; "
+                         f"got {type(drafter).__name__}")
+    method = drafter.method
+    for name in ("budget", "max_depth"):
+        value = getattr(method, name, None)
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"drafter {name} must be an integer >= 1, got {value!r}")
+    layers = getattr(method, "feature_layers", None)
+    if not isinstance(layers, tuple) or not all(isinstance(i, int) and 0 <= i < config.num_layers for i in layers):
+        raise ValueError(f"drafter feature_layers must be a tuple of target layer indices in "
+                         f"[0, {config.num_layers}), got {layers!r}")
+    try:
+        hash(method)
+    except TypeError as e:
+        raise ValueError(f"drafter method must be hashable (a frozen dataclass): {e}") from None
+
+
+def _spec_stats(stats: SpecStats, iterations: int, vocab_size: int) -> dict[str, Any]:
+    """Host-side speculative statistics; raises if the drafter ever produced a malformed tree.
+
+    tau: tokens committed per target forward in the loop (bonus included), over all running rows:
+    emitted tokens / (row, step) pairs."""
+    if stats.malformed_trees:
+        node, parent, token = stats.first_malformed.tolist()
+        if node < 0:
+            what = "whose root (node 0) is not valid"
+        elif not 0 <= token < vocab_size:
+            what = f"whose node {node} has token {token}, outside the target's vocabulary [0, {vocab_size})"
+        elif parent >= node:
+            what = f"whose node {node} has parent {parent} after it"
+        else:
+            what = f"whose node {node} has parent {parent}, which is not a valid node"
+        raise ValueError(f"drafter produced a tree {what} ({int(stats.malformed_trees)} malformed trees in this "
+                         "run); a drafter's tree needs a valid root, parents before their children and tokens "
+                         "in the target's vocabulary")
+    steps_BxK = np.asarray(stats.steps_by_tokens_BxK)
+    emitted_B = steps_BxK @ np.arange(steps_BxK.shape[1])
+    row_steps_B = steps_BxK.sum(axis=1)
+    return dict(verify_steps=int(stats.verify_steps), single_steps=iterations - int(stats.verify_steps),
+                steps_by_tokens=steps_BxK.tolist(), drafter_forwards=int(stats.drafter_forwards),
+                malformed_trees=int(stats.malformed_trees),
+                tau=float(emitted_B.sum() / row_steps_B.sum()) if row_steps_B.sum() else float("nan"),
+                tau_per_row=[float(e / n) if n else float("nan") for e, n in zip(emitted_B, row_steps_B)])
 
 
 def _encode_prompts(target: target_lib.Target, prompts) -> list[list[int]]:
@@ -210,13 +452,14 @@ def _encode_prompts(target: target_lib.Target, prompts) -> list[list[int]]:
 
 
 def _resolve_max_len(config: ModelConfig, prompt_lens: list[int], max_new_tokens: int,
-                     max_len: int | None) -> int:
-    """The cache length: given, or the longest prompt + max_new_tokens rounded up (fewer recompiles),
-    never beyond max_position_embeddings. Each prompt must fit with its max_new_tokens."""
+                     max_len: int | None, scratch: int = 0) -> int:
+    """The cache length: given, or the longest prompt + max_new_tokens + `scratch` (a speculative
+    tree's budget + 1 slots) rounded up (fewer recompiles), never beyond max_position_embeddings.
+    Each prompt must fit with its max_new_tokens and the scratch."""
     limit = config.max_position_embeddings
     longest = max(prompt_lens)
     if max_len is None:
-        max_len = min(_round_up(longest + max_new_tokens, MAX_LEN_MULTIPLE), limit)
+        max_len = min(_round_up(longest + max_new_tokens + scratch, MAX_LEN_MULTIPLE), limit)
         what = f"max_len {max_len} (the default, capped at max_position_embeddings {limit})"
     elif not isinstance(max_len, int) or isinstance(max_len, bool):
         raise ValueError(f"max_len must be an integer or None, got {max_len!r}")
@@ -227,9 +470,10 @@ def _resolve_max_len(config: ModelConfig, prompt_lens: list[int], max_new_tokens
     i = prompt_lens.index(longest)
     if longest > max_len:
         raise ValueError(f"prompt {i} has {longest} tokens, more than {what}")
-    if longest + max_new_tokens > max_len:
-        raise ValueError(f"prompt {i} ({longest} tokens) + max_new_tokens {max_new_tokens} = "
-                         f"{longest + max_new_tokens} exceeds {what}")
+    if longest + max_new_tokens + scratch > max_len:
+        tree = f" + tree scratch {scratch} (budget {scratch - 1} + 1)" if scratch else ""
+        raise ValueError(f"prompt {i} ({longest} tokens) + max_new_tokens {max_new_tokens}{tree} = "
+                         f"{longest + max_new_tokens + scratch} exceeds {what}")
     return max_len
 
 

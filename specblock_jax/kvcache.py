@@ -46,3 +46,26 @@ def prefix_mask(lengths_B: jax.Array, s: int) -> jax.Array:
 def decode_mask(lengths_B: jax.Array, s: int) -> jax.Array:
     """[B, 1, S]: a single new token written at slot lengths[b] sees the prefix and itself."""
     return (jnp.arange(s)[None, :] <= lengths_B[:, None])[:, None, :]
+
+
+def commit(cache: KVCache, path_BxD1: jax.Array, length_B: jax.Array, active_B: jax.Array) -> KVCache:
+    """Keep an accepted tree path and advance each active row past it.
+
+    A tree verify wrote node i's K/V at scratch slot lengths[b] + i. The accepted path (root, then
+    `length_B` drafts: path[0..length]) is moved to contiguous slots lengths[b] + d, and lengths
+    advance by length + 1. Inactive rows (and path entries past length) write nothing. Each layer
+    is one gather of all D+1 entries, then one scatter, so overlapping source and destination slots
+    are safe (path[d] >= d: a node's index is at least its depth)."""
+    d1 = path_BxD1.shape[1]
+    rows_Bx1 = jnp.arange(cache.batch_size)[:, None]
+    lengths_Bx1 = cache.lengths[:, None]
+    src_BxD1 = lengths_Bx1 + path_BxD1
+    keep_BxD1 = (jnp.arange(d1)[None, :] <= length_B[:, None]) & active_B[:, None]
+    dst_BxD1 = jnp.where(keep_BxD1, lengths_Bx1 + jnp.arange(d1)[None, :], cache.max_len)  # past the end: dropped
+
+    def move(layer_BxSxKxD: jax.Array) -> jax.Array:
+        entries_BxD1xKxD = layer_BxSxKxD.at[rows_Bx1, src_BxD1].get(mode="clip")
+        return layer_BxSxKxD.at[rows_Bx1, dst_BxD1].set(entries_BxD1xKxD, mode="drop")
+
+    return cache.replace(k=tuple(move(k) for k in cache.k), v=tuple(move(v) for v in cache.v),
+                         lengths=cache.lengths + jnp.where(active_B, length_B + 1, 0).astype(cache.lengths.dtype))

@@ -185,6 +185,6 @@ def test_bad_inputs_fail_before_any_compute(target, monkeypatch, prompts, kwargs
         decode.generate(target, prompts, **{"max_new_tokens": 10, **kwargs})
 
 
-def test_drafter_is_not_supported_yet(target):
-    with pytest.raises(NotImplementedError, match="speculative decoding arrives with the tree core"):
+def test_drafter_of_the_wrong_type_is_an_error(target):
+    with pytest.raises(ValueError, match="drafter must be a specblock_jax.drafter.Drafter"):
         decode.generate(target, [[1]], max_new_tokens=4, drafter=object())

@@ -1,0 +1,77 @@
+"""The drafter plug-in: what `decode` needs from a drafter, and how to load one by name.
+
+A drafter is a *method* (static config plus three pure functions over its own state pytree) and
+the method's *params*. `decode` passes the method to `jax.jit` as a static argument (so it must be
+a frozen, hashable dataclass) and the params as an ordinary argument; it knows nothing else about
+the drafter. One decode step is:
+
+    tree, state, forwards = method.draft(params, state, root_B, lengths_B)
+    ... the target verifies the tree; `verify.accept` picks a path ...
+    state = method.commit(params, state, tree, acceptance, features_BxN1xF, lengths_B)
+
+Shapes are static: the tree always has `budget + 1` nodes and depth at most `max_depth`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Protocol
+
+import jax
+
+from specblock_jax.ngram import NgramMethod
+from specblock_jax.tree import Tree
+from specblock_jax.verify import Acceptance
+
+KINDS = ("ngram", "eagle3", "specblock")
+
+
+class DraftMethod(Protocol):
+    """A drafting method. Every leaf of its state has the batch as its leading axis: `decode` freezes
+    the state of rows that have stopped by selecting their old rows."""
+
+    budget: int  # N: draft nodes per tree, besides the root
+    max_depth: int  # D: deepest node; the accepted path is [B, D + 1]
+    feature_layers: tuple[int, ...]  # target layers whose outputs the drafter consumes; () for none
+
+    def init(self, params: Any, prompt_BxT: jax.Array, prompt_lens_B: jax.Array,
+             features_BxTxF: jax.Array | None, root_B: jax.Array, max_len: int) -> Any:
+        """State after the target's prefill of the right-padded prompts. `features_BxTxF` are the
+        target's `feature_layers` outputs at every prompt position (None when `feature_layers` is
+        empty); `root_B` is the first sampled token, not yet in the target cache; `max_len` is the
+        target cache length (prompt + generated tokens never exceed it)."""
+
+    def draft(self, params: Any, state: Any, root_B: jax.Array,
+              lengths_B: jax.Array) -> tuple[Tree, Any, jax.Array]:
+        """A tree rooted at `root_B` (node 0), the new state, and the number of drafter forward passes
+        used (int32 scalar). `lengths_B` are the target's committed lengths: the root sits at position
+        lengths_B. Rows with nothing to propose leave every non-root node invalid."""
+
+    def commit(self, params: Any, state: Any, tree: Tree, acceptance: Acceptance,
+               features_BxN1xF: jax.Array | None, lengths_B: jax.Array) -> Any:
+        """Fold the verified step into the state. `lengths_B` are the target's committed lengths before
+        this step: the root and the accepted drafts (`acceptance.path_BxD1[:, :length + 1]`) now sit at
+        positions lengths .. lengths + length, and `acceptance.bonus_B` is the next root.
+        `features_BxN1xF` are the target's `feature_layers` outputs at every tree node."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Drafter:
+    method: Any  # a DraftMethod: frozen and hashable, a static argument of the jitted loop
+    params: Any = None  # its parameter pytree (None for training-free drafters)
+
+
+def load_drafter(kind_or_path: str, target: Any) -> Drafter:
+    """A drafter for `target` by kind ("ngram"), or from a trained drafter directory."""
+    if isinstance(kind_or_path, (str, os.PathLike)) and os.path.isdir(kind_or_path):
+        raise NotImplementedError(f"cannot load drafter directory {os.fspath(kind_or_path)!r}: trained drafter "
+                                  "directories arrive with the EAGLE-3 issue")
+    if kind_or_path == "ngram":
+        return Drafter(NgramMethod())
+    if kind_or_path == "eagle3":
+        raise NotImplementedError("the eagle3 drafter arrives with the EAGLE-3 issue")
+    if kind_or_path == "specblock":
+        raise NotImplementedError("the specblock drafter arrives with the SpecBlock issue")
+    raise ValueError(f"unknown drafter {kind_or_path!r}: give one of {', '.join(map(repr, KINDS))} "
+                     "or a trained drafter directory")
