@@ -60,6 +60,13 @@ class TargetTrainConfig:
                               f"{self.model.max_position_embeddings}")
 
 
+def run_fingerprint(cfg: TargetTrainConfig) -> dict:
+    """What defines a run's math: resuming under a different one is refused. Paths and the eval and
+    checkpoint cadence may change between a run and its resume."""
+    free = {"output_dir", "export_dir", "data_dir", "checkpoint_every", "eval_every", "eval_max_batches"}
+    return {k: v for k, v in to_dict(cfg).items() if k not in free}
+
+
 def corpus_splits(cfg: TargetTrainConfig) -> dict[str, dict[str, list[data.Document]]]:
     """{domain: {split: documents}} for both domains, deterministic by file name."""
     roots = {
@@ -142,7 +149,7 @@ def train(cfg: TargetTrainConfig, *, stop_after: int | None = None, export: bool
     train_ds = data.packed_dataset([a for d in tokens.values() for a in d["train"]], seq_len=cfg.seq_len,
                                    batch_size=cfg.batch_size, eos_id=eos, seed=cfg.seed)
     optimizer = make_optimizer(cfg.optim)
-    ckpt = Checkpointer(out / "checkpoints", every=cfg.checkpoint_every, fingerprint=to_dict(cfg))
+    ckpt = Checkpointer(out / "checkpoints", every=cfg.checkpoint_every, fingerprint=run_fingerprint(cfg))
     state = init_state(cfg, optimizer)
     restored = ckpt.restore(state)
     start = 0
@@ -238,7 +245,7 @@ def export_latest(cfg: TargetTrainConfig) -> pathlib.Path:
     tok = tokenizer_for(cfg, splits)
     tokens = {d: {s: data.tokenize_documents(docs, tok) for s, docs in sp.items()} for d, sp in splits.items()}
     ckpt = Checkpointer(pathlib.Path(cfg.output_dir) / "checkpoints", every=cfg.checkpoint_every,
-                        fingerprint=to_dict(cfg))
+                        fingerprint=run_fingerprint(cfg))
     restored = ckpt.restore(init_state(cfg, make_optimizer(cfg.optim)))
     if restored is None:
         raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
