@@ -1,0 +1,219 @@
+"""The EAGLE-3 drafter (the baseline): one decoder layer over fused low/mid/high target features.
+
+Row j of a drafter input is EAGLE's pair (condition of token x_j, embedding of x_{j+1}); it predicts
+x_{j+2}. The condition is `fc` of the concatenated outputs of three target layers (3H -> H) for a
+target feature, or the drafter's own pre-norm output hidden when it drafts past what the target has
+seen. The layer's attention reads concat(RMSNorm(embed), RMSNorm(hidden)) (2H -> q/k/v) while the
+residual stream is the hidden; then a SwiGLU MLP, a final norm and the drafter's own LM head.
+
+Training unrolls the drafter `ttt_steps` times (EAGLE-3's training-time test): step k > 0 feeds the
+previous step's hidden back in place of the target feature, with the token shifted once more, and
+attends to step 0's keys/values at earlier positions plus its own position's keys/values of steps
+0..k. The target's embedding table is an input, never a drafter parameter, so it is not trained and
+not duplicated in drafter checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from specblock_jax.config import ConfigError, DTYPES, ModelConfig, RopeScaling
+from specblock_jax.models.layers import MLP, Attention, RMSNorm, dense
+
+
+def default_feature_layers(num_target_layers: int) -> tuple[int, int, int]:
+    """EAGLE-3's low / mid / high target layers (0-indexed decoder-layer outputs).
+
+    L >= 8: (1, L/2 - 1, L - 4), as EAGLE-3 and SpecBlock read them (Llama-3.1-8B: 1, 15, 28).
+    3 <= L < 8 (the embedded 4-layer target): (0, max(L//2 - 1, 1), L - 1), so the three layers stay
+    distinct and the last one is still the deepest the target has (4 layers: 0, 1, 3).
+    """
+    n = num_target_layers
+    if n < 3:
+        raise ConfigError(f"EAGLE-3 needs 3 distinct target feature layers; the target has only {n} layer(s)")
+    if n >= 8:
+        return (1, n // 2 - 1, n - 4)
+    return (0, max(n // 2 - 1, 1), n - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Eagle3Config:
+    """Shape of an EAGLE-3 drafter for one target (`vocab_size` is the target's vocabulary)."""
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    feature_layers: tuple[int, ...]
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    dtype: str = "float32"
+    ttt_steps: int = 7  # training-time-test unroll (EAGLE-3 baseline: 7)
+
+    def __post_init__(self):
+        for name in ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size", "vocab_size",
+                     "ttt_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"Eagle3Config {name} must be an integer >= 1, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"Eagle3Config num_heads ({self.num_heads}) must be a multiple of "
+                              f"num_kv_heads ({self.num_kv_heads})")
+        layers = self.feature_layers
+        if (not isinstance(layers, tuple) or len(layers) != 3 or len(set(layers)) != 3
+                or not all(isinstance(i, int) and i >= 0 for i in layers)):
+            raise ConfigError(f"Eagle3Config feature_layers must be 3 distinct target layer indices >= 0, "
+                              f"got {layers!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"Eagle3Config dtype={self.dtype!r} is not one of {DTYPES}")
+
+    @classmethod
+    def for_target(cls, target: ModelConfig, **overrides: Any) -> Eagle3Config:
+        """The EAGLE-3 baseline shape for `target`: its width, heads, RoPE and vocabulary, and the
+        default feature layers; `overrides` replace any field."""
+        fields = dict(hidden_size=target.hidden_size, num_heads=target.num_heads, num_kv_heads=target.num_kv_heads,
+                      head_dim=target.head_dim, intermediate_size=target.intermediate_size,
+                      vocab_size=target.vocab_size, feature_layers=default_feature_layers(target.num_layers),
+                      rms_norm_eps=target.rms_norm_eps, rope_theta=target.rope_theta,
+                      rope_scaling=target.rope_scaling, dtype=target.dtype)
+        return cls(**{**fields, **overrides})
+
+    def check_target(self, target: ModelConfig) -> None:
+        """A drafter must match its target's width, vocabulary and depth; say which value differs."""
+        for name in ("hidden_size", "vocab_size"):
+            if getattr(self, name) != getattr(target, name):
+                raise ConfigError(f"EAGLE-3 drafter {name} {getattr(self, name)} does not match the target's "
+                                  f"{getattr(target, name)}")
+        if max(self.feature_layers) >= target.num_layers:
+            raise ConfigError(f"EAGLE-3 feature_layers {self.feature_layers} exceed the target's "
+                              f"{target.num_layers} layers")
+
+    @property
+    def layer_config(self) -> ModelConfig:
+        """The decoder layer's shape as a ModelConfig, so the shared Attention and MLP serve it."""
+        return ModelConfig(vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=1,
+                           num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                           intermediate_size=self.intermediate_size, rope_theta=self.rope_theta,
+                           rope_scaling=self.rope_scaling, rms_norm_eps=self.rms_norm_eps, dtype=self.dtype)
+
+    @property
+    def num_params(self) -> int:
+        """Trainable parameters (the target embedding excluded)."""
+        h, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        fc = 3 * h * h
+        attn = 2 * h * (q + 2 * kv) + q * h
+        return fc + attn + 3 * h * f + 4 * h + h * v  # 4 norms: embed, hidden, post-attention, final
+
+
+class DrafterOutput(NamedTuple):
+    logits: jax.Array  # [B, T, V] float32
+    hidden: jax.Array  # [B, T, H] pre-norm layer output: the next step's condition
+    kv: tuple[jax.Array, jax.Array] | None  # the (k, v) buffers with this call's rows written
+
+
+class Eagle3Drafter(nn.Module):
+    """One drafter step over T rows. The condition is either target features (`features_BxTxF`, fused
+    by `fc`) or a hidden (`hidden_BxTxH`, the previous step's output); exactly one is given.
+
+    `kv` are [B, S, K, D] key/value buffers: this call's rows are written at `slots_BxT` first, then
+    attended under `mask_BxTxS` (the same contract as the target's cache)."""
+
+    config: Eagle3Config
+
+    @nn.compact
+    def __call__(self, embeds_BxTxH, positions_BxT, mask_BxTxS, kv, slots_BxT, *, features_BxTxF=None,
+                 hidden_BxTxH=None) -> DrafterOutput:
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        if (features_BxTxF is None) == (hidden_BxTxH is None):
+            raise ValueError("give exactly one of features_BxTxF (target features) and hidden_BxTxH")
+        if features_BxTxF is not None:
+            hidden_BxTxH = dense(c.hidden_size, ("features", "embed"), "fc", dtype)(features_BxTxF.astype(dtype))
+        hidden_BxTxH = hidden_BxTxH.astype(dtype)
+        embeds = RMSNorm(c.rms_norm_eps, dtype, name="input_layernorm")(embeds_BxTxH.astype(dtype))
+        cond = RMSNorm(c.rms_norm_eps, dtype, name="hidden_norm")(hidden_BxTxH)
+        attn_BxTxH, kv = Attention(c.layer_config, name="self_attn")(
+            jnp.concatenate([embeds, cond], axis=-1), positions_BxT, mask_BxTxS, kv, slots_BxT)
+        x = hidden_BxTxH + attn_BxTxH
+        x = x + MLP(c.layer_config, name="mlp")(RMSNorm(c.rms_norm_eps, dtype, name="post_attention_layernorm")(x))
+        logits = dense(c.vocab_size, ("embed", "vocab"), "lm_head", dtype)(RMSNorm(c.rms_norm_eps, dtype,
+                                                                                   name="norm")(x))
+        return DrafterOutput(logits.astype(jnp.float32), x, kv)
+
+
+def _dummy_inputs(config: Eagle3Config):
+    h, kv_dim = config.hidden_size, (config.num_kv_heads, config.head_dim)
+    kv = (jnp.zeros((1, 1, *kv_dim), jnp.dtype(config.dtype)),) * 2
+    ids = jnp.zeros((1, 1), jnp.int32)
+    return (jnp.zeros((1, 1, h)), ids, jnp.ones((1, 1, 1), bool), kv, ids), jnp.zeros((1, 1, 3 * h))
+
+
+def init_params(config: Eagle3Config, rng: jax.Array) -> Any:
+    """Random drafter parameters (normal 0.02, norms at one), unboxed from their logical axes."""
+    args, features = _dummy_inputs(config)
+    return nn.meta.unbox(Eagle3Drafter(config).init(rng, *args, features_BxTxF=features)["params"])
+
+
+def param_axes(config: Eagle3Config) -> Any:
+    """Logical axis names of every drafter parameter (PartitionSpecs), without allocating them."""
+    args, features = _dummy_inputs(config)
+    boxed = jax.eval_shape(lambda: Eagle3Drafter(config).init(jax.random.key(0), *args,
+                                                              features_BxTxF=features)["params"])
+    return nn.get_partition_spec(boxed)
+
+
+def step(params: Any, config: Eagle3Config, embeds_BxTxH, positions_BxT, mask_BxTxS, kv, slots_BxT, *,
+         features_BxTxF=None, hidden_BxTxH=None) -> DrafterOutput:
+    """Apply one drafter step to explicit params (see `Eagle3Drafter`)."""
+    return Eagle3Drafter(config).apply({"params": params}, embeds_BxTxH, positions_BxT, mask_BxTxS, kv, slots_BxT,
+                                       features_BxTxF=features_BxTxF, hidden_BxTxH=hidden_BxTxH)
+
+
+def embed(table_VxH: jax.Array, tokens: jax.Array) -> jax.Array:
+    """The frozen target embedding of `tokens` (the table is an input, not a drafter parameter)."""
+    return jnp.take(table_VxH, tokens, axis=0)
+
+
+def ttt_mask(t: int, k: int) -> jax.Array:
+    """[T, (k+1) T] bool: step k's row j sees step 0 at positions <= j and its own position j at
+    steps 1..k (keys of step s live at s * T + i)."""
+    rows_T = jnp.arange(t)[:, None]
+    cols = jnp.arange((k + 1) * t)[None, :]
+    step_of, pos_of = cols // t, cols % t
+    return jnp.where(step_of == 0, pos_of <= rows_T, pos_of == rows_T)
+
+
+def ttt_forward(params: Any, config: Eagle3Config, table_VxH: jax.Array, features_BxTxF: jax.Array,
+                tokens_BxT: jax.Array) -> jax.Array:
+    """Training-time test over a packed sequence: [K = ttt_steps, B, T, V] float32 logits.
+
+    Step k, row j reads token x_{j+1+k} (0 past the end) at RoPE position j + k, the position it has
+    when drafted at depth k, and predicts x_{j+2+k}; its condition is the target feature f_j at step 0
+    and row j's hidden of step k - 1 after. Keys and values of all steps are concatenated (static
+    shapes) and `ttt_mask` chooses what each step sees. Nothing is detached: gradients flow through
+    every step. Rows whose target lies beyond the sequence are masked by the loss, not here."""
+    b, t = tokens_BxT.shape
+    c = config
+    kv_shape = (b, t, c.num_kv_heads, c.head_dim)
+    k_buf = v_buf = jnp.zeros((b, 0, c.num_kv_heads, c.head_dim), jnp.dtype(c.dtype))
+    rows_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    hidden_BxTxH, logits = None, []
+    for k in range(c.ttt_steps):  # static unroll
+        next_BxT = jnp.pad(tokens_BxT[:, 1 + k:], ((0, 0), (0, min(1 + k, t))))[:, :t]
+        kv = (jnp.concatenate([k_buf, jnp.zeros(kv_shape, k_buf.dtype)], axis=1),
+              jnp.concatenate([v_buf, jnp.zeros(kv_shape, v_buf.dtype)], axis=1))
+        condition = dict(features_BxTxF=features_BxTxF) if k == 0 else dict(hidden_BxTxH=hidden_BxTxH)
+        out = step(params, c, embed(table_VxH, next_BxT), rows_BxT + k, ttt_mask(t, k)[None], kv, rows_BxT + k * t,
+                   **condition)
+        (k_buf, v_buf), hidden_BxTxH = out.kv, out.hidden
+        logits.append(out.logits)
+    return jnp.stack(logits)
