@@ -42,7 +42,7 @@ def valid_nodes(tree: tree_lib.Tree, row: int = 0) -> list[tuple[int, int]]:
 def test_most_recent_match_continues_to_the_history_end():
     #         0  1  2  3  4
     history = [3, 4, 3, 5, 3]  # the root 3 occurred at 0 (then 4 3 5 3) and, more recently, at 2 (then 5 3)
-    tree = draft(NgramMethod(budget=4, max_depth=4, max_ngram=1, branches=1), [history])
+    tree = draft(NgramMethod(budget=4, max_depth=4, max_ngram=1, min_ngram=1, branches=1), [history])
     assert tree.tokens[0, 0] == 3 and tree.valid[0, 0]
     assert valid_nodes(tree) == [(5, 0), (3, 1)]
     np.testing.assert_array_equal(tree.depth[0, :3], [0, 1, 2])
@@ -58,7 +58,7 @@ def test_longer_ngrams_rank_first():
     tree = draft(NgramMethod(budget=8, max_depth=4, max_ngram=3, branches=2), [HISTORY])
     assert valid_nodes(tree) == [(7, 0), (2, 1), (3, 2), (8, 3), (8, 0), (3, 5), (9, 6), (1, 7)]
     # With unigrams only, the most recent occurrence of the root wins.
-    tree = draft(NgramMethod(budget=8, max_depth=4, max_ngram=1, branches=1), [HISTORY])
+    tree = draft(NgramMethod(budget=8, max_depth=4, max_ngram=1, min_ngram=1, branches=1), [HISTORY])
     assert valid_nodes(tree) == [(9, 0), (1, 1), (2, 2), (3, 3)]
     # min_ngram 2 ignores unigram matches: only two chains exist.
     tree = draft(NgramMethod(budget=12, max_depth=4, max_ngram=3, min_ngram=2, branches=3), [HISTORY])
@@ -68,12 +68,12 @@ def test_longer_ngrams_rank_first():
 def test_chains_sharing_a_prefix_are_merged():
     #         0  1  2  3  4  5  6  7  8
     history = [5, 1, 2, 3, 5, 1, 2, 4, 5]  # after the root 5: "1 2 4 5" (at 4) and "1 2 3 5" (at 0)
-    tree = draft(NgramMethod(budget=8, max_depth=4, max_ngram=1, branches=2), [history])
+    tree = draft(NgramMethod(budget=8, max_depth=4, max_ngram=1, min_ngram=1, branches=2), [history])
     # The second chain's "1 2" is the first's; its "3" hangs from the first chain's "2" (node 2).
     assert valid_nodes(tree) == [(1, 0), (2, 1), (4, 2), (5, 3), (3, 2), (5, 5)]
     np.testing.assert_array_equal(tree.depth[0, :7], [0, 1, 2, 3, 4, 3, 4])
     # Identical continuations merge completely.
-    tree = draft(NgramMethod(budget=8, max_depth=2, max_ngram=1, branches=2), [[5, 1, 2, 5, 1, 2, 5]])
+    tree = draft(NgramMethod(budget=8, max_depth=2, max_ngram=1, min_ngram=1, branches=2), [[5, 1, 2, 5, 1, 2, 5]])
     assert valid_nodes(tree) == [(1, 0), (2, 1)]
 
 

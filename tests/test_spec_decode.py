@@ -329,8 +329,8 @@ def test_malformed_tree_is_reported_after_the_run(stopping, plain, fault, messag
     (Drafter(ScriptedMethod(0, 3)), {}, ValueError, "drafter budget must be an integer >= 1, got 0"),
     (Drafter(ScriptedMethod(4, 0)), {}, ValueError, "drafter max_depth must be an integer >= 1, got 0"),
     (Drafter(ScriptedMethod(True, 3)), {}, ValueError, "drafter budget must be an integer >= 1, got True"),
-    ("ngram", dict(max_len=23), ValueError, "prompt 0 (3 tokens) + max_new_tokens 12 + tree scratch 9 (budget 8 + 1) "
-                                            "= 24 exceeds max_len 23"),
+    ("ngram", dict(max_len=21), ValueError, "prompt 0 (3 tokens) + max_new_tokens 12 + tree scratch 7 (budget 6 + 1) "
+                                            "= 22 exceeds max_len 21"),
 ])
 def test_bad_drafter_inputs_fail_before_any_compute(target, monkeypatch, drafter, kwargs, error, message):
     monkeypatch.setattr(decode, "spec_init", None)  # reaching compilation would raise AttributeError
