@@ -20,8 +20,7 @@ import sys
 import jax
 from tqdm import tqdm
 
-from specblock_jax import data, generate, hf, load_target
-from specblock_jax.drafter import load_drafter
+from specblock_jax import data, generate, hf, load_drafter, load_target
 
 METHODS = ("ar", "ngram")
 

@@ -12,8 +12,7 @@ import textwrap
 
 from tqdm import tqdm
 
-from specblock_jax import data, generate, hf, load_target
-from specblock_jax.drafter import load_drafter
+from specblock_jax import data, generate, hf, load_drafter, load_target
 
 DOMAINS = ("code", "prose")
 

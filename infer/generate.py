@@ -10,8 +10,7 @@ import argparse
 import json
 import sys
 
-from specblock_jax import data, generate, load_target
-from specblock_jax.drafter import load_drafter
+from specblock_jax import data, generate, load_drafter, load_target
 
 METHODS = ("ar", "ngram")
 
