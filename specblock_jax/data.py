@@ -131,6 +131,21 @@ def load_documents(domain: str, root: str | os.PathLike) -> list[Document]:
     return sorted(docs, key=lambda d: d.name)
 
 
+def corpus_splits(*, code_dir: str | os.PathLike | None = None, prose_dir: str | os.PathLike | None = None,
+                  data_dir: str | os.PathLike = "data/corpus", val_fraction: float = 0.05,
+                  test_fraction: float = 0.05) -> dict[str, dict[str, list[Document]]]:
+    """{domain: {split: documents}} of the two-domain corpus. Defaults: the running interpreter's
+    stdlib for code, and Shakespeare fetched into `data_dir` for prose. Deterministic by file name, so
+    every entry point that passes the same fractions sees the same held-out documents."""
+    roots = {
+        "code": pathlib.Path(code_dir) if code_dir else stdlib_source_dir(),
+        "prose": pathlib.Path(prose_dir) if prose_dir else fetch_shakespeare(pathlib.Path(data_dir)),
+    }
+    return {domain: split_documents(load_documents(domain, root), val_fraction=val_fraction,
+                                    test_fraction=test_fraction)
+            for domain, root in roots.items()}
+
+
 def _prose_paths(root: pathlib.Path) -> list[pathlib.Path]:
     return [p for p in root.glob(_PROSE_GLOB) if p.is_file()]
 

@@ -68,14 +68,8 @@ def run_fingerprint(cfg: TargetTrainConfig) -> dict:
 
 
 def corpus_splits(cfg: TargetTrainConfig) -> dict[str, dict[str, list[data.Document]]]:
-    """{domain: {split: documents}} for both domains, deterministic by file name."""
-    roots = {
-        "code": pathlib.Path(cfg.code_dir) if cfg.code_dir else data.stdlib_source_dir(),
-        "prose": pathlib.Path(cfg.prose_dir) if cfg.prose_dir else data.fetch_shakespeare(pathlib.Path(cfg.data_dir)),
-    }
-    return {domain: data.split_documents(data.load_documents(domain, root), val_fraction=cfg.val_fraction,
-                                         test_fraction=cfg.test_fraction)
-            for domain, root in roots.items()}
+    return data.corpus_splits(code_dir=cfg.code_dir, prose_dir=cfg.prose_dir, data_dir=cfg.data_dir,
+                              val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
 
 
 def tokenizer_for(cfg: TargetTrainConfig, splits) -> Any:

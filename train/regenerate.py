@@ -1,0 +1,153 @@
+"""Regenerate drafter training data: the target continues prompts cut from the corpus's training split
+with the project's own jitted generation, greedy and sampled, so a drafter learns the target's own
+distribution (as EAGLE-3 and SpecBlock train on target-regenerated answers).
+
+    python -m train.regenerate --output-dir runs/regen --samples-per-domain 512
+
+Output: `part-<domain>-<mode>-<index>.npz` files, each a batch with `tokens` [b, prompt + new] (PAD_ID
+after a row's end), `prompt_len` [b] and `length` [b]. Each part is written atomically and an existing
+part is skipped, so rerunning after a kill only makes what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+
+import numpy as np
+from tqdm import tqdm
+
+from specblock_jax import data, generate, load_target
+from specblock_jax.config import ConfigError, from_dict, to_dict
+from specblock_jax.decode import PAD_ID
+
+
+@dataclasses.dataclass(frozen=True)
+class RegenerateConfig:
+    output_dir: str = "runs/regen"
+    target: str | None = None  # HF directory; default: the embedded target
+    domains: tuple[str, ...] = data.DOMAINS
+    samples_per_domain: int = 512
+    prompt_tokens: int = 64
+    new_tokens: int = 192
+    greedy_fraction: float = 0.4  # the rest is sampled at `temperature` / `top_p`
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 16
+    seed: int = 0
+    # The corpus and its split: keep these equal to the target's training config so no held-out
+    # document is ever used.
+    data_dir: str = "data/corpus"
+    code_dir: str | None = None
+    prose_dir: str | None = None
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+
+    def __post_init__(self):
+        unknown = [d for d in self.domains if d not in data.DOMAINS]
+        if unknown or not self.domains:
+            raise ConfigError(f"domains {list(self.domains)} must be a non-empty subset of {data.DOMAINS}")
+        for name in ("samples_per_domain", "prompt_tokens", "new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.greedy_fraction <= 1.0:
+            raise ConfigError(f"greedy_fraction must be in [0, 1], got {self.greedy_fraction}")
+        if self.temperature <= 0 and self.greedy_fraction < 1:
+            raise ConfigError("temperature must be > 0 for the sampled share (or set greedy_fraction: 1.0)")
+
+
+def cut_prompts(token_arrays: list[np.ndarray], n: int, length: int, rng: np.random.Generator) -> np.ndarray:
+    """[n, length] windows at uniformly random token offsets of the documents long enough to hold one."""
+    long_enough = [a for a in token_arrays if len(a) >= length]
+    if not long_enough:
+        raise ValueError(f"no training document has {length} tokens; lower prompt_tokens")
+    starts = np.cumsum([0] + [len(a) - length + 1 for a in long_enough])
+    picks = rng.integers(0, starts[-1], size=n)
+    docs = np.searchsorted(starts, picks, side="right") - 1
+    return np.stack([long_enough[d][p - starts[d]:p - starts[d] + length] for d, p in zip(docs, picks)])
+
+
+def plan(cfg: RegenerateConfig, splits, tokenizer) -> list[tuple[str, np.ndarray, bool, int]]:
+    """(part name, prompts [b, T], greedy?, seed) for every batch, in a fixed order."""
+    parts = []
+    for i, domain in enumerate(cfg.domains):
+        arrays = data.tokenize_documents(splits[domain]["train"], tokenizer)
+        prompts = cut_prompts(arrays, cfg.samples_per_domain, cfg.prompt_tokens,
+                              np.random.default_rng([cfg.seed, i]))
+        n_greedy = round(cfg.greedy_fraction * cfg.samples_per_domain)
+        for mode, rows in (("greedy", prompts[:n_greedy]), ("sampled", prompts[n_greedy:])):
+            for j in range(0, len(rows), cfg.batch_size):
+                parts.append((f"part-{domain}-{mode}-{j // cfg.batch_size:05d}", rows[j:j + cfg.batch_size],
+                              mode == "greedy", cfg.seed * 1_000_003 + len(parts)))
+    return parts
+
+
+def regenerate(cfg: RegenerateConfig, progress: bool = True) -> pathlib.Path:
+    out = pathlib.Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_same_run(out / "regenerate.json", cfg)
+    target = load_target(cfg.target)
+    if target.tokenizer is None:
+        raise ValueError(f"target {cfg.target or 'embedded'} has no tokenizer; regeneration cuts prompts from text")
+    splits = data.corpus_splits(code_dir=cfg.code_dir, prose_dir=cfg.prose_dir, data_dir=cfg.data_dir,
+                                val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
+    width = cfg.prompt_tokens + cfg.new_tokens
+    for name, prompts, greedy, seed in tqdm(plan(cfg, splits, target.tokenizer), desc="regenerate",
+                                            unit="batch", disable=not progress):
+        path = out / f"{name}.npz"
+        if path.exists():
+            continue
+        result = generate(target, prompts.tolist(), max_new_tokens=cfg.new_tokens,
+                          temperature=0.0 if greedy else cfg.temperature, top_p=1.0 if greedy else cfg.top_p,
+                          seed=seed)
+        tokens = np.full((len(prompts), width), PAD_ID, np.int32)
+        tokens[:, :cfg.prompt_tokens] = prompts
+        for row, ids in enumerate(result.token_ids):
+            tokens[row, cfg.prompt_tokens:cfg.prompt_tokens + len(ids)] = ids
+        lengths = cfg.prompt_tokens + np.array([len(ids) for ids in result.token_ids], np.int32)
+        tmp = out / f".{name}.tmp.npz"
+        np.savez(tmp, tokens=tokens, prompt_len=np.full(len(prompts), cfg.prompt_tokens, np.int32), length=lengths)
+        os.replace(tmp, path)
+    return out
+
+
+def _check_same_run(path: pathlib.Path, cfg: RegenerateConfig) -> None:
+    """Parts are skipped by name on a rerun, so a rerun with another config would mix two datasets."""
+    text = json.dumps(to_dict(cfg), sort_keys=True, indent=1)
+    if path.exists() and json.loads(path.read_text()) != json.loads(text):
+        raise ConfigError(f"{path.parent} holds parts made with a different config ({path}); "
+                          "use a new --output-dir")
+    path.write_text(text)
+
+
+def read_parts(output_dir: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All parts concatenated, in name order: tokens, prompt_len, length, and each row's part name."""
+    paths = sorted(pathlib.Path(output_dir).glob("part-*.npz"))
+    if not paths:
+        raise FileNotFoundError(f"no regenerated parts (part-*.npz) in {output_dir}")
+    loaded = [np.load(p) for p in paths]
+    merged = {k: np.concatenate([f[k] for f in loaded]) for k in ("tokens", "prompt_len", "length")}
+    merged["part"] = np.concatenate([[p.stem] * len(f["length"]) for p, f in zip(paths, loaded)])
+    return merged
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = RegenerateConfig()
+    for field in dataclasses.fields(RegenerateConfig):
+        if field.name == "domains":
+            parser.add_argument("--domains", default=",".join(defaults.domains), help="comma-separated")
+        else:
+            kind = {"int": int, "float": float}.get(str(field.type), str)
+            parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=getattr(defaults, field.name),
+                                help=f"default: {getattr(defaults, field.name)}")
+    args = vars(parser.parse_args(argv))
+    args["domains"] = [d for d in args["domains"].split(",") if d]
+    print(f"wrote {regenerate(from_dict(RegenerateConfig, args))}")
+
+
+if __name__ == "__main__":
+    main()
