@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import jax
 
+from specblock_jax import drafter_io
 from specblock_jax.ngram import NgramMethod
 from specblock_jax.tree import Tree
 from specblock_jax.verify import Acceptance
@@ -65,8 +66,8 @@ class Drafter:
 def load_drafter(kind_or_path: str, target: Any) -> Drafter:
     """A drafter for `target` by kind ("ngram"), or from a trained drafter directory."""
     if isinstance(kind_or_path, (str, os.PathLike)) and os.path.isdir(kind_or_path):
-        raise NotImplementedError(f"cannot load drafter directory {os.fspath(kind_or_path)!r}: trained drafter "
-                                  "directories arrive with the EAGLE-3 issue")
+        method, params = drafter_io.load(kind_or_path, target)
+        return Drafter(method, params)
     if kind_or_path == "ngram":
         return Drafter(NgramMethod())
     if kind_or_path == "eagle3":

@@ -351,7 +351,7 @@ def test_feature_layers_must_exist_in_the_target(target, monkeypatch):
 
 def test_load_drafter(tmp_path, target):
     assert load_drafter("ngram", target) == Drafter(NgramMethod())
-    with pytest.raises(NotImplementedError, match="trained drafter directories arrive with the EAGLE-3 issue"):
+    with pytest.raises(FileNotFoundError, match="is not a trained drafter directory: .*drafter.json does not exist"):
         load_drafter(str(tmp_path), target)
     with pytest.raises(ValueError, match="NgramMethod budget must be an integer >= 1, got 0"):
         NgramMethod(budget=0)

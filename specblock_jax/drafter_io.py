@@ -1,0 +1,119 @@
+"""Trained drafter directories: `drafter.json` (kind, drafter config, decoding defaults) beside
+`model.safetensors`, which holds the drafter's own parameters only.
+
+The target's embedding is never saved: a drafter is always loaded against its target and reads the
+table from there, so a drafter directory stays small and cannot drift from the target it serves.
+Tensors keep the Flax layout (kernels are [in, out]) under dotted paths, e.g. `self_attn.q_proj.kernel`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import uuid
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from safetensors.numpy import load_file, save_file
+
+from specblock_jax.config import ConfigError, from_dict, to_dict
+from specblock_jax.eagle3_draft import Eagle3Method, drafter_params
+from specblock_jax.hf import _replace_dir
+from specblock_jax.models import eagle3
+
+DRAFTER_JSON = "drafter.json"
+WEIGHTS = "model.safetensors"
+KINDS = ("eagle3",)  # kinds a directory can hold
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoding:
+    """Tree shape a drafter decodes with unless the caller says otherwise (EAGLE-3 baseline: 60, 7, 10)."""
+
+    budget: int = 60
+    max_depth: int = 7
+    topk: int = 10
+
+    def __post_init__(self):
+        for name in ("budget", "max_depth", "topk"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"decoding {name} must be >= 1, got {getattr(self, name)}")
+
+
+def _expected_shapes(config: eagle3.Eagle3Config) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, from the drafter's own init (the single source of the layout)."""
+    shapes = jax.eval_shape(lambda: eagle3.init_params(config, jax.random.key(0)))
+    return {".".join(path): leaf.shape for path, leaf in traverse_util.flatten_dict(shapes).items()}
+
+
+def _check_tensors(config: eagle3.Eagle3Config, tensors: dict[str, Any], where: str) -> None:
+    """Every drafter tensor present with its shape, nothing else (the target's embedding included)."""
+    expected = _expected_shapes(config)
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise ValueError(f"{where}: tensors missing: {missing}")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise ValueError(f"{where}: unexpected tensors {extra} (a drafter holds only its own parameters)")
+    for name, shape in expected.items():
+        if tuple(np.shape(tensors[name])) != shape:
+            raise ValueError(f"{where}: tensor {name!r} has shape {tuple(np.shape(tensors[name]))}, expected {shape}")
+
+
+def save_eagle3(method: Eagle3Method, params: Any, out_dir: str | os.PathLike) -> pathlib.Path:
+    """Write `params` (the drafter's own tree, not `drafter_params`'s dict) and `method` to `out_dir`,
+    replacing it atomically: files go to a hidden sibling that is renamed into place when complete."""
+    tensors = {".".join(path): np.ascontiguousarray(jax.device_get(x))
+               for path, x in traverse_util.flatten_dict(params).items()}
+    _check_tensors(method.config, tensors, "save_eagle3")
+    meta = {"kind": "eagle3", "config": to_dict(method.config),
+            "decoding": {"budget": method.budget, "max_depth": method.max_depth, "topk": method.topk}}
+    out_dir = pathlib.Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "flax"})
+        (tmp / DRAFTER_JSON).write_text(json.dumps(meta, indent=1) + "\n")
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load(path: str | os.PathLike, target: Any) -> tuple[Eagle3Method, dict[str, Any]]:
+    """(method, method params) of the drafter directory at `path` for `target` (a `Target`); every
+    mismatch with the target is an error naming both values, before any array is placed."""
+    path = pathlib.Path(path)
+    meta_path = path / DRAFTER_JSON
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{path} is not a trained drafter directory: {meta_path} does not exist")
+    meta = json.loads(meta_path.read_text())
+    missing = [k for k in ("kind", "config", "decoding") if k not in meta]
+    if missing:
+        raise ConfigError(f"{meta_path}: missing key(s) {missing}")
+    if meta["kind"] not in KINDS:
+        raise ConfigError(f"{meta_path}: unknown drafter kind {meta['kind']!r}; a directory can hold one of {KINDS}")
+    try:
+        config = from_dict(eagle3.Eagle3Config, meta["config"], "config")
+        decoding = from_dict(Decoding, meta["decoding"], "decoding")
+        config.check_target(target.config)
+    except ConfigError as e:
+        raise ConfigError(f"{meta_path}: {e}") from None
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"drafter directory {path} has no {WEIGHTS}")
+    tensors = load_file(str(weights))
+    _check_tensors(config, tensors, str(weights))
+    dtype = jnp.dtype(config.dtype)
+    params = traverse_util.unflatten_dict({tuple(name.split(".")): np.asarray(x).astype(dtype)
+                                           for name, x in tensors.items()})
+    method = Eagle3Method(config, **dataclasses.asdict(decoding))
+    return method, drafter_params(jax.device_put(params), target.params)

@@ -1,0 +1,145 @@
+"""EAGLE-3 drafter training at micro scale: the TTT loss falls, a killed run resumes exactly, the
+exported drafter directory decodes losslessly through `load_drafter`, and bad inputs are clear errors."""
+
+import json
+import pathlib
+import re
+
+import jax
+import numpy as np
+import pytest
+import yaml
+from flax import traverse_util
+from safetensors.numpy import load_file, save_file
+
+from specblock_jax import decode, hf
+from specblock_jax.config import ConfigError, ModelConfig, load_yaml
+from specblock_jax.decode import PAD_ID
+from specblock_jax.drafter import load_drafter
+from specblock_jax.models import target as target_lib
+from train import train_drafter
+from train.train_drafter import DrafterTrainConfig
+
+TARGET = ModelConfig(vocab_size=48, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8,
+                     intermediate_size=64, max_position_embeddings=128)
+PROMPT, NEW, ROWS = 6, 18, 24
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A target with weights x10 (so its greedy output is far from uniform), exported as HF, and its
+    regenerated continuations of random prompts as one npz part, some rows cut short by PAD_ID."""
+    root = tmp_path_factory.mktemp("drafter")
+    params = jax.tree.map(lambda x: x * 10 if x.ndim == 2 else x, target_lib.init_params(TARGET, jax.random.key(1)))
+    hf.export_hf(TARGET, jax.device_get(params), root / "target")
+    target = hf.load_target(root / "target")
+    prompts = np.random.default_rng(0).integers(0, TARGET.vocab_size, (ROWS, PROMPT))
+    out = decode.generate(target, prompts.tolist(), max_new_tokens=NEW, stop_on_eos=False)
+    tokens = np.concatenate([prompts, np.asarray(out.token_ids)], axis=1).astype(np.int32)
+    length = np.full(ROWS, PROMPT + NEW, np.int32)
+    length[::3] = PROMPT + NEW // 2
+    tokens[np.arange(PROMPT + NEW)[None, :] >= length[:, None]] = PAD_ID
+    (root / "regen").mkdir()
+    np.savez(root / "regen" / "part-code-greedy-00000.npz", tokens=tokens,
+             prompt_len=np.full(ROWS, PROMPT, np.int32), length=length)
+    return root, target
+
+
+def config_dict(root, run: str, **overrides) -> dict:
+    cfg = {"target": str(root / "target"), "data_dir": str(root / "regen"),
+           "eagle3": {"ttt_steps": 2}, "decoding": {"budget": 6, "max_depth": 3, "topk": 2},
+           "optim": {"learning_rate": 1e-2, "total_steps": 8, "warmup_steps": 1},
+           "seq_len": 24, "batch_size": 4, "val_batches": 1, "checkpoint_every": 3, "log_every": 4,
+           "output_dir": str(root / run), "export_dir": str(root / run / "drafter")}
+    cfg.update(overrides)
+    return cfg
+
+
+def load_config(root, cfg: dict) -> DrafterTrainConfig:
+    """Through a YAML file, as the CLI reads it."""
+    path = root / f"{pathlib.Path(cfg['output_dir']).name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return load_yaml(DrafterTrainConfig, path)
+
+
+@pytest.fixture(scope="module")
+def trained(workdir):
+    root, _ = workdir
+    cfg = load_config(root, config_dict(root, "full"))
+    state = train_drafter.train(cfg, progress=False)
+    log = [json.loads(line) for line in (root / "full" / "log.jsonl").read_text().splitlines()]
+    return cfg, jax.device_get(state["params"]), log
+
+
+def test_training_lowers_the_ttt_loss(trained):
+    _, _, log = trained
+    assert [r["step"] for r in log] == [4, 8]
+    assert log[-1]["val_loss"] < log[0]["val_loss"]
+    assert len(log[-1]["step_loss"]) == len(log[-1]["step_acc"]) == len(log[-1]["val_step_acc"]) == 2
+    acc = np.asarray(log[-1]["val_step_acc"])
+    assert log[-1]["val_acceptance_length"] == pytest.approx(1 + acc[0] + acc[0] * acc[1])
+
+
+def test_resume_after_interruption_matches_uninterrupted(trained, workdir):
+    root, _ = workdir
+    cfg_full, params_full, _ = trained
+    cfg = load_config(root, config_dict(root, "resumed"))
+    train_drafter.train(cfg, stop_after=5, progress=False)  # checkpoints at 3 and 5, as a kill after 5
+    params = jax.device_get(train_drafter.train(cfg, progress=False)["params"])
+    jax.tree.map(np.testing.assert_array_equal, params, params_full)
+
+
+def test_exported_drafter_decodes_losslessly(trained, workdir):
+    root, target = workdir
+    cfg, params, _ = trained
+    drafter = load_drafter(cfg.export_dir, target)
+    assert (drafter.method.budget, drafter.method.max_depth, drafter.method.topk) == (6, 3, 2)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(drafter.params["drafter"]), params)
+    saved = load_file(f"{cfg.export_dir}/model.safetensors")
+    assert sorted(saved) == sorted(".".join(k) for k in traverse_util.flatten_dict(params))  # no target table
+    prompts = [[3, 17, 5], [40, 2, 9, 11, 30, 1]]
+    plain = decode.generate(target, prompts, max_new_tokens=10, stop_on_eos=False)
+    spec = decode.generate(target, prompts, max_new_tokens=10, stop_on_eos=False, drafter=cfg.export_dir)
+    assert spec.token_ids == plain.token_ids
+    assert spec.stats["drafter_forwards"] == 3 * spec.stats["verify_steps"] > 0
+
+
+def test_bad_configs_are_errors_before_any_work(workdir):
+    root, _ = workdir
+    with pytest.raises(ConfigError, match=re.escape("eagle3: unknown key(s) ['ttt']")):
+        load_config(root, config_dict(root, "bad", eagle3={"ttt": 2}))
+    with pytest.raises(ConfigError, match="kind='specblock' is not one of"):
+        load_config(root, config_dict(root, "bad", kind="specblock"))
+    with pytest.raises(ConfigError, match="seq_len 200 exceeds the target's max_position_embeddings 128"):
+        train_drafter.train(load_config(root, config_dict(root, "bad", seq_len=200)), progress=False)
+
+
+def test_bad_drafter_directories_are_clear_errors(trained, workdir, tmp_path):
+    root, target = workdir
+    cfg, params, _ = trained
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path} is not a trained drafter directory: "
+                                                          f"{tmp_path / 'drafter.json'} does not exist")):
+        load_drafter(str(tmp_path), target)
+    for change, message in (({"hidden_size": 48}, "hidden_size 32 does not match the target's 48"),
+                            ({"vocab_size": 50}, "vocab_size 48 does not match the target's 50"),
+                            ({"num_layers": 3}, "feature_layers (0, 1, 3) exceed the target's 3 layers")):
+        other_cfg = ModelConfig(**{**TARGET.__dict__, **change})
+        other = target_lib.Target(other_cfg, target_lib.init_params(other_cfg, jax.random.key(0)))
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_drafter(cfg.export_dir, other)
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    meta = json.loads((root / "full" / "drafter" / "drafter.json").read_text())
+    (bad / "drafter.json").write_text(json.dumps({**meta, "kind": "medusa"}))
+    with pytest.raises(ConfigError, match="unknown drafter kind 'medusa'"):
+        load_drafter(str(bad), target)
+    (bad / "drafter.json").write_text(json.dumps(meta))
+    tensors = load_file(f"{cfg.export_dir}/model.safetensors")
+    save_file({**tensors, "fc.kernel": np.zeros((3, 3), np.float32)}, str(bad / "model.safetensors"))
+    with pytest.raises(ValueError, match=re.escape("tensor 'fc.kernel' has shape (3, 3), expected (96, 32)")):
+        load_drafter(str(bad), target)
+    del tensors["lm_head.kernel"]
+    save_file(tensors, str(bad / "model.safetensors"))
+    with pytest.raises(ValueError, match=re.escape("tensors missing: ['lm_head.kernel']")):
+        load_drafter(str(bad), target)

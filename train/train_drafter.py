@@ -1,0 +1,302 @@
+"""Train an EAGLE-3 drafter for a frozen target on regenerated data (see train/regenerate.py) and export
+it as a drafter directory that `load_drafter(path, target)` and `generate(..., drafter=path)` read.
+
+    python -m train.regenerate --output-dir runs/regen
+    python -m train.train_drafter --config configs/eagle3.yaml
+
+Each step runs the frozen target over the batch (features of the drafter's three layers and the
+target's logits, no gradient), unrolls the drafter `ttt_steps` times (training-time test) and updates
+the drafter alone with the TTT loss. Parameters, optimizer state and batches are laid out on the
+configured mesh (specblock_jax/sharding.py), so the same command runs on one CPU or a pod slice.
+
+Resumable: rerunning the same command after a kill continues from the newest checkpoint with exactly
+the batches the uninterrupted run would have seen. log.jsonl gets, every `log_every` steps, the loss,
+per-TTT-step losses and accuracies, and on held-out rows a chain estimate of the acceptance length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+import sys
+import time
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from specblock_jax import drafter_io, losses, sharding
+from specblock_jax.checkpoint import Checkpointer
+from specblock_jax.config import ConfigError, ModelConfig, load_yaml, to_dict
+from specblock_jax.decode import PAD_ID
+from specblock_jax.eagle3_draft import Eagle3Method
+from specblock_jax.hf import load_target
+from specblock_jax.models import eagle3
+from specblock_jax.models import target as target_lib
+from specblock_jax.optim import OptimConfig, make_optimizer, schedule
+from specblock_jax.sharding import MeshConfig
+from train.regenerate import read_parts
+
+DRAFTER_KINDS = ("eagle3",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Eagle3Overrides:
+    """Departures from `Eagle3Config.for_target` (None: the target's value / EAGLE-3's default)."""
+
+    ttt_steps: int = 7
+    feature_layers: tuple[int, ...] | None = None
+    intermediate_size: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DrafterTrainConfig:
+    optim: OptimConfig
+    kind: str = "eagle3"
+    target: str | None = None  # HF directory; None: the embedded target
+    data_dir: str = "runs/regen"  # regenerated parts (part-*.npz)
+    eagle3: Eagle3Overrides = Eagle3Overrides()
+    decoding: drafter_io.Decoding = drafter_io.Decoding()  # tree shape saved with the exported drafter
+    mesh: MeshConfig = MeshConfig()
+    seq_len: int = 256  # rows are cut or PAD-filled to this width
+    batch_size: int = 16  # global batch, split over the mesh's data * fsdp axes
+    val_batches: int = 4  # held-out batches (of the shuffled rows) for the acceptance estimate
+    seed: int = 0
+    checkpoint_every: int = 100
+    log_every: int = 20
+    output_dir: str = "runs/eagle3"  # checkpoints, log.jsonl
+    export_dir: str = "runs/eagle3/drafter"  # the final drafter directory
+
+    def __post_init__(self):
+        if self.kind not in DRAFTER_KINDS:
+            raise ConfigError(f"kind={self.kind!r} is not one of {DRAFTER_KINDS}")
+        for name in ("seq_len", "batch_size", "val_batches", "checkpoint_every", "log_every"):
+            if getattr(self, name) < (2 if name == "seq_len" else 1):
+                raise ConfigError(f"{name} must be >= {2 if name == 'seq_len' else 1}, got {getattr(self, name)}")
+
+
+def run_fingerprint(cfg: DrafterTrainConfig) -> dict:
+    """What defines a run's math: resuming under a different one is refused. Paths and the logging
+    and checkpoint cadence may change between a run and its resume."""
+    free = {"output_dir", "export_dir", "data_dir", "checkpoint_every", "log_every"}
+    return {k: v for k, v in to_dict(cfg).items() if k not in free}
+
+
+def drafter_config(cfg: DrafterTrainConfig, target: ModelConfig) -> eagle3.Eagle3Config:
+    """The drafter's shape for `target`, checked against it (and `seq_len` against its positions)
+    before any data is read."""
+    if cfg.seq_len > target.max_position_embeddings:
+        raise ConfigError(f"seq_len {cfg.seq_len} exceeds the target's max_position_embeddings "
+                          f"{target.max_position_embeddings}")
+    overrides = {k: v for k, v in dataclasses.asdict(cfg.eagle3).items() if v is not None}
+    if "feature_layers" in overrides:
+        overrides["feature_layers"] = tuple(overrides["feature_layers"])
+    config = eagle3.Eagle3Config.for_target(target, **overrides)
+    config.check_target(target)
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def fit_width(tokens_NxW: np.ndarray, seq_len: int) -> np.ndarray:
+    """Rows cut to `seq_len`, or filled with PAD_ID up to it."""
+    out = np.full((len(tokens_NxW), seq_len), PAD_ID, np.int32)
+    width = min(seq_len, tokens_NxW.shape[1])
+    out[:, :width] = tokens_NxW[:, :width]
+    return out
+
+
+def split_rows(tokens_NxW: np.ndarray, cfg: DrafterTrainConfig, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, held-out rows): a seeded permutation, its first `val_batches * batch_size` held out."""
+    rows = fit_width(tokens_NxW, cfg.seq_len)
+    bad = rows[(rows != PAD_ID) & ((rows < 0) | (rows >= vocab_size))]
+    if bad.size:
+        raise ValueError(f"regenerated token id {int(bad[0])} outside the target's vocabulary [0, {vocab_size})")
+    n_val = cfg.val_batches * cfg.batch_size
+    if len(rows) < n_val + cfg.batch_size:
+        raise ValueError(f"{len(rows)} regenerated rows in {cfg.data_dir}: need val_batches * batch_size = {n_val} "
+                         f"held out plus one training batch of {cfg.batch_size}")
+    order = np.random.default_rng(cfg.seed).permutation(len(rows))
+    return rows[order[n_val:]], rows[order[:n_val]]
+
+
+def to_example(rows_BxT: np.ndarray) -> dict[str, np.ndarray]:
+    """tokens with PAD_ID replaced by 0 (the target must see valid ids) and loss_mask[p] = 1 where the
+    predicted token x_{p+1} lies inside the row's real length."""
+    real_BxT = rows_BxT != PAD_ID
+    return {"tokens": np.where(real_BxT, rows_BxT, 0).astype(np.int32),
+            "loss_mask": np.pad(real_BxT[:, 1:], ((0, 0), (0, 1))).astype(np.float32)}
+
+
+def train_dataset(rows_NxT: np.ndarray, cfg: DrafterTrainConfig) -> grain.MapDataset:
+    """Shuffled batches, reshuffled each epoch; `ds[step]` depends only on (rows, seed, step) so a
+    resumed run sees exactly the batches of an uninterrupted one."""
+    return (grain.MapDataset.source(rows_NxT).shuffle(seed=cfg.seed).repeat(None)
+            .batch(cfg.batch_size, drop_remainder=True).map(to_example))
+
+
+def local_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This process's slice of a global batch (all of it with one process)."""
+    n = len(batch["tokens"]) // jax.process_count()
+    return {k: v[jax.process_index() * n:(jax.process_index() + 1) * n] for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# the step
+
+
+def target_outputs(target_params: Any, target_config: ModelConfig, layers: tuple[int, ...], tokens_BxT: jax.Array
+                   ) -> tuple[jax.Array, jax.Array]:
+    """Frozen target over the batch: features [B, T, 3H] and logits [B, T, V], both without gradient."""
+    b, t = tokens_BxT.shape
+    positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    out = target_lib.forward(jax.lax.stop_gradient(target_params), target_config, tokens_BxT, positions_BxT,
+                             jnp.tril(jnp.ones((t, t), bool))[None], feature_layers=layers)
+    return jax.lax.stop_gradient(out.features), jax.lax.stop_gradient(out.logits)
+
+
+def ttt_metrics(params: Any, target_params: Any, target_config: ModelConfig, config: eagle3.Eagle3Config,
+                batch: dict[str, jax.Array]) -> losses.TTTLoss:
+    features_BxTxF, logits_BxTxV = target_outputs(target_params, target_config, config.feature_layers,
+                                                  batch["tokens"])
+    table_VxH = jax.lax.stop_gradient(target_params["embed_tokens"]["embedding"])
+    draft_KxBxTxV = eagle3.ttt_forward(params, config, table_VxH, features_BxTxF, batch["tokens"])
+    return losses.ttt_loss(draft_KxBxTxV, logits_BxTxV, batch["loss_mask"])
+
+
+def make_train_step(target_config: ModelConfig, config: eagle3.Eagle3Config, optimizer: optax.GradientTransformation):
+    """step(state, target_params, batch) -> (state, TTTLoss): the optimizer sees the drafter only."""
+    def step(state, target_params, batch):
+        def loss_fn(params):
+            metrics = ttt_metrics(params, target_params, target_config, config, batch)
+            return metrics.loss, metrics
+
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, metrics
+
+    return step
+
+
+def jit_steps(target_config: ModelConfig, config: eagle3.Eagle3Config, optimizer, state_sh, target_sh, batch_sh):
+    """The train and eval steps jitted over the mesh. The target's params are an argument (never a
+    traced constant, never in the state): laid out once, read every step, not donated or updated."""
+    replicated = NamedSharding(batch_sh.mesh, PartitionSpec())
+    train_step = jax.jit(make_train_step(target_config, config, optimizer),
+                         in_shardings=(state_sh, target_sh, batch_sh), out_shardings=(state_sh, replicated),
+                         donate_argnums=0)
+    eval_step = jax.jit(lambda p, tp, batch: ttt_metrics(p, tp, target_config, config, batch),
+                        in_shardings=(state_sh["params"], target_sh, batch_sh), out_shardings=replicated)
+    return train_step, eval_step
+
+
+def chain_acceptance(step_acc_K: np.ndarray) -> float:
+    """Expected tokens per target forward of a single-chain draft of depth K, if step k is accepted
+    with probability acc_k given steps < k were: 1 + sum_k prod_{j<=k} acc_j (a tree does better)."""
+    return float(1.0 + np.sum(np.cumprod(step_acc_K)))
+
+
+def evaluate(eval_step, params, target_params, val_rows: np.ndarray, cfg: DrafterTrainConfig, mesh) -> dict:
+    """Held-out TTT loss, per-step accuracy and the chain acceptance estimate (batch means)."""
+    results = [eval_step(params, target_params, sharding.global_batch(local_rows(to_example(rows)), mesh))
+               for rows in np.split(val_rows, cfg.val_batches)]
+    acc_K = np.mean([np.asarray(r.step_acc_K) for r in results], axis=0)
+    return {"val_loss": float(np.mean([float(r.loss) for r in results])), "val_step_acc": acc_K.tolist(),
+            "val_acceptance_length": chain_acceptance(acc_K)}
+
+
+def init_state(config: eagle3.Eagle3Config, optimizer, seed: int, mesh) -> tuple[dict, dict]:
+    """Sharded fresh state and its shardings: drafter params placed by their logical axes, the
+    optimizer state initialized in place with matching shardings."""
+    host = jax.device_get(eagle3.init_params(config, jax.random.key(seed)))
+    param_sh = sharding.logical_to_sharding(eagle3.param_axes(config), mesh, host)
+    params = sharding.shard_params(host, param_sh)
+    opt_sh = sharding.opt_state_shardings(optimizer, params, param_sh)
+    state = {"params": params, "opt_state": jax.jit(optimizer.init, out_shardings=opt_sh)(params)}
+    return state, sharding.train_state_shardings(state, param_sh, optimizer)
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+def train(cfg: DrafterTrainConfig, *, stop_after: int | None = None, export: bool = True,
+          progress: bool = True) -> dict:
+    """Run (or resume) training. `stop_after` ends this run at that step (as a kill would), for tests.
+
+    Returns the final state (drafter params and optimizer state, on the mesh)."""
+    target = load_target(cfg.target)
+    config = drafter_config(cfg, target.config)
+    train_rows, val_rows = split_rows(read_parts(cfg.data_dir)["tokens"], cfg, target.config.vocab_size)
+    train_ds = train_dataset(train_rows, cfg)
+    mesh = sharding.make_mesh(cfg.mesh)
+    target_sh = sharding.logical_to_sharding(target_lib.param_axes(target.config), mesh, target.params)
+    target_params = sharding.shard_params(target.params, target_sh)
+    optimizer = make_optimizer(cfg.optim)
+    state, state_sh = init_state(config, optimizer, cfg.seed, mesh)
+    out = pathlib.Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpointer(out / "checkpoints", every=cfg.checkpoint_every, fingerprint=run_fingerprint(cfg))
+    start, restored = 0, ckpt.restore(state)
+    if restored is not None:
+        start, state = restored
+        print(f"resuming from step {start} in {ckpt.directory}", file=sys.stderr)
+    train_step, eval_step = jit_steps(target.config, config, optimizer, state_sh, target_sh,
+                                      sharding.batch_sharding(mesh))
+    last = cfg.optim.total_steps if stop_after is None else min(stop_after, cfg.optim.total_steps)
+    lr_schedule = schedule(cfg.optim)
+    with open(out / "log.jsonl", "a") as log, tqdm(total=cfg.optim.total_steps, initial=start, disable=not progress,
+                                                   desc="train eagle3 drafter", unit="step") as bar:
+        t_mark = time.perf_counter()
+        for step in range(start, last):
+            batch = sharding.global_batch(local_rows(train_ds[step % len(train_ds)]), mesh)
+            state, metrics = train_step(state, target_params, batch)
+            if (step + 1) % cfg.log_every == 0 or step + 1 == last:
+                record = log_record(step + 1, metrics, float(lr_schedule(step)), time.perf_counter() - t_mark)
+                record.update(evaluate(eval_step, state["params"], target_params, val_rows, cfg, mesh))
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{record['loss']:.3f}", acc="/".join(f"{a:.2f}" for a in record["step_acc"]),
+                                tau=f"{record['val_acceptance_length']:.2f}")
+                t_mark = time.perf_counter()
+            bar.update(1)
+            ckpt.save(step + 1, state, force=step + 1 == last)
+    ckpt.close()
+    if export and last == cfg.optim.total_steps:
+        path = drafter_io.save_eagle3(Eagle3Method(config, **dataclasses.asdict(cfg.decoding)),
+                                      jax.device_get(state["params"]), cfg.export_dir)
+        print(f"exported the drafter to {path}", file=sys.stderr)
+    return state
+
+
+def log_record(step: int, metrics: losses.TTTLoss, lr: float, seconds: float) -> dict[str, Any]:
+    loss = float(metrics.loss)
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"loss became {loss} at step {step}")
+    return {"step": step, "loss": loss, "step_loss": np.asarray(metrics.step_loss_K).tolist(),
+            "step_acc": np.asarray(metrics.step_acc_K).tolist(), "lr": lr, "seconds": seconds}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/eagle3.yaml", help="YAML DrafterTrainConfig")
+    parser.add_argument("--output-dir", help="override output_dir (checkpoints, log.jsonl)")
+    parser.add_argument("--export-dir", help="override export_dir (the final drafter directory)")
+    args = parser.parse_args(argv)
+    cfg = load_yaml(DrafterTrainConfig, args.config)
+    overrides = {k: v for k, v in (("output_dir", args.output_dir), ("export_dir", args.export_dir)) if v}
+    train(dataclasses.replace(cfg, **overrides))
+
+
+if __name__ == "__main__":
+    main()
