@@ -11,6 +11,7 @@ forward, bonus included) and prompts whose greedy output differs from `ar`'s.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import platform
@@ -20,9 +21,9 @@ import sys
 import jax
 from tqdm import tqdm
 
-from specblock_jax import data, generate, hf, load_drafter, load_target
+from specblock_jax import Drafter, data, generate, hf, load_drafter, load_target
 
-METHODS = ("ar", "ngram")
+METHODS = ("ar", "ngram", "eagle3")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,6 +34,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--domain", choices=("code", "prose"), default="code",
                    help="which embedded held-out prompt set to use when --prompts is not given")
     p.add_argument("--target", help="Hugging Face target directory (default: the embedded target)")
+    p.add_argument("--drafter", help="trained drafter directory, used by the eagle3 method")
+    p.add_argument("--tree-budget", type=int, help="override the drafters' tree budget (nodes besides the root)")
+    p.add_argument("--max-depth", type=int, help="override the drafters' tree depth")
+    p.add_argument("--topk", type=int, help="override the EAGLE-3 drafter's branching per depth")
     p.add_argument("--max-prompts", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -44,10 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown or not args.methods:
         p.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    if "eagle3" in args.methods and not args.drafter:
+        p.error("--methods eagle3 needs --drafter DIR (a trained EAGLE-3 drafter directory)")
     if "ar" not in args.methods:
         args.methods.insert(0, "ar")  # the reference for speedups and mismatches
-    for name in ("max_prompts", "max_new_tokens", "batch_size", "repeats"):
-        if getattr(args, name) < 1:
+    for name in ("max_prompts", "max_new_tokens", "batch_size", "repeats", "tree_budget", "max_depth", "topk"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
 
@@ -57,7 +64,8 @@ def run(args: argparse.Namespace) -> dict:
     prompt_file = args.prompts or pathlib.Path(hf.EMBEDDED_TARGET_DIR) / "prompts" / f"{args.domain}.jsonl"
     prompts = data.read_prompts_jsonl(prompt_file)[:args.max_prompts]
     batches = [prompts[i:i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
-    drafters = {m: None if m == "ar" else load_drafter(m, target) for m in args.methods}
+    drafters = {m: None if m == "ar" else with_tree(load_drafter(args.drafter if m == "eagle3" else m, target), args)
+                for m in args.methods}
 
     def decode(method, batch):
         return generate(target, batch, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -74,6 +82,14 @@ def run(args: argparse.Namespace) -> dict:
                     runs[method].append(decode(method, batch))
                     bar.update(1)
     return summarize(args, runs, len(batches))
+
+
+def with_tree(drafter: Drafter, args: argparse.Namespace) -> Drafter:
+    """The drafter with the command line's tree shape, where given."""
+    overrides = {name: value for name, value in (("budget", args.tree_budget), ("max_depth", args.max_depth),
+                                                 ("topk", args.topk))
+                 if value is not None and hasattr(drafter.method, name)}
+    return dataclasses.replace(drafter, method=dataclasses.replace(drafter.method, **overrides))
 
 
 def summarize(args, runs: dict, n_batches: int) -> dict:
