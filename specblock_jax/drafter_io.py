@@ -24,7 +24,7 @@ from safetensors.numpy import load_file, save_file
 
 from specblock_jax.config import ConfigError, from_dict, to_dict
 from specblock_jax.eagle3_draft import Eagle3Method, drafter_params
-from specblock_jax.hf import _replace_dir
+from specblock_jax.hf import replace_dir
 from specblock_jax.models import eagle3
 
 DRAFTER_JSON = "drafter.json"
@@ -81,7 +81,7 @@ def save_eagle3(method: Eagle3Method, params: Any, out_dir: str | os.PathLike) -
     try:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "flax"})
         (tmp / DRAFTER_JSON).write_text(json.dumps(meta, indent=1) + "\n")
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -302,7 +302,7 @@ def export_hf(config: ModelConfig, params: Any, out_dir: str | os.PathLike, toke
     tmp.mkdir()
     try:
         _write_model(config, params, tmp, tokenizer)
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -320,7 +320,7 @@ def _write_model(config: ModelConfig, params: Any, directory: pathlib.Path, toke
         tokenizer.save_pretrained(str(directory))
 
 
-def _replace_dir(new: pathlib.Path, out_dir: pathlib.Path) -> None:
+def replace_dir(new: pathlib.Path, out_dir: pathlib.Path) -> None:
     """Rename `new` to `out_dir`; an existing `out_dir` is moved aside first and deleted only after."""
     old = None
     if out_dir.exists():
