@@ -12,7 +12,7 @@ import scipy.stats
 
 from specblock_jax import decode
 from specblock_jax.config import ModelConfig
-from specblock_jax.models.target import Target, init_params
+from specblock_jax.models.target import Target
 from specblock_jax.sampling import SamplingParams
 
 CONFIG = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -22,11 +22,8 @@ PROMPTS = [[5, 9, 2], [7, 1, 33, 60, 12, 8, 41], [17], [3, 22, 50, 9, 14, 1, 6, 
 
 
 @pytest.fixture(scope="module")
-def target() -> Target:
-    # Weights x10: peaked next-token distributions, so greedy argmax has clear margins and random
-    # models don't sit on near-uniform logits.
-    params = jax.tree.map(lambda x: x * 10 if x.ndim == 2 else x, init_params(CONFIG, jax.random.key(0)))
-    return Target(CONFIG, params)
+def target(peaked_target) -> Target:
+    return peaked_target(CONFIG)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import scipy.stats
 from specblock_jax import decode, verify
 from specblock_jax.config import ModelConfig
 from specblock_jax.drafter import Drafter, load_drafter
-from specblock_jax.models.target import Target, init_params
+from specblock_jax.models.target import Target
 from specblock_jax.ngram import NgramMethod
 from specblock_jax.sampling import SamplingParams, processed_logprobs
 from specblock_jax.tree import Tree
@@ -98,10 +98,8 @@ def scripted(budget, max_depth, rows, truth, *, oracle=False, truth_rate=0.0, se
 
 
 @pytest.fixture(scope="module")
-def target() -> Target:
-    # Weights x10: peaked next-token distributions, so greedy argmax has clear margins.
-    params = jax.tree.map(lambda x: x * 10 if x.ndim == 2 else x, init_params(CONFIG, jax.random.key(0)))
-    return Target(CONFIG, params)
+def target(peaked_target) -> Target:
+    return peaked_target(CONFIG)
 
 
 @pytest.fixture(scope="module")
@@ -177,11 +175,10 @@ SAMPLE_PROMPT = PROMPTS[1]
 
 
 @pytest.fixture(scope="module")
-def sharp() -> tuple[Target, list[list[int]]]:
+def sharp(peaked_target) -> tuple[Target, list[list[int]]]:
     """A target with weights x40 (about 1.2 nats per token at temperature 1, so the first three tokens
     concentrate on few enough cells for a chi-square test), and its greedy continuations."""
-    params = jax.tree.map(lambda x: x * 40 if x.ndim == 2 else x, init_params(CONFIG, jax.random.key(0)))
-    sharp = Target(CONFIG, params)
+    sharp = peaked_target(CONFIG, scale=40.0)
     return sharp, decode.generate(sharp, PROMPTS, max_new_tokens=N_NEW, max_len=MAX_LEN, stop_on_eos=False).token_ids
 
 

@@ -1,0 +1,17 @@
+"""Shared test fixtures."""
+
+import jax
+import pytest
+
+from specblock_jax.config import ModelConfig
+from specblock_jax.models.target import Target, init_params
+
+
+@pytest.fixture(scope="session")
+def peaked_target():
+    """A tiny random target whose matrices are scaled up: peaked next-token distributions, so greedy
+    argmax has clear margins instead of near-uniform logits where rounding could flip a token."""
+    def make(config: ModelConfig, scale: float = 10.0) -> Target:
+        params = init_params(config, jax.random.key(0))
+        return Target(config, jax.tree.map(lambda x: x * scale if x.ndim == 2 else x, params))
+    return make
