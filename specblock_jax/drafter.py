@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pathlib
 from typing import Any, Protocol
 
 import jax
@@ -26,6 +27,7 @@ from specblock_jax.tree import Tree
 from specblock_jax.verify import Acceptance
 
 KINDS = ("ngram", "eagle3", "specblock")
+SHIPPED_DRAFTERS_DIR = pathlib.Path(__file__).parent / "assets" / "drafters"  # <kind>/ per trained kind
 
 
 class DraftMethod(Protocol):
@@ -64,15 +66,19 @@ class Drafter:
 
 
 def load_drafter(kind_or_path: str, target: Any) -> Drafter:
-    """A drafter for `target` by kind ("ngram"), or from a trained drafter directory."""
+    """A drafter for `target` by kind ("ngram"; "eagle3" and "specblock" are the drafters shipped for
+    the embedded target), or from a trained drafter directory."""
     if isinstance(kind_or_path, (str, os.PathLike)) and os.path.isdir(kind_or_path):
         method, params = drafter_io.load(kind_or_path, target)
         return Drafter(method, params)
     if kind_or_path == "ngram":
         return Drafter(NgramMethod())
-    if kind_or_path == "eagle3":
-        raise NotImplementedError("the eagle3 drafter arrives with the EAGLE-3 issue")
-    if kind_or_path == "specblock":
-        raise NotImplementedError("the specblock drafter arrives with the SpecBlock issue")
+    if kind_or_path in KINDS:
+        shipped = SHIPPED_DRAFTERS_DIR / kind_or_path
+        if not shipped.is_dir():
+            raise FileNotFoundError(f"no {kind_or_path} drafter is shipped at {shipped}: train one with "
+                                    "`python -m train.train_drafter` and pass its directory")
+        method, params = drafter_io.load(shipped, target)
+        return Drafter(method, params)
     raise ValueError(f"unknown drafter {kind_or_path!r}: give one of {', '.join(map(repr, KINDS))} "
                      "or a trained drafter directory")

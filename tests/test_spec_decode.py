@@ -17,6 +17,7 @@ import scipy.stats
 
 from specblock_jax import decode, verify
 from specblock_jax.config import ModelConfig
+from specblock_jax import drafter as drafter_lib
 from specblock_jax.drafter import Drafter, load_drafter
 from specblock_jax.models.target import Target
 from specblock_jax.ngram import NgramMethod
@@ -321,8 +322,6 @@ def test_malformed_tree_is_reported_after_the_run(stopping, plain, fault, messag
     (object(), {}, ValueError, "drafter must be a specblock_jax.drafter.Drafter, a drafter kind or directory, "
                                "or None; got object"),
     ("medusa", {}, ValueError, "unknown drafter 'medusa': give one of 'ngram', 'eagle3', 'specblock'"),
-    ("eagle3", {}, NotImplementedError, "the eagle3 drafter arrives with the EAGLE-3 issue"),
-    ("specblock", {}, NotImplementedError, "the specblock drafter arrives with the SpecBlock issue"),
     (Drafter(ScriptedMethod(0, 3)), {}, ValueError, "drafter budget must be an integer >= 1, got 0"),
     (Drafter(ScriptedMethod(4, 0)), {}, ValueError, "drafter max_depth must be an integer >= 1, got 0"),
     (Drafter(ScriptedMethod(True, 3)), {}, ValueError, "drafter budget must be an integer >= 1, got True"),
@@ -346,8 +345,12 @@ def test_feature_layers_must_exist_in_the_target(target, monkeypatch):
         decode.generate(target, [PROMPTS[0]], max_new_tokens=4, drafter=Drafter(Featured(4, 3)))
 
 
-def test_load_drafter(tmp_path, target):
+def test_load_drafter(tmp_path, target, monkeypatch):
     assert load_drafter("ngram", target) == Drafter(NgramMethod())
+    monkeypatch.setattr(drafter_lib, "SHIPPED_DRAFTERS_DIR", tmp_path / "drafters")
+    for kind in ("eagle3", "specblock"):
+        with pytest.raises(FileNotFoundError, match=f"no {kind} drafter is shipped at .*drafters/{kind}: train one"):
+            load_drafter(kind, target)
     with pytest.raises(FileNotFoundError, match="is not a trained drafter directory: .*drafter.json does not exist"):
         load_drafter(str(tmp_path), target)
     with pytest.raises(ValueError, match="NgramMethod budget must be an integer >= 1, got 0"):
