@@ -192,29 +192,37 @@ def spec_init(params: Any, config: ModelConfig, drafter_params: Any, prompt_BxT:
                      num_generated_B=num_generated_B, done_B=done_B, rng=rng, iterations=zero, stats=stats)
 
 
+def verify_forward(params: Any, config: ModelConfig, cache: KVCache, tree: Tree, *, max_depth: int,
+                   feature_layers: tuple[int, ...] = ()) -> tuple[jax.Array, jax.Array | None, KVCache]:
+    """The target's verify forward over all N + 1 tree nodes, written at scratch slots past the committed
+    prefix: logits [B, N+1, V], features [B, N+1, F] (None without feature layers), the cache."""
+    lengths_B = cache.lengths
+    out = target_lib.forward(params, config, tree.tokens, tree_lib.positions(tree, lengths_B),
+                             tree_lib.verify_mask(tree, lengths_B, cache.max_len, max_depth), cache,
+                             tree_lib.slots(tree, lengths_B), feature_layers=feature_layers)
+    return out.logits, out.features, out.cache
+
+
+def root_forward(params: Any, config: ModelConfig, cache: KVCache, tree: Tree, *,
+                 feature_layers: tuple[int, ...] = ()) -> tuple[jax.Array, jax.Array | None, KVCache]:
+    """Nothing drafted: a plain decode step of each row's root (node 0), padded to `verify_forward`'s shapes."""
+    lengths_B = cache.lengths
+    out = target_lib.forward(params, config, tree.tokens[:, :1], lengths_B[:, None],
+                             kvcache.decode_mask(lengths_B, cache.max_len), cache, lengths_B[:, None],
+                             feature_layers=feature_layers)
+    pad = lambda x_Bx1xF: jnp.pad(x_Bx1xF, ((0, 0), (0, tree.tokens.shape[1] - 1), (0, 0)))
+    return pad(out.logits), None if out.features is None else pad(out.features), out.cache
+
+
 @functools.partial(jax.jit, static_argnames=("config", "method", "sampling", "eos_ids"))
 def spec_loop(params: Any, config: ModelConfig, drafter_params: Any, state: SpecState, *, method: Any,
               sampling: SamplingParams, eos_ids: tuple[int, ...]) -> SpecState:
     """Draft -> verify -> accept -> commit, one target forward per step, until every row has stopped."""
-    b, max_len = state.tokens_BxN.shape[0], state.cache.max_len
+    b = state.tokens_BxN.shape[0]
     feature_layers = tuple(method.feature_layers)
-
-    def verify_tree(cache: KVCache, tree: Tree):
-        """One forward over all N + 1 nodes, written at scratch slots past the committed prefix."""
-        lengths_B = cache.lengths
-        out = target_lib.forward(params, config, tree.tokens, tree_lib.positions(tree, lengths_B),
-                                 tree_lib.verify_mask(tree, lengths_B, max_len, method.max_depth), cache,
-                                 tree_lib.slots(tree, lengths_B), feature_layers=feature_layers)
-        return out.logits, out.features, out.cache
-
-    def decode_root(cache: KVCache, tree: Tree):
-        """Nothing drafted: a plain decode step of the root, padded to the tree's shapes."""
-        lengths_B = cache.lengths
-        out = target_lib.forward(params, config, tree.tokens[:, :1], lengths_B[:, None],
-                                 kvcache.decode_mask(lengths_B, max_len), cache, lengths_B[:, None],
-                                 feature_layers=feature_layers)
-        pad = lambda x_Bx1xF: jnp.pad(x_Bx1xF, ((0, 0), (0, method.budget), (0, 0)))
-        return pad(out.logits), None if out.features is None else pad(out.features), out.cache
+    verify_tree = functools.partial(verify_forward, params, config, max_depth=method.max_depth,
+                                    feature_layers=feature_layers)
+    decode_root = functools.partial(root_forward, params, config, feature_layers=feature_layers)
 
     def step(s: SpecState) -> SpecState:
         running_B = ~s.done_B
