@@ -4,6 +4,9 @@
 The target's embedding is never saved: a drafter is always loaded against its target and reads the
 table from there, so a drafter directory stays small and cannot drift from the target it serves.
 Tensors keep the Flax layout (kernels are [in, out]) under dotted paths, e.g. `self_attn.q_proj.kernel`.
+A drafter with a reduced vocabulary (`draft_vocab_size`) also stores its draft -> target id map as the
+int32 tensor `draft_to_target` [draft_vocab_size]. (`eagle3_hf` reads and writes the published
+EAGLE-3 format that SGLang and vLLM serve.)
 """
 
 from __future__ import annotations
@@ -66,12 +69,34 @@ def _check_tensors(config: eagle3.Eagle3Config, tensors: dict[str, Any], where: 
             raise ValueError(f"{where}: tensor {name!r} has shape {tuple(np.shape(tensors[name]))}, expected {shape}")
 
 
-def save_eagle3(method: Eagle3Method, params: Any, out_dir: str | os.PathLike) -> pathlib.Path:
+MAP_TENSOR = "draft_to_target"  # [draft_vocab_size] int32, only for a reduced draft vocabulary
+
+
+def _check_map(config: eagle3.Eagle3Config, draft_to_target: Any, where: str) -> np.ndarray | None:
+    """The draft -> target id map is present exactly when the vocabulary is reduced, and fits it."""
+    if not config.reduced_vocab:
+        if draft_to_target is not None:
+            raise ValueError(f"{where}: a {MAP_TENSOR!r} map was given but the drafter's LM head covers the whole "
+                             f"target vocabulary (draft_vocab_size is None)")
+        return None
+    if draft_to_target is None:
+        raise ValueError(f"{where}: the drafter has draft_vocab_size {config.draft_vocab_size} but no "
+                         f"{MAP_TENSOR!r} map (draft id -> target id)")
+    return eagle3.check_vocab_mapping(draft_to_target, config, f"{where}: {MAP_TENSOR}")
+
+
+def save_eagle3(method: Eagle3Method, params: Any, out_dir: str | os.PathLike,
+                draft_to_target: Any = None) -> pathlib.Path:
     """Write `params` (the drafter's own tree, not `drafter_params`'s dict) and `method` to `out_dir`,
-    replacing it atomically: files go to a hidden sibling that is renamed into place when complete."""
+    replacing it atomically: files go to a hidden sibling that is renamed into place when complete.
+    `draft_to_target` is required exactly when `method.config.draft_vocab_size` is set."""
     tensors = {".".join(path): np.ascontiguousarray(jax.device_get(x))
                for path, x in traverse_util.flatten_dict(params).items()}
     _check_tensors(method.config, tensors, "save_eagle3")
+    mapping = _check_map(method.config, None if draft_to_target is None else jax.device_get(draft_to_target),
+                         "save_eagle3")
+    if mapping is not None:
+        tensors[MAP_TENSOR] = mapping
     meta = {"kind": "eagle3", "config": to_dict(method.config),
             "decoding": {"budget": method.budget, "max_depth": method.max_depth, "topk": method.topk}}
     out_dir = pathlib.Path(out_dir)
@@ -111,9 +136,10 @@ def load(path: str | os.PathLike, target: Any) -> tuple[Eagle3Method, dict[str, 
     if not weights.is_file():
         raise FileNotFoundError(f"drafter directory {path} has no {WEIGHTS}")
     tensors = load_file(str(weights))
+    mapping = _check_map(config, tensors.pop(MAP_TENSOR, None), str(weights))
     _check_tensors(config, tensors, str(weights))
     dtype = jnp.dtype(config.dtype)
     params = traverse_util.unflatten_dict({tuple(name.split(".")): np.asarray(x).astype(dtype)
                                            for name, x in tensors.items()})
     method = Eagle3Method(config, **dataclasses.asdict(decoding))
-    return method, drafter_params(jax.device_put(params), target.params)
+    return method, drafter_params(jax.device_put(params), target.params, mapping)

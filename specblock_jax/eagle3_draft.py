@@ -9,7 +9,9 @@ depth-1 nodes. Each further depth is one forward over the `topk` frontier nodes 
 log-prob: node (hidden of its parent's forward, own token) at position L - 1 + depth, attending to
 the committed pairs, its ancestors' and its own keys/values (in scratch slots past `max_len`). All
 children of the frontier are candidates; the `budget` best by cumulative log-prob make the tree.
-So a draft costs exactly `max_depth` drafter forwards.
+So a draft costs exactly `max_depth` drafter forwards. With a reduced draft vocabulary the top-k
+runs over the drafter's LM head and the chosen ids are mapped to target ids at once, so the tree,
+the next depth's embeddings and verification all see target ids.
 """
 
 from __future__ import annotations
@@ -35,9 +37,13 @@ class Eagle3State(NamedTuple):
     pending_count_B: jax.Array  # int32 in [1, P]
 
 
-def drafter_params(drafter: Any, target_params: Any) -> dict[str, Any]:
-    """The method's params: the trained drafter and a reference (not a copy) to the target's table."""
-    return {"drafter": drafter, "embed": target_params["embed_tokens"]["embedding"]}
+def drafter_params(drafter: Any, target_params: Any, draft_to_target: Any = None) -> dict[str, Any]:
+    """The method's params: the trained drafter, a reference (not a copy) to the target's table and,
+    for a reduced draft vocabulary, the [Vd] int32 draft -> target id map (not trained)."""
+    params = {"drafter": drafter, "embed": target_params["embed_tokens"]["embedding"]}
+    if draft_to_target is not None:
+        params["draft_to_target"] = jnp.asarray(draft_to_target, jnp.int32)
+    return params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,8 +61,18 @@ class Eagle3Method:
             value = getattr(self, name)
             if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Eagle3Method {name} must be an integer >= 1, got {value!r}")
-        if self.topk > self.config.vocab_size:
-            raise ValueError(f"Eagle3Method topk {self.topk} exceeds the vocabulary {self.config.vocab_size}")
+        if self.topk > self.config.draft_vocab:
+            raise ValueError(f"Eagle3Method topk {self.topk} exceeds the draft vocabulary {self.config.draft_vocab}")
+
+    def _to_target(self, params: Any, draft_ids: jax.Array) -> jax.Array:
+        """Top-k ids of the drafter's LM head -> target ids (trees hold target ids only)."""
+        if not self.config.reduced_vocab:
+            return draft_ids.astype(jnp.int32)
+        if "draft_to_target" not in params:
+            raise ValueError(f"the drafter has a reduced vocabulary (draft_vocab_size "
+                             f"{self.config.draft_vocab_size}) but its params have no 'draft_to_target' map; "
+                             "pass it to drafter_params")
+        return eagle3.to_target_ids(draft_ids, params["draft_to_target"]).astype(jnp.int32)
 
     @property
     def feature_layers(self) -> tuple[int, ...]:
@@ -95,6 +111,7 @@ class Eagle3Method:
         max_len = state.k_BxSxKxD.shape[1] - self.scratch
         kv, hidden_BxH, logits_BxV = self._cache_pending(params, state, lengths_B, max_len)
         lp1_Bxk, tok1_Bxk = jax.lax.top_k(jax.nn.log_softmax(logits_BxV, axis=-1), k)
+        tok1_Bxk = self._to_target(params, tok1_Bxk)
         b = root_B.shape[0]
         frontier = (tok1_Bxk.astype(jnp.int32), jnp.broadcast_to(hidden_BxH[:, None], (b, k, hidden_BxH.shape[-1])),
                     lp1_Bxk, jnp.broadcast_to(1 + jnp.arange(k, dtype=jnp.int32), (b, k)),
@@ -113,7 +130,7 @@ class Eagle3Method:
                               jnp.broadcast_to(max_len + own_k, (b, k)), hidden_BxTxH=hidden_BxkxH)
             child_lp_Bxkxk, child_tok_Bxkxk = jax.lax.top_k(jax.nn.log_softmax(out.logits, axis=-1), k)
             child_scores_BxKK = (scores_Bxk[:, :, None] + child_lp_Bxkxk).reshape(b, k * k)
-            child_tok_BxKK = child_tok_Bxkxk.reshape(b, k * k).astype(jnp.int32)
+            child_tok_BxKK = self._to_target(params, child_tok_Bxkxk.reshape(b, k * k))
             child_parent_BxKK = jnp.repeat(index_Bxk, k, axis=1)
             # The next frontier: the k best children; candidate indices continue depth by depth.
             next_scores_Bxk, pick_Bxk = jax.lax.top_k(child_scores_BxKK, k)

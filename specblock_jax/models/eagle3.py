@@ -11,6 +11,13 @@ previous step's hidden back in place of the target feature, with the token shift
 attends to step 0's keys/values at earlier positions plus its own position's keys/values of steps
 0..k. The target's embedding table is an input, never a drafter parameter, so it is not trained and
 not duplicated in drafter checkpoints.
+
+The layer computes what EAGLE-3's published `LlamaForCausalLMEagle3` computes (SafeAILab/EAGLE,
+SpecForge, SGLang and vLLM read the same checkpoints), so imported weights (`eagle3_hf`) decode as
+they do there: `fc` without bias or norm; `input_layernorm` on the embedding and `hidden_norm` on the
+hidden, concatenated in that order (embedding first) into q/k/v of input 2H; the residual is the
+un-normed hidden; the next step's hidden is the pre-final-norm output. With `draft_vocab_size` set,
+the LM head covers a subset of the target vocabulary (see "reduced draft vocabularies" below).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from specblock_jax.config import ConfigError, DTYPES, ModelConfig, RopeScaling
 from specblock_jax.models.layers import MLP, Attention, RMSNorm, dense
@@ -57,6 +65,7 @@ class Eagle3Config:
     rope_scaling: RopeScaling | None = None
     dtype: str = "float32"
     ttt_steps: int = 7  # training-time-test unroll (EAGLE-3 baseline: 7)
+    draft_vocab_size: int | None = None  # LM-head width; None: the target's whole vocabulary (see `draft_vocab`)
 
     def __post_init__(self):
         for name in ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size", "vocab_size",
@@ -64,6 +73,10 @@ class Eagle3Config:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"Eagle3Config {name} must be an integer >= 1, got {value!r}")
+        d = self.draft_vocab_size
+        if d is not None and (not isinstance(d, int) or isinstance(d, bool) or not 1 <= d <= self.vocab_size):
+            raise ConfigError(f"Eagle3Config draft_vocab_size must be None or an integer in [1, vocab_size = "
+                              f"{self.vocab_size}], got {d!r}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"Eagle3Config num_heads ({self.num_heads}) must be a multiple of "
                               f"num_kv_heads ({self.num_kv_heads})")
@@ -97,6 +110,17 @@ class Eagle3Config:
                               f"{target.num_layers} layers")
 
     @property
+    def draft_vocab(self) -> int:
+        """Width of the drafter's LM head: `draft_vocab_size`, or the whole target vocabulary."""
+        return self.vocab_size if self.draft_vocab_size is None else self.draft_vocab_size
+
+    @property
+    def reduced_vocab(self) -> bool:
+        """True when the LM head covers a subset of the target vocabulary, so drafted ids go through a
+        draft -> target id map (`draft_to_target`) before they enter a tree."""
+        return self.draft_vocab_size is not None
+
+    @property
     def layer_config(self) -> ModelConfig:
         """The decoder layer's shape as a ModelConfig, so the shared Attention and MLP serve it."""
         return ModelConfig(vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=1,
@@ -107,7 +131,7 @@ class Eagle3Config:
     @property
     def num_params(self) -> int:
         """Trainable parameters (the target embedding excluded)."""
-        h, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        h, f, v = self.hidden_size, self.intermediate_size, self.draft_vocab
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         fc = 3 * h * h
         attn = 2 * h * (q + 2 * kv) + q * h
@@ -115,7 +139,7 @@ class Eagle3Config:
 
 
 class DrafterOutput(NamedTuple):
-    logits: jax.Array  # [B, T, V] float32
+    logits: jax.Array  # [B, T, Vd] float32 over the draft vocabulary (Vd = config.draft_vocab)
     hidden: jax.Array  # [B, T, H] pre-norm layer output: the next step's condition
     kv: tuple[jax.Array, jax.Array] | None  # the (k, v) buffers with this call's rows written
 
@@ -145,8 +169,8 @@ class Eagle3Drafter(nn.Module):
             jnp.concatenate([embeds, cond], axis=-1), positions_BxT, mask_BxTxS, kv, slots_BxT)
         x = hidden_BxTxH + attn_BxTxH
         x = x + MLP(c.layer_config, name="mlp")(RMSNorm(c.rms_norm_eps, dtype, name="post_attention_layernorm")(x))
-        logits = dense(c.vocab_size, ("embed", "vocab"), "lm_head", dtype)(RMSNorm(c.rms_norm_eps, dtype,
-                                                                                   name="norm")(x))
+        logits = dense(c.draft_vocab, ("embed", "vocab"), "lm_head", dtype)(RMSNorm(c.rms_norm_eps, dtype,
+                                                                                    name="norm")(x))
         return DrafterOutput(logits.astype(jnp.float32), x, kv)
 
 
@@ -217,3 +241,89 @@ def ttt_forward(params: Any, config: Eagle3Config, table_VxH: jax.Array, feature
         (k_buf, v_buf), hidden_BxTxH = out.kv, out.hidden
         logits.append(out.logits)
     return jnp.stack(logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# reduced draft vocabularies (EAGLE-3's `d2t` / `t2d`)
+#
+# The drafter's LM head may cover only the `draft_vocab_size` most frequent target tokens. The map is
+# kept as `draft_to_target_Vd`: int32 target ids in draft-id order (ascending target id, as EAGLE-3's
+# `t2d`-masked gather orders them). Drafted ids are mapped through it before they enter a tree, so
+# trees, verification and the KV cache only ever see target ids. The published checkpoint format
+# stores the same map as offsets, `d2t[i] = draft_to_target[i] - i`, and `t2d` as a boolean mask.
+
+
+def token_counts(tokens_NxT: np.ndarray, vocab_size: int, loss_mask_NxT: np.ndarray | None = None) -> np.ndarray:
+    """[V] int64 occurrences of each token among the trained-on tokens: with the data pipeline's mask
+    (`loss_mask[p]` covers x_{p+1}) the tokens x_{p+1} where loss_mask[p] > 0; without one, all tokens."""
+    tokens_NxT = np.asarray(tokens_NxT)
+    if tokens_NxT.ndim != 2:
+        raise ValueError(f"tokens must be [N, T], got shape {tokens_NxT.shape}")
+    if loss_mask_NxT is None:
+        counted = tokens_NxT.reshape(-1)
+    else:
+        mask_NxT = np.asarray(loss_mask_NxT)
+        if mask_NxT.shape != tokens_NxT.shape:
+            raise ValueError(f"loss_mask shape {mask_NxT.shape} does not match tokens {tokens_NxT.shape}")
+        counted = tokens_NxT[:, 1:][mask_NxT[:, :-1] > 0]
+    if counted.size and (counted.min() < 0 or counted.max() >= vocab_size):
+        bad = counted[(counted < 0) | (counted >= vocab_size)][0]
+        raise ValueError(f"token id {int(bad)} outside the vocabulary [0, {vocab_size})")
+    return np.bincount(counted.astype(np.int64), minlength=vocab_size)
+
+
+def vocab_mapping_from_counts(counts_V: np.ndarray, draft_vocab_size: int) -> np.ndarray:
+    """The `draft_vocab_size` most frequent target ids (ties: the lower id; unseen ids fill up by id),
+    sorted ascending: [Vd] int32 `draft_to_target`."""
+    counts_V = np.asarray(counts_V)
+    if not 1 <= draft_vocab_size <= len(counts_V):
+        raise ValueError(f"draft_vocab_size {draft_vocab_size} must be in [1, {len(counts_V)}] (the target vocabulary)")
+    order = np.lexsort((np.arange(len(counts_V)), -counts_V.astype(np.int64)))  # count desc, then id asc
+    return np.sort(order[:draft_vocab_size]).astype(np.int32)
+
+
+def build_vocab_mapping(tokens_NxT: np.ndarray, vocab_size: int, draft_vocab_size: int,
+                        loss_mask_NxT: np.ndarray | None = None) -> np.ndarray:
+    """`draft_to_target` [Vd] int32 from training data: its most frequent trained-on tokens."""
+    return vocab_mapping_from_counts(token_counts(tokens_NxT, vocab_size, loss_mask_NxT), draft_vocab_size)
+
+
+def check_vocab_mapping(draft_to_target_Vd: Any, config: Eagle3Config, where: str = "draft_to_target") -> np.ndarray:
+    """A map fits `config`: [draft_vocab] distinct target ids in [0, vocab_size). Returns it as int32."""
+    ids = np.asarray(draft_to_target_Vd)
+    if ids.shape != (config.draft_vocab,):
+        raise ValueError(f"{where} has shape {ids.shape}, expected ({config.draft_vocab},) (draft_vocab_size)")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{where} must hold integer target ids, got dtype {ids.dtype}")
+    if ids.size and (ids.min() < 0 or ids.max() >= config.vocab_size):
+        raise ValueError(f"{where} maps to target id {int(ids.min() if ids.min() < 0 else ids.max())}, outside "
+                         f"the target vocabulary [0, {config.vocab_size})")
+    if len(np.unique(ids)) != len(ids):
+        raise ValueError(f"{where} maps two draft ids to the same target id")
+    return ids.astype(np.int32)
+
+
+def d2t_offsets(draft_to_target_Vd: np.ndarray) -> np.ndarray:
+    """EAGLE-3's `d2t` [Vd] int64: target_id = draft_id + d2t[draft_id]."""
+    ids = np.asarray(draft_to_target_Vd, np.int64)
+    return ids - np.arange(len(ids), dtype=np.int64)
+
+
+def draft_to_target_from_d2t(d2t_Vd: np.ndarray) -> np.ndarray:
+    """The inverse of `d2t_offsets`: [Vd] int64 offsets -> int32 target ids."""
+    d2t = np.asarray(d2t_Vd, np.int64)
+    return (np.arange(len(d2t), dtype=np.int64) + d2t).astype(np.int32)
+
+
+def t2d_mask(draft_to_target_Vd: np.ndarray, vocab_size: int) -> np.ndarray:
+    """EAGLE-3's `t2d` [V] bool: which target ids the draft vocabulary covers."""
+    mask = np.zeros((vocab_size,), bool)
+    mask[np.asarray(draft_to_target_Vd)] = True
+    return mask
+
+
+def to_target_ids(draft_ids: jax.Array, draft_to_target_Vd: jax.Array | None) -> jax.Array:
+    """Draft-vocabulary ids -> target ids (identity without a map)."""
+    if draft_to_target_Vd is None:
+        return draft_ids
+    return jnp.take(draft_to_target_Vd, draft_ids, axis=0)
