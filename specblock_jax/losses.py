@@ -73,3 +73,65 @@ def restrict_to_draft_vocab(target_logits_BxTxV: jax.Array, loss_mask_BxT: jax.A
     covered_BxT = covered_V[jnp.argmax(target_logits_BxTxV, axis=-1)]
     return logits_BxTxVd, loss_mask_BxT * covered_BxT.astype(loss_mask_BxT.dtype)
 
+
+# ---------------------------------------------------------------------------------------------------
+# SpecBlock: valid-prefix mask, rank labels and the rank loss (specblock_jax/models/specblock.py).
+
+RANK_BOUNDS = (1, 4, 10)  # the target's token ranks 1 | 2-4 | 5-10 | > 10 in a slot's draft distribution
+RANK_BUDGET_PER_CLASS = 10.0  # per-slot class reweighting: w_c = min(1, budget / count_c)
+
+
+class SpecBlockLoss(NamedTuple):
+    loss: jax.Array  # [] sum_k w**k sum_b L_{b,k} + rank weight * sum_b R_b: what the optimizer minimises
+    step_loss_K: jax.Array  # [K] block-1 soft cross-entropy of each slot (under the training mask)
+    step_acc_K: jax.Array  # [K] block-1 accuracy of slot k where slots < k were right (conditional)
+    rank_loss: jax.Array  # [] sum over blocks of the rank loss
+    rank_acc: jax.Array  # [] block-1 rank-head accuracy over loss-masked slots
+    block_loss_NxK: jax.Array  # [num_ttt_blocks, K] soft cross-entropy of every block and slot
+    block_acc_NxK: jax.Array  # [num_ttt_blocks, K] conditional accuracy of every block and slot
+
+
+def valid_prefix_mask(hit_BxTxK: jax.Array, mask_BxTxK: jax.Array) -> jax.Array:
+    """float [.., K]: slot k counts where it is masked in and every earlier slot of its block was right
+    (`hit`), since at inference a block's later slots only matter after its earlier ones were accepted."""
+    hit = hit_BxTxK.astype(jnp.float32)
+    before_all_right = jnp.cumprod(jnp.concatenate([jnp.ones_like(hit[..., :1]), hit[..., :-1]], axis=-1), axis=-1)
+    return mask_BxTxK.astype(jnp.float32) * before_all_right
+
+
+def rank_labels(draft_logits_xV: jax.Array, target_token_x: jax.Array,
+                bounds: tuple[int, ...] = RANK_BOUNDS) -> jax.Array:
+    """int32 rank class of the target's token in each draft distribution: its 1-based rank r (ties
+    counted in its favour) falls in class c when bounds[c-1] < r <= bounds[c]; past the last bound
+    is the last class (len(bounds))."""
+    own_x = jnp.take_along_axis(draft_logits_xV, target_token_x[..., None], axis=-1)
+    rank_x = 1 + jnp.sum(draft_logits_xV > own_x, axis=-1)
+    return jnp.sum(rank_x[..., None] > jnp.asarray(bounds), axis=-1).astype(jnp.int32)
+
+
+def rank_soft_targets(labels_x: jax.Array, num_classes: int) -> jax.Array:
+    """[.., C] asymmetric ordinal label smoothing: s(c) ∝ 1 / (1 + |c - t| + max(t - c, 0))**2, so a
+    class below the label (predicting too good a rank) gets less mass than one above."""
+    c_C = jnp.arange(num_classes)
+    t = labels_x[..., None]
+    s = 1.0 / (1.0 + jnp.abs(c_C - t) + jnp.maximum(t - c_C, 0)) ** 2
+    return s / jnp.sum(s, axis=-1, keepdims=True)
+
+
+def rank_loss(rank_logits_BxTxKxC: jax.Array, labels_BxTxK: jax.Array, mask_BxTxK: jax.Array,
+              budget_per_class: float = RANK_BUDGET_PER_CLASS) -> jax.Array:
+    """The rank head's loss for one block: soft cross-entropy to `rank_soft_targets`, times the distance
+    weight 1 + |t - p| + max(t - p, 0) (p = predicted class; under-estimating costs twice), with
+    per-slot class weights min(1, budget / count) over the batch, over the samples whose earlier slots
+    the head classified right (the rank chain mask): sum(ce d w m) / sum(w m). 0 when nothing counts."""
+    num_classes = rank_logits_BxTxKxC.shape[-1]
+    logp = jax.nn.log_softmax(rank_logits_BxTxKxC.astype(jnp.float32), axis=-1)
+    ce_BxTxK = -jnp.sum(rank_soft_targets(labels_BxTxK, num_classes) * logp, axis=-1)
+    pred_BxTxK = jnp.argmax(rank_logits_BxTxKxC, axis=-1)
+    distance = 1.0 + jnp.abs(labels_BxTxK - pred_BxTxK) + jnp.maximum(labels_BxTxK - pred_BxTxK, 0)
+    mask = valid_prefix_mask(pred_BxTxK == labels_BxTxK, mask_BxTxK)
+    onehot_BxTxKxC = jax.nn.one_hot(labels_BxTxK, num_classes) * mask[..., None]
+    count_KxC = jnp.sum(onehot_BxTxKxC.reshape(-1, *onehot_BxTxKxC.shape[-2:]), axis=0)
+    weight_KxC = jnp.minimum(1.0, budget_per_class / jnp.maximum(count_KxC, 1.0))
+    w_BxTxK = jnp.sum(onehot_BxTxKxC * weight_KxC, axis=-1)  # 0 where masked out
+    return jnp.sum(ce_BxTxK * distance * w_BxTxK) / jnp.maximum(jnp.sum(w_BxTxK), 1e-9)

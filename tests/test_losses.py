@@ -54,3 +54,55 @@ def test_ttt_targets_mask_rows_past_the_sequence():
     probs, mask = losses.ttt_targets(jnp.zeros((2, 5, 7)), jnp.ones((2, 5)), step=2)
     np.testing.assert_array_equal(mask, [[1, 1, 0, 0, 0]] * 2)
     np.testing.assert_allclose(probs[:, :2].sum(-1), 1.0, rtol=1e-6)
+
+
+# SpecBlock: valid-prefix mask, rank labels, soft targets and the rank loss.
+
+def test_valid_prefix_mask_by_hand():
+    hit = jnp.array([[[1, 0, 1, 1], [1, 1, 1, 0], [0, 1, 1, 1]]], bool)
+    mask = jnp.array([[[1, 1, 1, 1], [1, 1, 0, 1], [1, 1, 1, 1]]])
+    np.testing.assert_array_equal(losses.valid_prefix_mask(hit, mask),
+                                  [[[1, 1, 0, 0], [1, 1, 0, 1], [1, 0, 0, 0]]])
+
+
+def test_rank_labels_by_hand():
+    logits = jnp.arange(12.0)[::-1]  # token i has rank i + 1
+    tokens = jnp.array([0, 1, 3, 4, 9, 10, 11])  # ranks 1, 2, 4, 5, 10, 11, 12
+    np.testing.assert_array_equal(losses.rank_labels(jnp.broadcast_to(logits, (7, 12)), tokens),
+                                  [0, 1, 1, 2, 2, 3, 3])
+    tied = jnp.array([[1.0, 1.0, 0.0]])  # ties count in the target's favour
+    np.testing.assert_array_equal(losses.rank_labels(tied, jnp.array([1])), [0])
+    np.testing.assert_array_equal(losses.rank_labels(tied, jnp.array([2]), bounds=(1, 2)), [2])
+
+
+def test_rank_soft_targets_match_the_reference_table():
+    expected = [[.702, .176, .078, .044], [.076, .679, .170, .076], [.029, .079, .714, .178],
+                [.017, .034, .095, .854]]
+    np.testing.assert_allclose(losses.rank_soft_targets(jnp.arange(4), 4), expected, atol=1.5e-3)
+
+
+def test_rank_loss_by_hand():
+    """One row, K = 3 slots, two batch rows; budget 1 so a class seen twice in a slot weighs 1/2."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 1, 3, 4)) * 2
+    labels = np.array([[[0, 2, 3]], [[0, 1, 1]]])
+    mask = np.array([[[1, 1, 1]], [[1, 0, 1]]], np.float64)
+    pred = logits.argmax(-1)
+    soft = np.array([[1 / (1 + abs(c - t) + max(t - c, 0)) ** 2 for c in range(4)] for t in range(4)])
+    soft /= soft.sum(-1, keepdims=True)
+    samples = []  # (ce * distance, slot, label) of the samples that count
+    for b in range(2):
+        for k in range(3):
+            if mask[b, 0, k] and all(pred[b, 0, i] == labels[b, 0, i] for i in range(k)):
+                t, p = labels[b, 0, k], pred[b, 0, k]
+                logq = logits[b, 0, k] - np.log(np.exp(logits[b, 0, k]).sum())
+                samples.append((-(soft[t] * logq).sum() * (1 + abs(t - p) + max(t - p, 0)), k, t))
+    assert samples, "the case must count something"
+    count = {}
+    for _, k, t in samples:
+        count[(k, t)] = count.get((k, t), 0) + 1
+    w = [min(1.0, 1.0 / count[(k, t)]) for _, k, t in samples]
+    expected = sum(x * wi for (x, _, _), wi in zip(samples, w)) / sum(w)
+    got = losses.rank_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(labels), jnp.asarray(mask), 1.0)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    assert float(losses.rank_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(labels), jnp.zeros((2, 1, 3)))) == 0

@@ -1,0 +1,436 @@
+"""The SpecBlock drafter: one forward drafts a block of K dependent positions ("slots").
+
+A drafter row j is the pair (condition, token): block 1's condition is the fused target feature f_j
+and its token x_{j+1} (EAGLE's pairing), so slot k of row j predicts x_{j+2+k}. The K slot inputs
+share the row's condition and token embedding and differ only by a learned position query:
+x_k = fuse([RMSNorm(W_c f_j); RMSNorm(E[x_{j+1}]); RMSNorm(P_k)]). The K slots of all rows are
+flattened and run through `num_layers` pre-norm Llama layers; before every layer after the first a
+*layer-wise shift* replaces slot k's stream with shift([x_k; x_{k-1}]) (slot 0 takes itself twice),
+so each slot sees its predecessor's hidden state at every depth. Slot k of row j sits at RoPE
+position j + 1 + k in every block.
+
+A later block *inherits* from slot m of a parent block: its condition is that slot's pre-norm output
+(RMSNorm only, no W_c), its token the one chosen at slot m, its rows the anchor's, and it attends to
+the committed rows plus the parent block's slots 0..m of the same row (and those of the parent's own
+ancestors). Training unrolls `num_ttt_blocks` blocks, each new one inheriting from a random slot of
+the previous one (`ttt_forward`); `train_metrics` adds the valid-prefix masked draft loss and the
+rank loss. A rank head reads each slot's (detached) normalised hidden and logit statistics and
+predicts where the target's token ranks in the slot's draft distribution: the tree policy
+(`specblock_draft`) keeps more candidates where it predicts a worse rank.
+
+Attention is one callable per forward (`attend(layer, q, k, v) -> (out, aux)`), so the same layers
+serve training (block-1 keys of earlier rows plus same-row keys of earlier blocks, never materialised
+as one big mask) and drafting (a KV cache with an explicit mask). The target's embedding table is an
+input, never a drafter parameter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from specblock_jax import losses
+from specblock_jax.config import ConfigError, DTYPES, ModelConfig, RopeScaling
+from specblock_jax.models.eagle3 import default_feature_layers
+from specblock_jax.models import layers as layers_lib
+from specblock_jax.models.layers import MLP, NEG_INF, RMSNorm, apply_rope, dense, rope_inv_freq
+
+RANK_FEATURES = 15  # 10 top log-probs, 3 logit gaps, top probability, entropy (see `rank_features`)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecBlockConfig:
+    """Shape, ablation switches and training weights of a SpecBlock drafter for one target."""
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    feature_layers: tuple[int, ...]
+    num_layers: int = 2
+    block_size: int = 4  # K: slots per block
+    rank_classes: int = 4
+    rank_bounds: tuple[int, ...] = losses.RANK_BOUNDS  # rank r is class c iff bounds[c-1] < r <= bounds[c]
+    rank_hidden: int = 64
+    rank_topk: int = 20  # logits the rank features read (the same in training and drafting)
+    shift: bool = True  # layer-wise shift between layers
+    inherit: bool = True  # later blocks start from the parent slot's hidden (else from the anchor's feature)
+    rank_head: bool = True  # co-trained rank head (else the tree keeps a fixed top-k per slot)
+    valid_prefix: bool = True  # slot k's loss counts only where slots < k of its block were right
+    num_ttt_blocks: int = 3
+    position_loss_weight: float = 0.8  # slot k's loss weight: w ** k
+    rank_loss_weight: float = 1.0
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size", "vocab_size",
+                     "num_layers", "block_size", "rank_classes", "rank_hidden", "rank_topk", "num_ttt_blocks"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"SpecBlockConfig {name} must be an integer >= 1, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"SpecBlockConfig num_heads ({self.num_heads}) must be a multiple of "
+                              f"num_kv_heads ({self.num_kv_heads})")
+        layers = self.feature_layers
+        if (not isinstance(layers, tuple) or not layers or len(set(layers)) != len(layers)
+                or not all(isinstance(i, int) and i >= 0 for i in layers)):
+            raise ConfigError(f"SpecBlockConfig feature_layers must be distinct target layer indices >= 0, "
+                              f"got {layers!r}")
+        bounds = self.rank_bounds
+        if (len(bounds) != self.rank_classes - 1 or any(b < 1 for b in bounds)
+                or any(a >= b for a, b in zip(bounds, bounds[1:]))):
+            raise ConfigError(f"SpecBlockConfig rank_bounds {bounds!r} must be rank_classes - 1 = "
+                              f"{self.rank_classes - 1} increasing ranks >= 1")
+        if not 10 <= self.rank_topk <= self.vocab_size:
+            raise ConfigError(f"SpecBlockConfig rank_topk must be in [10, vocab_size {self.vocab_size}], "
+                              f"got {self.rank_topk}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"SpecBlockConfig dtype={self.dtype!r} is not one of {DTYPES}")
+
+    @classmethod
+    def for_target(cls, target: ModelConfig, **overrides: Any) -> SpecBlockConfig:
+        """The drafter shape for `target`: its width, heads, MLP, RoPE and vocabulary, EAGLE-3's
+        feature layers; `overrides` replace any field."""
+        fields = dict(hidden_size=target.hidden_size, num_heads=target.num_heads, num_kv_heads=target.num_kv_heads,
+                      head_dim=target.head_dim, intermediate_size=target.intermediate_size,
+                      vocab_size=target.vocab_size, feature_layers=default_feature_layers(target.num_layers),
+                      rms_norm_eps=target.rms_norm_eps, rope_theta=target.rope_theta,
+                      rope_scaling=target.rope_scaling, dtype=target.dtype)
+        return cls(**{**fields, **overrides})
+
+    def check_target(self, target: ModelConfig) -> None:
+        """A drafter must match its target's width, vocabulary and depth; say which value differs."""
+        for name in ("hidden_size", "vocab_size"):
+            if getattr(self, name) != getattr(target, name):
+                raise ConfigError(f"SpecBlock drafter {name} {getattr(self, name)} does not match the target's "
+                                  f"{getattr(target, name)}")
+        if max(self.feature_layers) >= target.num_layers:
+            raise ConfigError(f"SpecBlock feature_layers {self.feature_layers} exceed the target's "
+                              f"{target.num_layers} layers")
+
+    @property
+    def feature_size(self) -> int:
+        return len(self.feature_layers) * self.hidden_size
+
+    @property
+    def layer_config(self) -> ModelConfig:
+        """The decoder layers' shape as a ModelConfig, so the shared MLP serves them."""
+        return ModelConfig(vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=self.num_layers,
+                           num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                           intermediate_size=self.intermediate_size, rope_theta=self.rope_theta,
+                           rope_scaling=self.rope_scaling, rms_norm_eps=self.rms_norm_eps, dtype=self.dtype)
+
+    @property
+    def num_params(self) -> int:
+        """Trainable parameters (the target embedding excluded)."""
+        h, f, v, k = self.hidden_size, self.intermediate_size, self.vocab_size, self.block_size
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        inputs = self.feature_size * h + 3 * h * h + k * h + 3 * h  # condition, fuse, queries, 3 norms
+        layer = 2 * h * q + 2 * h * kv + 3 * h * f + 2 * h
+        shift = (self.num_layers - 1) * 2 * h * h if self.shift else 0
+        rank = (h + RANK_FEATURES) * self.rank_hidden + self.rank_hidden * self.rank_classes if self.rank_head else 0
+        return inputs + self.num_layers * layer + shift + h + h * v + rank
+
+
+class BlockOutput(NamedTuple):
+    logits: jax.Array  # [B, R, K, V] float32
+    hidden: jax.Array  # [B, R, K, H] pre-norm last-layer output: what a child block inherits
+    rank_logits: jax.Array | None  # [B, R, K, C] float32 (None without a rank head)
+    aux: tuple[Any, ...]  # one entry per layer, whatever the `attend` callable returned
+
+
+Attend = Callable[[int, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
+
+
+def rank_features(logits_xV: jax.Array, topk: int) -> jax.Array:
+    """[.., 15] statistics of a slot's draft logits: with t_1 >= .. >= t_topk and Z = logsumexp(t),
+    the log-probs t_i - Z (i <= 10), gaps t_1 - t_2, t_1 - t_3, t_1 - t_5, p_1, and the entropy over
+    the top `topk`."""
+    top_xK, _ = jax.lax.top_k(logits_xV.astype(jnp.float32), topk)
+    logp_xK = top_xK - jax.nn.logsumexp(top_xK, axis=-1, keepdims=True)
+    gaps = [top_xK[..., :1] - top_xK[..., i:i + 1] for i in (1, 2, 4)]
+    entropy = -jnp.sum(jnp.exp(logp_xK) * logp_xK, axis=-1, keepdims=True)
+    return jnp.concatenate([logp_xK[..., :10], *gaps, jnp.exp(logp_xK[..., :1]), entropy], axis=-1)
+
+
+class BlockAttention(nn.Module):
+    """GQA projections and RoPE; the attention itself is the caller's `attend`."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, layer, x_BxQxH, positions_BxQ, attend: Attend):
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        b, t, _ = x_BxQxH.shape
+        q = dense(c.num_heads * c.head_dim, ("embed", "heads"), "q_proj", dtype)(x_BxQxH)
+        k = dense(c.num_kv_heads * c.head_dim, ("embed", "kv_heads"), "k_proj", dtype)(x_BxQxH)
+        v = dense(c.num_kv_heads * c.head_dim, ("embed", "kv_heads"), "v_proj", dtype)(x_BxQxH)
+        inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
+        q = apply_rope(q.reshape(b, t, c.num_heads, c.head_dim), positions_BxQ, inv_freq)
+        k = apply_rope(k.reshape(b, t, c.num_kv_heads, c.head_dim), positions_BxQ, inv_freq)
+        out, aux = attend(layer, q, k, v.reshape(b, t, c.num_kv_heads, c.head_dim))
+        return dense(c.hidden_size, ("heads", "embed"), "o_proj", dtype)(out), aux
+
+
+class BlockLayer(nn.Module):
+    """Pre-norm Llama block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, layer, x, positions_BxQ, attend: Attend):
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        h, aux = BlockAttention(c, name="self_attn")(
+            layer, RMSNorm(c.rms_norm_eps, dtype, name="input_layernorm")(x), positions_BxQ, attend)
+        x = x + h
+        x = x + MLP(c, name="mlp")(RMSNorm(c.rms_norm_eps, dtype, name="post_attention_layernorm")(x))
+        return x, aux
+
+
+def _shift_init(key, shape, dtype):
+    """[A; B] = [I; 0] + N(0, 0.02): the shift starts close to the plain residual stream and learns
+    how much of the previous slot to mix in (the reference starts from a random mixing)."""
+    h = shape[1]
+    return (jnp.eye(2 * h, h) + 0.02 * jax.random.normal(key, shape)).astype(dtype)
+
+
+class SpecBlockDrafter(nn.Module):
+    """One block over R rows: condition (target features `features_BxRxF`, or an inherited
+    `hidden_BxRxH`; exactly one is given) and token embedding per row -> K slots per row."""
+
+    config: SpecBlockConfig
+
+    @nn.compact
+    def __call__(self, embeds_BxRxH, rows_BxR, attend: Attend, *, features_BxRxF=None,
+                 hidden_BxRxH=None) -> BlockOutput:
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        h, k_slots, eps = c.hidden_size, c.block_size, c.rms_norm_eps
+        if (features_BxRxF is None) == (hidden_BxRxH is None):
+            raise ValueError("give exactly one of features_BxRxF (target features) and hidden_BxRxH")
+        if features_BxRxF is not None:
+            hidden_BxRxH = dense(h, ("features", "embed"), "condition_proj", dtype)(features_BxRxF.astype(dtype))
+        cond_BxRxH = RMSNorm(eps, dtype, name="condition_norm")(hidden_BxRxH.astype(dtype))
+        token_BxRxH = RMSNorm(eps, dtype, name="token_norm")(embeds_BxRxH.astype(dtype))
+        queries_KxH = self.param("position_queries", nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                                                   (None, "embed")),
+                                 (k_slots, h), dtype)
+        queries_KxH = RMSNorm(eps, dtype, name="query_norm")(queries_KxH)
+        b, r = rows_BxR.shape
+        fused_in = jnp.concatenate([jnp.broadcast_to(cond_BxRxH[:, :, None], (b, r, k_slots, h)),
+                                    jnp.broadcast_to(token_BxRxH[:, :, None], (b, r, k_slots, h)),
+                                    jnp.broadcast_to(queries_KxH, (b, r, k_slots, h))], axis=-1)
+        x = dense(h, ("features", "embed"), "fuse", dtype)(fused_in).reshape(b, r * k_slots, h)
+        positions_BxQ = (rows_BxR[:, :, None] + 1 + jnp.arange(k_slots)).reshape(b, r * k_slots).astype(jnp.int32)
+        lc = c.layer_config
+        aux = []
+        for layer in range(c.num_layers):
+            if layer > 0 and c.shift:
+                x_BxRxKxH = x.reshape(b, r, k_slots, h)
+                prev = jnp.concatenate([x_BxRxKxH[:, :, :1], x_BxRxKxH[:, :, :-1]], axis=2)
+                shift = nn.Dense(h, use_bias=False, dtype=dtype, param_dtype=dtype, name=f"shift_{layer}",
+                                 kernel_init=nn.with_logical_partitioning(_shift_init, ("features", "embed")))
+                x = shift(jnp.concatenate([x_BxRxKxH, prev], axis=-1)).reshape(b, r * k_slots, h)
+            x, layer_aux = BlockLayer(lc, name=f"layers_{layer}")(layer, x, positions_BxQ, attend)
+            aux.append(layer_aux)
+        hidden = x.reshape(b, r, k_slots, h)
+        normed = RMSNorm(eps, dtype, name="norm")(hidden)
+        logits = dense(c.vocab_size, ("embed", "vocab"), "lm_head", dtype)(normed).astype(jnp.float32)
+        rank_logits = None
+        if c.rank_head:  # detached inputs: the rank loss never trains the drafter
+            rank_in = jnp.concatenate([jax.lax.stop_gradient(normed).astype(jnp.float32),
+                                       rank_features(jax.lax.stop_gradient(logits), c.rank_topk)], axis=-1)
+            z = dense(c.rank_hidden, (None, None), "rank_in", jnp.float32)(rank_in)
+            rank_logits = dense(c.rank_classes, (None, None), "rank_out", jnp.float32)(nn.silu(z))
+        return BlockOutput(logits, hidden, rank_logits, tuple(aux))
+
+
+def self_attend(layer, q_BxQxNxD, k_BxQxGxD, v_BxQxGxD, *, block_size: int):
+    """Attention among the given rows only, block-1 style: a slot sees every slot of earlier rows and
+    the slots <= its own of its row."""
+    del layer
+    slot_row_Q = jnp.arange(q_BxQxNxD.shape[1]) // block_size
+    q_Q = jnp.arange(q_BxQxNxD.shape[1])
+    mask_QxQ = (slot_row_Q[None, :] < slot_row_Q[:, None]) | ((slot_row_Q[None, :] == slot_row_Q[:, None])
+                                                            & (q_Q[None, :] <= q_Q[:, None]))
+    return layers_lib.attend(q_BxQxNxD, k_BxQxGxD, v_BxQxGxD, mask_QxQ[None]), (k_BxQxGxD, v_BxQxGxD)
+
+
+def _init_args(config: SpecBlockConfig):
+    ids = jnp.zeros((1, 1), jnp.int32)
+    attend = lambda *a: self_attend(*a, block_size=config.block_size)
+    return (jnp.zeros((1, 1, config.hidden_size)), ids, attend), jnp.zeros((1, 1, config.feature_size))
+
+
+def init_params(config: SpecBlockConfig, rng: jax.Array) -> Any:
+    """Random drafter parameters (normal 0.02, norms at one, shift near identity), unboxed."""
+    args, features = _init_args(config)
+    return nn.meta.unbox(SpecBlockDrafter(config).init(rng, *args, features_BxRxF=features)["params"])
+
+
+def param_axes(config: SpecBlockConfig) -> Any:
+    """Logical axis names of every drafter parameter (PartitionSpecs), without allocating them."""
+    args, features = _init_args(config)
+    boxed = jax.eval_shape(lambda: SpecBlockDrafter(config).init(jax.random.key(0), *args,
+                                                                 features_BxRxF=features)["params"])
+    return nn.get_partition_spec(boxed)
+
+
+def forward(params: Any, config: SpecBlockConfig, table_VxH: jax.Array, tokens_BxR: jax.Array, rows_BxR: jax.Array,
+            attend: Attend, *, features_BxRxF=None, hidden_BxRxH=None) -> BlockOutput:
+    """One block over explicit params: the row tokens' embeddings come from the target's table."""
+    embeds = jnp.take(table_VxH, tokens_BxR, axis=0)
+    return SpecBlockDrafter(config).apply({"params": params}, embeds, rows_BxR, attend,
+                                          features_BxRxF=features_BxRxF, hidden_BxRxH=hidden_BxRxH)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training: the multi-block training-time test.
+
+def _train_attend(block_size: int, cross, local, local_mask_BxTxL):
+    """Training attention of one block over T rows of K slots. Slot (j, k) sees block 1's keys at every
+    slot of rows j' < j (`cross`, per layer; None in block 1 itself: its own keys), its own row's
+    keys of earlier blocks where `local_mask_BxTxL` allows (`local`, per layer [B, T, L, G, D]), and
+    its own row's slots <= k of this block. Block >= 2 never sees other rows' keys of block >= 2:
+    drafting cannot either (only committed rows are cached)."""
+    k_slots = block_size
+
+    def attend(layer, q_BxQxNxD, k_BxQxGxD, v_BxQxGxD):
+        b, q_len, n, d = q_BxQxNxD.shape
+        g, t = k_BxQxGxD.shape[2], q_len // k_slots
+        cross_k, cross_v = (k_BxQxGxD, v_BxQxGxD) if cross is None else cross[layer]
+        own_k = k_BxQxGxD.reshape(b, t, k_slots, g, d)
+        own_v = v_BxQxGxD.reshape(b, t, k_slots, g, d)
+        causal_KxK = jnp.arange(k_slots)[None, :] <= jnp.arange(k_slots)[:, None]
+        mask_BxTxKxK = jnp.broadcast_to(causal_KxK, (b, t, k_slots, k_slots))
+        if local:
+            own_k = jnp.concatenate([local[layer][0], own_k], axis=2)
+            own_v = jnp.concatenate([local[layer][1], own_v], axis=2)
+            earlier = jnp.broadcast_to(local_mask_BxTxL[:, :, None, :], (b, t, k_slots, local_mask_BxTxL.shape[-1]))
+            mask_BxTxKxK = jnp.concatenate([earlier, mask_BxTxKxK], axis=-1)
+        q = q_BxQxNxD.reshape(b, t, k_slots, g, n // g, d)
+        scale = 1.0 / math.sqrt(d)
+        cross_scores = jnp.einsum("btkgnd,bsgd->bgntks", q, cross_k, preferred_element_type=jnp.float32) * scale
+        row_S = jnp.arange(cross_k.shape[1]) // k_slots
+        cross_scores = jnp.where(row_S < jnp.arange(t)[:, None, None], cross_scores, NEG_INF)
+        own_scores = jnp.einsum("btkgnd,btlgd->bgntkl", q, own_k, preferred_element_type=jnp.float32) * scale
+        own_scores = jnp.where(mask_BxTxKxK[:, None, None], own_scores, NEG_INF)
+        probs = jax.nn.softmax(jnp.concatenate([cross_scores, own_scores], axis=-1), axis=-1)
+        probs = probs.astype(v_BxQxGxD.dtype)
+        s = cross_k.shape[1]
+        out = (jnp.einsum("bgntks,bsgd->btkgnd", probs[..., :s], cross_v)
+               + jnp.einsum("bgntkl,btlgd->btkgnd", probs[..., s:], own_v))
+        return out.reshape(b, q_len, n * d), (k_BxQxGxD, v_BxQxGxD)
+
+    return attend
+
+
+class TTTBlocks(NamedTuple):
+    outputs: tuple[BlockOutput, ...]  # one per block; `aux` holds each layer's (k, v) of the block
+    offsets_NxBxT: jax.Array  # int32 depth of each block's slot 0 below its anchor row's block-1 slot 0
+
+
+def ttt_forward(params: Any, config: SpecBlockConfig, table_VxH: jax.Array, features_BxTxF: jax.Array,
+                tokens_BxT: jax.Array, inherit_BxTxN1: jax.Array) -> TTTBlocks:
+    """The multi-block unroll over a packed sequence. Block 0, row j: (f_j, x_{j+1}); slot k at depth
+    d = k predicts x_{j+2+d}. Block b + 1 of row j inherits from slot M - 1 of block b
+    (M = inherit[.., b] in 1..K): condition that slot's hidden (or f_j without `inherit`), token the
+    ground truth x_{j+1+O} at the new offset O = O_b + M (teacher forcing), and attention to row j's
+    block-b slots < M besides block 1's earlier rows. Nothing is detached. Tokens past the sequence
+    are clamped to its end: their targets are masked by the loss."""
+    c = config
+    b, t = tokens_BxT.shape
+    k_slots = c.block_size
+    rows_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    offset_BxT = jnp.zeros((b, t), jnp.int32)
+    condition = dict(features_BxRxF=features_BxTxF)
+    cross, local, local_mask = None, [], None
+    outputs, offsets = [], []
+    for block in range(c.num_ttt_blocks):  # static unroll
+        token_BxT = jnp.take_along_axis(tokens_BxT, jnp.minimum(rows_BxT + 1 + offset_BxT, t - 1), axis=1)
+        out = forward(params, c, table_VxH, token_BxT, rows_BxT, _train_attend(k_slots, cross, local, local_mask),
+                      **condition)
+        outputs.append(out)
+        offsets.append(offset_BxT)
+        if block == c.num_ttt_blocks - 1:
+            break
+        m_BxT = inherit_BxTxN1[..., block].astype(jnp.int32)
+        kv_rows = [(kb.reshape(b, t, k_slots, *kb.shape[2:]), vb.reshape(b, t, k_slots, *vb.shape[2:]))
+                   for kb, vb in out.aux]
+        cross = out.aux if cross is None else cross
+        local = kv_rows if not local else [(jnp.concatenate([lk, nk], axis=2), jnp.concatenate([lv, nv], axis=2))
+                                           for (lk, lv), (nk, nv) in zip(local, kv_rows)]
+        seen_BxTxK = jnp.arange(k_slots) < m_BxT[..., None]
+        local_mask = seen_BxTxK if local_mask is None else jnp.concatenate([local_mask, seen_BxTxK], axis=-1)
+        offset_BxT = offset_BxT + m_BxT
+        if c.inherit:
+            parent_BxTxH = jnp.take_along_axis(out.hidden, (m_BxT - 1)[:, :, None, None], axis=2)[:, :, 0]
+            condition = dict(hidden_BxRxH=parent_BxTxH)
+    return TTTBlocks(tuple(outputs), jnp.stack(offsets))
+
+
+def sample_inherit(config: SpecBlockConfig, key: jax.Array, shape: tuple[int, int]) -> jax.Array:
+    """[B, T, num_ttt_blocks - 1] int32 slot counts M ~ Uniform{1..K}, drawn per anchor row (the
+    reference draws one M per batch)."""
+    return jax.random.randint(key, (*shape, config.num_ttt_blocks - 1), 1, config.block_size + 1, jnp.int32)
+
+
+def block_losses(out: BlockOutput, offset_BxT: jax.Array, target_logp_BxTxV: jax.Array, loss_mask_BxT: jax.Array,
+                 valid_prefix: bool, rank_bounds: tuple[int, ...]):
+    """One block's per-slot soft cross-entropy [K], conditional accuracy [K], rank loss and rank
+    accuracy. Slot k of row j at depth O + k is taught by the target at position p = j + 1 + O + k
+    (its distribution of x_{p+1}), counted where p < T and loss_mask[p]."""
+    b, t, k_slots, _ = out.logits.shape
+    pos_BxTxK = jnp.arange(t)[None, :, None] + 1 + offset_BxT[..., None] + jnp.arange(k_slots)
+    in_seq_BxTxK = pos_BxTxK < t
+    pos_flat = jnp.minimum(pos_BxTxK, t - 1).reshape(b, t * k_slots)
+    teacher_BxTxKxV = jnp.take_along_axis(target_logp_BxTxV, pos_flat[..., None], axis=1).reshape(out.logits.shape)
+    mask_BxTxK = in_seq_BxTxK * jnp.take_along_axis(loss_mask_BxT, pos_flat, axis=1).reshape(b, t, k_slots)
+    target_tok_BxTxK = jnp.argmax(teacher_BxTxKxV, axis=-1)
+    hit_BxTxK = jnp.argmax(out.logits, axis=-1) == target_tok_BxTxK
+    chain_BxTxK = losses.valid_prefix_mask(hit_BxTxK, mask_BxTxK)
+    train_BxTxK = chain_BxTxK if valid_prefix else mask_BxTxK.astype(jnp.float32)
+    ce_BxTxK = -jnp.sum(jnp.exp(teacher_BxTxKxV) * jax.nn.log_softmax(out.logits, axis=-1), axis=-1)
+    per_slot = lambda x, m: jnp.sum(x * m, axis=(0, 1)) / jnp.maximum(jnp.sum(m, axis=(0, 1)), 1.0)
+    slot_loss_K, slot_acc_K = per_slot(ce_BxTxK, train_BxTxK), per_slot(hit_BxTxK, chain_BxTxK)
+    if out.rank_logits is None:
+        return slot_loss_K, slot_acc_K, jnp.zeros(()), jnp.zeros(())
+    labels_BxTxK = losses.rank_labels(jax.lax.stop_gradient(out.logits), target_tok_BxTxK, rank_bounds)
+    rank_loss = losses.rank_loss(out.rank_logits, labels_BxTxK, mask_BxTxK)
+    right = (jnp.argmax(out.rank_logits, axis=-1) == labels_BxTxK) * mask_BxTxK
+    return slot_loss_K, slot_acc_K, rank_loss, jnp.sum(right) / jnp.maximum(jnp.sum(mask_BxTxK), 1.0)
+
+
+def train_metrics(params: Any, config: SpecBlockConfig, table_VxH: jax.Array, features_BxTxF: jax.Array,
+                  tokens_BxT: jax.Array, loss_mask_BxT: jax.Array, target_logits_BxTxV: jax.Array,
+                  key: jax.Array, inherit_BxTxN1: jax.Array | None = None) -> losses.SpecBlockLoss:
+    """SpecBlock's training loss over a packed batch: `ttt_forward` with inheritance slots drawn from
+    `key` per anchor row (or given), then sum_k w**k sum_b L_{b,k} + rank weight * sum_b R_b. The
+    target's logits at p are its distribution of x_{p+1}; `loss_mask[p]` says x_{p+1} is trained on."""
+    c = config
+    if inherit_BxTxN1 is None:
+        inherit_BxTxN1 = sample_inherit(c, key, tokens_BxT.shape)
+    blocks = ttt_forward(params, c, table_VxH, features_BxTxF, tokens_BxT, inherit_BxTxN1)
+    target_logp_BxTxV = jax.nn.log_softmax(jax.lax.stop_gradient(target_logits_BxTxV).astype(jnp.float32), axis=-1)
+    loss_mask_BxT = loss_mask_BxT.astype(jnp.float32)
+    per_block = [block_losses(out, offset_BxT, target_logp_BxTxV, loss_mask_BxT, c.valid_prefix, c.rank_bounds)
+                 for out, offset_BxT in zip(blocks.outputs, blocks.offsets_NxBxT)]
+    loss_NxK = jnp.stack([p[0] for p in per_block])
+    acc_NxK = jnp.stack([p[1] for p in per_block])
+    rank_loss = sum(p[2] for p in per_block)
+    weights_K = c.position_loss_weight ** jnp.arange(c.block_size, dtype=jnp.float32)
+    total = jnp.sum(weights_K * jnp.sum(loss_NxK, axis=0)) + c.rank_loss_weight * rank_loss
+    return losses.SpecBlockLoss(loss=total, step_loss_K=loss_NxK[0], step_acc_K=acc_NxK[0], rank_loss=rank_loss,
+                                rank_acc=per_block[0][3], block_loss_NxK=loss_NxK, block_acc_NxK=acc_NxK)
