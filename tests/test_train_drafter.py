@@ -114,6 +114,36 @@ def test_bad_configs_are_errors_before_any_work(workdir):
         train_drafter.train(load_config(root, config_dict(root, "bad", seq_len=200)), progress=False)
 
 
+def test_fresh_lm_head_starts_as_the_targets_and_init_from_continues_a_drafter(trained, workdir):
+    root, target = workdir
+    cfg, params, _ = trained
+    config = train_drafter.drafter_config(cfg, target.config)
+    fresh = train_drafter.initial_params(load_config(root, config_dict(root, "fresh")), config, target)
+    np.testing.assert_array_equal(fresh["lm_head"]["kernel"], target.params["lm_head"]["kernel"])
+    random = train_drafter.initial_params(load_config(root, config_dict(root, "rnd", lm_head_from_target=False)),
+                                          config, target)
+    assert not np.allclose(random["lm_head"]["kernel"], target.params["lm_head"]["kernel"])
+    continued = train_drafter.initial_params(load_config(root, config_dict(root, "ft", init_from=cfg.export_dir)),
+                                             config, target)
+    jax.tree.map(np.testing.assert_array_equal, continued, params)
+
+
+def test_mismatched_init_from_and_unsplittable_batches_fail_before_training(trained, workdir, tmp_path):
+    root, _ = workdir
+    cfg, _, _ = trained
+    other = ModelConfig(**{**TARGET.__dict__, "hidden_size": 48})
+    hf.export_hf(other, jax.device_get(target_lib.init_params(other, jax.random.key(0))), tmp_path / "wide")
+    with pytest.raises(ConfigError, match=re.escape("hidden_size 32 does not match the target's 48")):
+        train_drafter.train(load_config(root, config_dict(root, "bad", target=str(tmp_path / "wide"),
+                                                          init_from=cfg.export_dir)), progress=False)
+    with pytest.raises(ConfigError, match=re.escape("its drafter config")):
+        train_drafter.train(load_config(root, config_dict(root, "bad", init_from=cfg.export_dir,
+                                                          eagle3={"ttt_steps": 3})), progress=False)
+    with pytest.raises(ConfigError, match=re.escape("mesh {'data': 3, 'fsdp': 1, 'tensor': 1} does not fit")):
+        train_drafter.train(load_config(root, config_dict(root, "bad", mesh={"data": 3})), progress=False)
+    assert not (root / "bad").exists()  # nothing was written
+
+
 def test_bad_drafter_directories_are_clear_errors(trained, workdir, tmp_path):
     root, target = workdir
     cfg, params, _ = trained

@@ -63,6 +63,8 @@ class DrafterTrainConfig:
     kind: str = "eagle3"
     target: str | None = None  # HF directory; None: the embedded target
     data_dir: str = "runs/regen"  # regenerated parts (part-*.npz)
+    init_from: str | None = None  # a trained drafter directory to start from (fine-tuning); None: fresh
+    lm_head_from_target: bool = True  # a fresh drafter's LM head starts as the target's (untied targets)
     eagle3: Eagle3Overrides = Eagle3Overrides()
     decoding: drafter_io.Decoding = drafter_io.Decoding()  # tree shape saved with the exported drafter
     mesh: MeshConfig = MeshConfig()
@@ -215,10 +217,35 @@ def evaluate(eval_step, params, target_params, val_rows: np.ndarray, cfg: Drafte
             "val_acceptance_length": chain_acceptance(acc_K)}
 
 
-def init_state(config: eagle3.Eagle3Config, optimizer, seed: int, mesh) -> tuple[dict, dict]:
-    """Sharded fresh state and its shardings: drafter params placed by their logical axes, the
-    optimizer state initialized in place with matching shardings."""
-    host = jax.device_get(eagle3.init_params(config, jax.random.key(seed)))
+def initial_params(cfg: DrafterTrainConfig, config: eagle3.Eagle3Config, target: Any) -> Any:
+    """Host params to start from: a trained drafter directory (checked against the target and this
+    run's drafter shape), or a fresh init whose LM head may copy the target's.
+
+    Starting from the target's LM head is a head start, not a tie: the drafter's final hidden learns
+    to look like the target's last hidden, which a short run on a small budget reaches far sooner."""
+    if cfg.init_from is not None:
+        method, params = drafter_io.load(cfg.init_from, target)
+        if method.config != config:
+            raise ConfigError(f"init_from {cfg.init_from}: its drafter config {to_dict(method.config)} differs "
+                              f"from this run's {to_dict(config)}")
+        return jax.device_get(params["drafter"])
+    params = jax.device_get(eagle3.init_params(config, jax.random.key(cfg.seed)))
+    if cfg.lm_head_from_target and "lm_head" in target.params:
+        params = {**params, "lm_head": {"kernel": np.asarray(target.params["lm_head"]["kernel"])}}
+    return params
+
+
+def check_batch_split(cfg: DrafterTrainConfig, mesh) -> None:
+    """The global batch must split evenly over the mesh's batch shards and the processes."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.batch_size % shards or cfg.batch_size % jax.process_count():
+        raise ConfigError(f"batch_size {cfg.batch_size} does not split over the mesh's data * fsdp = {shards} "
+                          f"batch shards and {jax.process_count()} process(es)")
+
+
+def init_state(host: Any, config: eagle3.Eagle3Config, optimizer, mesh) -> tuple[dict, dict]:
+    """Sharded state from host params, and its shardings: drafter params placed by their logical axes,
+    the optimizer state initialized in place with matching shardings."""
     param_sh = sharding.logical_to_sharding(eagle3.param_axes(config), mesh, host)
     params = sharding.shard_params(host, param_sh)
     opt_sh = sharding.opt_state_shardings(optimizer, params, param_sh)
@@ -237,13 +264,15 @@ def train(cfg: DrafterTrainConfig, *, stop_after: int | None = None, export: boo
     Returns the final state (drafter params and optimizer state, on the mesh)."""
     target = load_target(cfg.target)
     config = drafter_config(cfg, target.config)
+    mesh = sharding.make_mesh(cfg.mesh)
+    check_batch_split(cfg, mesh)
+    host_params = initial_params(cfg, config, target)
     train_rows, val_rows = split_rows(read_parts(cfg.data_dir)["tokens"], cfg, target.config.vocab_size)
     train_ds = train_dataset(train_rows, cfg)
-    mesh = sharding.make_mesh(cfg.mesh)
     target_sh = sharding.logical_to_sharding(target_lib.param_axes(target.config), mesh, target.params)
     target_params = sharding.shard_params(target.params, target_sh)
     optimizer = make_optimizer(cfg.optim)
-    state, state_sh = init_state(config, optimizer, cfg.seed, mesh)
+    state, state_sh = init_state(host_params, config, optimizer, mesh)
     out = pathlib.Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(out / "checkpoints", every=cfg.checkpoint_every, fingerprint=run_fingerprint(cfg))
