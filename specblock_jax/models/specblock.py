@@ -387,30 +387,37 @@ def sample_inherit(config: SpecBlockConfig, key: jax.Array, shape: tuple[int, in
     return jax.random.randint(key, (*shape, config.num_ttt_blocks - 1), 1, config.block_size + 1, jnp.int32)
 
 
-def block_losses(out: BlockOutput, offset_BxT: jax.Array, target_logp_BxTxV: jax.Array, loss_mask_BxT: jax.Array,
-                 valid_prefix: bool, rank_bounds: tuple[int, ...]):
-    """One block's per-slot soft cross-entropy [K], conditional accuracy [K], rank loss and rank
-    accuracy. Slot k of row j at depth O + k is taught by the target at position p = j + 1 + O + k
-    (its distribution of x_{p+1}), counted where p < T and loss_mask[p]."""
+class BlockMetrics(NamedTuple):
+    loss_K: jax.Array  # [K] soft cross-entropy per slot under the training mask
+    acc_K: jax.Array  # [K] accuracy per slot where the earlier slots were right
+    rank_loss: jax.Array  # [] (0 without a rank head)
+    rank_acc: jax.Array  # []
+
+
+def block_metrics(out: BlockOutput, offset_BxT: jax.Array, target_probs_BxTxV: jax.Array,
+                  target_argmax_BxT: jax.Array, loss_mask_BxT: jax.Array, valid_prefix: bool,
+                  rank_bounds: tuple[int, ...]) -> BlockMetrics:
+    """One block's losses. Slot k of row j at depth O + k is taught by the target at position
+    p = j + 1 + O + k (its distribution of x_{p+1}), counted where p < T and loss_mask[p]."""
     b, t, k_slots, _ = out.logits.shape
     pos_BxTxK = jnp.arange(t)[None, :, None] + 1 + offset_BxT[..., None] + jnp.arange(k_slots)
-    in_seq_BxTxK = pos_BxTxK < t
-    pos_flat = jnp.minimum(pos_BxTxK, t - 1).reshape(b, t * k_slots)
-    teacher_BxTxKxV = jnp.take_along_axis(target_logp_BxTxV, pos_flat[..., None], axis=1).reshape(out.logits.shape)
-    mask_BxTxK = in_seq_BxTxK * jnp.take_along_axis(loss_mask_BxT, pos_flat, axis=1).reshape(b, t, k_slots)
-    target_tok_BxTxK = jnp.argmax(teacher_BxTxKxV, axis=-1)
+    pos_BxQ = jnp.minimum(pos_BxTxK, t - 1).reshape(b, t * k_slots)
+    at_pos = lambda x_BxT: jnp.take_along_axis(x_BxT, pos_BxQ, axis=1).reshape(b, t, k_slots)
+    mask_BxTxK = (pos_BxTxK < t) * at_pos(loss_mask_BxT)
+    target_tok_BxTxK = at_pos(target_argmax_BxT)
     hit_BxTxK = jnp.argmax(out.logits, axis=-1) == target_tok_BxTxK
     chain_BxTxK = losses.valid_prefix_mask(hit_BxTxK, mask_BxTxK)
-    train_BxTxK = chain_BxTxK if valid_prefix else mask_BxTxK.astype(jnp.float32)
-    ce_BxTxK = -jnp.sum(jnp.exp(teacher_BxTxKxV) * jax.nn.log_softmax(out.logits, axis=-1), axis=-1)
+    train_BxTxK = chain_BxTxK if valid_prefix else mask_BxTxK
+    teacher_BxTxKxV = jnp.take_along_axis(target_probs_BxTxV, pos_BxQ[..., None], axis=1).reshape(out.logits.shape)
+    ce_BxTxK = -jnp.sum(teacher_BxTxKxV * jax.nn.log_softmax(out.logits, axis=-1), axis=-1)
     per_slot = lambda x, m: jnp.sum(x * m, axis=(0, 1)) / jnp.maximum(jnp.sum(m, axis=(0, 1)), 1.0)
-    slot_loss_K, slot_acc_K = per_slot(ce_BxTxK, train_BxTxK), per_slot(hit_BxTxK, chain_BxTxK)
+    loss_K, acc_K = per_slot(ce_BxTxK, train_BxTxK), per_slot(hit_BxTxK, chain_BxTxK)
     if out.rank_logits is None:
-        return slot_loss_K, slot_acc_K, jnp.zeros(()), jnp.zeros(())
+        return BlockMetrics(loss_K, acc_K, jnp.zeros(()), jnp.zeros(()))
     labels_BxTxK = losses.rank_labels(jax.lax.stop_gradient(out.logits), target_tok_BxTxK, rank_bounds)
-    rank_loss = losses.rank_loss(out.rank_logits, labels_BxTxK, mask_BxTxK)
-    right = (jnp.argmax(out.rank_logits, axis=-1) == labels_BxTxK) * mask_BxTxK
-    return slot_loss_K, slot_acc_K, rank_loss, jnp.sum(right) / jnp.maximum(jnp.sum(mask_BxTxK), 1.0)
+    right_BxTxK = (jnp.argmax(out.rank_logits, axis=-1) == labels_BxTxK) * mask_BxTxK
+    return BlockMetrics(loss_K, acc_K, losses.rank_loss(out.rank_logits, labels_BxTxK, mask_BxTxK),
+                        jnp.sum(right_BxTxK) / jnp.maximum(jnp.sum(mask_BxTxK), 1.0))
 
 
 def train_metrics(params: Any, config: SpecBlockConfig, table_VxH: jax.Array, features_BxTxF: jax.Array,
@@ -422,15 +429,17 @@ def train_metrics(params: Any, config: SpecBlockConfig, table_VxH: jax.Array, fe
     c = config
     if inherit_BxTxN1 is None:
         inherit_BxTxN1 = sample_inherit(c, key, tokens_BxT.shape)
+    target_logits_BxTxV = jax.lax.stop_gradient(target_logits_BxTxV).astype(jnp.float32)
     blocks = ttt_forward(params, c, table_VxH, features_BxTxF, tokens_BxT, inherit_BxTxN1)
-    target_logp_BxTxV = jax.nn.log_softmax(jax.lax.stop_gradient(target_logits_BxTxV).astype(jnp.float32), axis=-1)
-    loss_mask_BxT = loss_mask_BxT.astype(jnp.float32)
-    per_block = [block_losses(out, offset_BxT, target_logp_BxTxV, loss_mask_BxT, c.valid_prefix, c.rank_bounds)
+    target_probs_BxTxV = jax.nn.softmax(target_logits_BxTxV, axis=-1)
+    target_argmax_BxT = jnp.argmax(target_logits_BxTxV, axis=-1)
+    per_block = [block_metrics(out, offset_BxT, target_probs_BxTxV, target_argmax_BxT,
+                               loss_mask_BxT.astype(jnp.float32), c.valid_prefix, c.rank_bounds)
                  for out, offset_BxT in zip(blocks.outputs, blocks.offsets_NxBxT)]
-    loss_NxK = jnp.stack([p[0] for p in per_block])
-    acc_NxK = jnp.stack([p[1] for p in per_block])
-    rank_loss = sum(p[2] for p in per_block)
+    loss_NxK = jnp.stack([m.loss_K for m in per_block])
+    acc_NxK = jnp.stack([m.acc_K for m in per_block])
+    rank_loss = sum(m.rank_loss for m in per_block)
     weights_K = c.position_loss_weight ** jnp.arange(c.block_size, dtype=jnp.float32)
     total = jnp.sum(weights_K * jnp.sum(loss_NxK, axis=0)) + c.rank_loss_weight * rank_loss
     return losses.SpecBlockLoss(loss=total, step_loss_K=loss_NxK[0], step_acc_K=acc_NxK[0], rank_loss=rank_loss,
-                                rank_acc=per_block[0][3], block_loss_NxK=loss_NxK, block_acc_NxK=acc_NxK)
+                                rank_acc=per_block[0].rank_acc, block_loss_NxK=loss_NxK, block_acc_NxK=acc_NxK)
