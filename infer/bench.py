@@ -1,87 +1,168 @@
 """Side-by-side benchmark of decoding methods on held-out prompts, interleaved so machine drift cancels.
 
-    python -m infer.bench --methods ar,ngram --domain code --max-prompts 16 --repeats 3
+    python -m infer.bench                                   # every method with a drafter at hand
+    python -m infer.bench --methods ar,ngram,eagle3 --drafter eagle3=runs/eagle3 --max-prompts 16
+    python -m infer.bench --prompts my_prompts.jsonl --target /models/Llama-3.1-8B --drafter DIR
 
-Every method is compiled and warmed up on the first prompt batch before timing starts. Then, for each
-repeat and each prompt batch, every method runs once, in turn. Reported per method: medians of
-per-batch tokens/s, the ratio to `ar` per batch (then the median), tau (tokens committed per target
-forward, bonus included) and prompts whose greedy output differs from `ar`'s.
+Methods: `ar` (plain decoding, the reference), `ngram` (prompt lookup, no training), `eagle3` and
+`specblock` (trained drafters: the ones shipped for the embedded target under
+specblock_jax/assets/drafters/<kind>/, or `--drafter KIND=DIR`; a bare `--drafter DIR` takes its kind
+from DIR/drafter.json). The default is every method whose drafter is available.
+
+Protocol: every input is checked and every method is compiled and warmed up on the first prompt batch
+before timing starts (`generate` also compiles ahead and times execution only). Then, for each repeat
+and each prompt batch, every method runs once, in turn. The JSON report is rewritten after every
+repeat (`"complete": false` until the end, and also after an interruption or an error), then each
+method's phases are timed (infer/timing.py) and the final report, a markdown table and PNG plots are
+written. Per method: medians of per-run tokens/s (new tokens over prefill + decode seconds) and of the
+per-run ratio to `ar`; tau (tokens committed per target forward of the loop, bonus included, from the
+acceptance-length histogram); ms per loop iteration split into draft / verify / other; and, when
+greedy, the prompts whose output differs from `ar`'s: verification is lossless, so any mismatch is a
+bug, reported loudly and with exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
+import os
 import pathlib
 import platform
 import statistics
+import subprocess
 import sys
+import traceback
+from typing import Any
 
 import jax
 from tqdm import tqdm
 
 from specblock_jax import Drafter, data, generate, hf, load_drafter, load_target
+from specblock_jax.drafter import SHIPPED_DRAFTERS_DIR
 
-METHODS = ("ar", "ngram", "eagle3")
+from infer import timing
+
+METHODS = ("ar", "ngram", "eagle3", "specblock")
+TRAINED = ("eagle3", "specblock")  # methods that need a trained drafter directory
+DOMAINS = ("code", "prose", "all")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default="ar,ngram", help=f"comma-separated, from {', '.join(METHODS)}")
+    p = argparse.ArgumentParser(prog="infer.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", help=f"comma-separated, from {', '.join(METHODS)} (default: every method whose "
+                                     "drafter is shipped or given); ar is always run, as the reference")
     p.add_argument("--prompts", help='JSONL prompt file ({"prompt": ...} per line); default: the embedded '
                                      "target's held-out prompts of --domain")
-    p.add_argument("--domain", choices=("code", "prose"), default="code",
-                   help="which embedded held-out prompt set to use when --prompts is not given")
+    p.add_argument("--domain", choices=DOMAINS, default="code",
+                   help="embedded held-out prompt set when --prompts is not given (all: code and prose alternating)")
     p.add_argument("--target", help="Hugging Face target directory (default: the embedded target)")
-    p.add_argument("--drafter", help="trained drafter directory, used by the eagle3 method")
+    p.add_argument("--drafter", action="append", default=[], metavar="[KIND=]DIR",
+                   help="trained drafter directory for method KIND (eagle3, specblock); without KIND=, the kind "
+                        "in DIR/drafter.json. Repeat for several methods")
     p.add_argument("--tree-budget", type=int, help="override the drafters' tree budget (nodes besides the root)")
     p.add_argument("--max-depth", type=int, help="override the drafters' tree depth")
     p.add_argument("--topk", type=int, help="override the EAGLE-3 drafter's branching per depth")
     p.add_argument("--max-prompts", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the only mode with a mismatch check)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--timing-calls", type=int, default=16,
+                   help="chained calls per dispatch when timing the draft / verify phases (0: skip that timing)")
     p.add_argument("--out", default="results.json", help="where to write the JSON report")
+    p.add_argument("--plots-dir", help="where to write the PNG plots (default: beside --out; 'none': no plots)")
     args = p.parse_args(argv)
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in args.methods if m not in METHODS]
-    if unknown or not args.methods:
-        p.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    if "eagle3" in args.methods and not args.drafter:
-        p.error("--methods eagle3 needs --drafter DIR (a trained EAGLE-3 drafter directory)")
-    if "ar" not in args.methods:
-        args.methods.insert(0, "ar")  # the reference for speedups and mismatches
+    if args.methods is not None:
+        args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = [m for m in args.methods if m not in METHODS]
+        if unknown or not args.methods:
+            p.error(f"unknown method(s) {unknown or args.methods}; choose from {', '.join(METHODS)}")
     for name in ("max_prompts", "max_new_tokens", "batch_size", "repeats", "tree_budget", "max_depth", "topk"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.timing_calls < 0:
+        p.error(f"--timing-calls must be >= 0, got {args.timing_calls}")
+    if args.temperature < 0:
+        p.error(f"--temperature must be >= 0, got {args.temperature}")
     return args
 
 
-def run(args: argparse.Namespace) -> dict:
-    target = load_target(args.target)
-    prompt_file = args.prompts or pathlib.Path(hf.EMBEDDED_TARGET_DIR) / "prompts" / f"{args.domain}.jsonl"
-    prompts = data.read_prompts_jsonl(prompt_file)[:args.max_prompts]
-    batches = [prompts[i:i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
-    drafters = {m: None if m == "ar" else with_tree(load_drafter(args.drafter if m == "eagle3" else m, target), args)
-                for m in args.methods}
+def drafter_kind(path: str | os.PathLike) -> str:
+    """The `kind` recorded in a drafter directory's drafter.json."""
+    meta = pathlib.Path(path) / "drafter.json"
+    if not meta.is_file():
+        raise FileNotFoundError(f"{path} is not a trained drafter directory: {meta} does not exist")
+    try:
+        kind = json.loads(meta.read_text()).get("kind")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{meta}: not a JSON object with a 'kind' ({e})") from None
+    if kind not in TRAINED:
+        raise ValueError(f"{meta}: drafter kind {kind!r} is not one of {', '.join(TRAINED)}")
+    return kind
 
-    def decode(method, batch):
-        return generate(target, batch, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        seed=0, drafter=drafters[method])
 
-    for method in args.methods:  # compile and warm up outside the timed region
-        decode(method, batches[0])
-    runs = {m: [] for m in args.methods}  # (repeat, batch) -> output
-    total = args.repeats * len(batches) * len(args.methods)
-    with tqdm(total=total, desc="bench", unit="run") as bar:
-        for _ in range(args.repeats):
-            for batch in batches:
-                for method in args.methods:
-                    runs[method].append(decode(method, batch))
-                    bar.update(1)
-    return summarize(args, runs, len(batches))
+def parse_drafter_specs(specs: list[str]) -> dict[str, pathlib.Path]:
+    """`--drafter` values ("KIND=DIR" or "DIR") -> {kind: directory}, each checked to hold that kind."""
+    dirs: dict[str, pathlib.Path] = {}
+    for spec in specs:
+        kind, sep, rest = spec.partition("=")
+        if sep and kind in METHODS:
+            if kind not in TRAINED:
+                raise ValueError(f"--drafter {spec}: method {kind!r} takes no drafter directory; "
+                                 f"give one for {' or '.join(TRAINED)}")
+            path = pathlib.Path(rest)
+            found = drafter_kind(path)
+            if found != kind:
+                raise ValueError(f"--drafter {spec}: {path} holds a {found} drafter, not {kind}")
+        else:
+            path = pathlib.Path(spec)
+            kind = drafter_kind(path)
+        if kind in dirs:
+            raise ValueError(f"--drafter given twice for {kind}: {dirs[kind]} and {path}")
+        dirs[kind] = path
+    return dirs
+
+
+def shipped_drafter(kind: str) -> pathlib.Path | None:
+    path = SHIPPED_DRAFTERS_DIR / kind
+    return path if path.is_dir() else None
+
+
+def select_methods(requested: list[str] | None, drafter_dirs: dict[str, pathlib.Path],
+                   embedded_target: bool) -> list[str]:
+    """The methods to run, `ar` first: the requested ones (each trained one needs a drafter), or every
+    method whose drafter is given or shipped. Shipped drafters serve only the embedded target."""
+    def available(kind: str) -> bool:
+        return kind in drafter_dirs or (embedded_target and shipped_drafter(kind) is not None)
+
+    if requested is None:
+        methods = ["ar", "ngram"] + [k for k in TRAINED if available(k)]
+    else:
+        missing = [k for k in requested if k in TRAINED and not available(k)]
+        if missing:
+            where = (f"none is shipped at {SHIPPED_DRAFTERS_DIR}/<kind>" if embedded_target
+                     else "shipped drafters serve only the embedded target")
+            raise ValueError(f"method(s) {', '.join(missing)} need a trained drafter: {where}; "
+                             f"give --drafter {missing[0]}=DIR")
+        methods = list(dict.fromkeys(["ar"] + requested))  # ar: the reference for speedups and mismatches
+    unused = sorted(set(drafter_dirs) - set(methods))
+    if unused:
+        raise ValueError(f"--drafter given for {', '.join(unused)}, which is not among --methods {','.join(methods)}")
+    return methods
+
+
+def load_prompts(args: argparse.Namespace) -> tuple[list[str], str]:
+    """The benchmark prompts (at most --max-prompts) and where they came from."""
+    if args.prompts:
+        return data.read_prompts_jsonl(args.prompts)[:args.max_prompts], str(args.prompts)
+    prompt_dir = pathlib.Path(hf.EMBEDDED_TARGET_DIR) / "prompts"
+    domains = ("code", "prose") if args.domain == "all" else (args.domain,)
+    per_domain = [data.read_prompts_jsonl(prompt_dir / f"{d}.jsonl") for d in domains]
+    alternating = [p for group in zip(*per_domain) for p in group]  # code, prose, code, ... for "all"
+    return alternating[:args.max_prompts], f"embedded held-out prompts ({'+'.join(domains)})"
 
 
 def with_tree(drafter: Drafter, args: argparse.Namespace) -> Drafter:
@@ -92,47 +173,242 @@ def with_tree(drafter: Drafter, args: argparse.Namespace) -> Drafter:
     return dataclasses.replace(drafter, method=dataclasses.replace(drafter.method, **overrides))
 
 
-def summarize(args, runs: dict, n_batches: int) -> dict:
-    def rate(out):
-        return sum(out.stats["new_tokens"]) / (out.stats["prefill_s"] + out.stats["decode_s"])
+def resolve_drafters(methods: list[str], drafter_dirs: dict[str, pathlib.Path], target: Any,
+                     args: argparse.Namespace) -> dict[str, Drafter | None]:
+    """method -> its drafter (None for ar), loaded against `target`: a drafter that does not match
+    the target is an error here, before any compute."""
+    drafters = {}
+    for method in methods:
+        if method == "ar":
+            drafters[method] = None
+            continue
+        source = str(drafter_dirs.get(method, method))
+        try:
+            drafters[method] = with_tree(load_drafter(source, target), args)
+        except (ValueError, FileNotFoundError) as e:
+            raise type(e)(f"{method} drafter ({source}): {e}") from None
+    return drafters
 
-    ar = runs["ar"]
-    methods = {}
+
+def tree_shape(drafter: Drafter) -> dict[str, Any]:
+    """The drafter's static tree settings (budget, depth, branching), for the report."""
+    return {"class": type(drafter.method).__name__,
+            **{k: v for k, v in vars(drafter.method).items() if isinstance(v, (int, float, str))}}
+
+
+def check_lengths(target: Any, prompts: list[str], drafters: dict[str, Drafter | None], max_new_tokens: int) -> None:
+    """Every prompt fits the target's context with max_new_tokens and the largest tree's scratch."""
+    limit = target.config.max_position_embeddings
+    scratch = max((d.method.budget + 1 for d in drafters.values() if d is not None), default=0)
+    for i, prompt in enumerate(prompts):
+        n = len(target.tokenizer.encode(prompt, add_special_tokens=False)) if target.tokenizer else len(prompt)
+        if n == 0:
+            raise ValueError(f"prompt {i} is empty (0 tokens)")
+        if n + max_new_tokens + scratch > limit:
+            raise ValueError(f"prompt {i} has {n} tokens: with --max-new-tokens {max_new_tokens} and a tree scratch "
+                             f"of {scratch} it exceeds the target's {limit} positions")
+
+
+def versions() -> dict[str, str]:
+    import flax
+    import jaxlib
+    import numpy
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=pathlib.Path(__file__).parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+            "flax": flax.__version__, "numpy": numpy.__version__, "git_commit": commit,
+            "device": str(jax.devices()[0]), "platform": platform.platform(), "cpu_count": os.cpu_count()}
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json(report: dict, path: str | os.PathLike) -> None:
+    """Atomically: a reader never sees a half-written report."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=1, allow_nan=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def run(args: argparse.Namespace, target: Any, prompts: list[str], drafters: dict[str, Drafter | None],
+        header: dict) -> dict:
+    """Warm up, run the interleaved repeats (rewriting the report after each), time the phases, and
+    return the final report. An exception or interrupt writes the partial report and propagates."""
+    methods = list(drafters)
+    batches = [prompts[i:i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
+    runs: dict[str, list] = {m: [] for m in methods}  # method -> [(repeat, batch index, GenerateOutput)]
+    phases: dict[str, dict] = {}
+
+    def decode(method, batch):
+        return generate(target, batch, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        seed=0, drafter=drafters[method])
+
+    def report(complete: bool, interrupted: str | None = None) -> dict:
+        out = summarize(args, runs, phases, args.batch_size)
+        return {**header, "complete": complete, "interrupted": interrupted, "finished_utc": _now(), **out}
+
+    try:
+        for method in tqdm(methods, desc="compile + warm-up", unit="method"):
+            decode(method, batches[0])
+        with tqdm(total=args.repeats * len(batches) * len(methods), desc="timed runs", unit="run") as bar:
+            for repeat in range(args.repeats):
+                for b, batch in enumerate(batches):
+                    for method in methods:
+                        runs[method].append((repeat, b, decode(method, batch)))
+                        bar.update(1)
+                write_json(report(complete=False), args.out)
+        if args.timing_calls:
+            for method in tqdm(methods, desc="phase timing", unit="method"):
+                max_len = runs[method][0][2].stats["max_len"]
+                phases[method] = timing.measure_phases(
+                    target, drafters[method], batches[0], max_new_tokens=args.max_new_tokens, max_len=max_len,
+                    temperature=args.temperature, calls=args.timing_calls)
+    except BaseException as e:
+        reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        write_json(report(complete=False, interrupted=reason), args.out)
+        raise
+    final = report(complete=True)
+    write_json(final, args.out)
+    return final
+
+
+def _rate(out) -> float:
+    return sum(out.stats["new_tokens"]) / (out.stats["prefill_s"] + out.stats["decode_s"])
+
+
+def _histogram(out) -> list[int]:
+    """Row-steps of the loop by tokens committed (index k: k tokens, k - 1 accepted drafts + the bonus)."""
+    if "steps_by_tokens" in out.stats:
+        return [sum(col) for col in zip(*out.stats["steps_by_tokens"])]
+    return [0, sum(n - 1 for n in out.stats["new_tokens"])]  # plain decoding: one token per step after the first
+
+
+def _add(a: list[int], b: list[int]) -> list[int]:
+    n = max(len(a), len(b))
+    return [(a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(n)]
+
+
+def summarize(args: argparse.Namespace, runs: dict[str, list], phases: dict[str, dict], batch_size: int) -> dict:
+    """The report's per-method figures from whatever runs exist (a partial run gives partial figures)."""
+    ar = {(r, b): out for r, b, out in runs["ar"]}
+    greedy = args.temperature == 0
+    methods, warnings = {}, []
     for method, outs in runs.items():
-        first = outs[:n_batches]  # outputs are identical across repeats; compare one repeat
-        mismatches = sum(sum(a != b for a, b in zip(x.token_ids, y.token_ids)) for x, y in zip(first, ar))
-        new_tokens = sum(sum(o.stats["new_tokens"]) for o in first)
-        iterations = sum(o.stats["iterations"] for o in first)
-        methods[method] = {
-            "tokens_per_s": statistics.median(rate(o) for o in outs),
-            "speedup_vs_ar": statistics.median(rate(o) / rate(a) for o, a in zip(outs, ar)),
-            "tau": statistics.mean(o.stats.get("tau", 1.0) for o in first),  # plain decoding: 1 by definition
-            "iterations": iterations,
-            "new_tokens": new_tokens,
-            "drafter_forwards_per_iter": (sum(o.stats.get("drafter_forwards", 0) for o in first) / iterations),
-            "mismatches_vs_ar": mismatches if args.temperature == 0 else None,
-        }
-    return {"methods": methods, "config": {k: v for k, v in vars(args).items()},
-            "versions": {"jax": jax.__version__, "python": platform.python_version(),
-                         "device": str(jax.devices()[0])}}
+        entry: dict[str, Any] = {"runs": len(outs)}
+        methods[method] = entry
+        if not outs:
+            continue
+        first = [(b, out) for r, b, out in outs if r == 0]  # outputs repeat exactly; count one repeat
+        hist = [0]
+        mismatched = []
+        for b, out in first:
+            hist = _add(hist, _histogram(out))
+            if (0, b) in ar:
+                mismatched += [b * batch_size + i for i, (x, y) in enumerate(zip(out.token_ids, ar[0, b].token_ids))
+                               if x != y]
+        iterations = sum(out.stats["iterations"] for _, out in first)
+        verify_steps = sum(out.stats.get("verify_steps", out.stats["iterations"]) for _, out in first)
+        row_steps = sum(hist)
+        ratios = [_rate(out) / _rate(ar[r, b]) for r, b, out in outs if (r, b) in ar]
+        iteration_ms = statistics.median(out.stats["decode_s"] / max(out.stats["iterations"], 1) * 1e3
+                                         for _, _, out in outs)
+        entry.update(
+            tau=sum(k * n for k, n in enumerate(hist)) / row_steps if row_steps else None,
+            tokens_per_s=statistics.median(_rate(out) for _, _, out in outs),
+            speedup_vs_ar=statistics.median(ratios) if ratios else None,
+            iterations=iterations,
+            verify_steps=verify_steps,
+            new_tokens=sum(sum(out.stats["new_tokens"]) for _, out in first),
+            prompts=sum(len(out.token_ids) for _, out in first),
+            drafter_forwards_per_iter=sum(out.stats.get("drafter_forwards", 0) for _, out in first) / max(iterations, 1),
+            acceptance_histogram=hist,
+            mismatches_vs_ar=len(mismatched) if greedy else None,
+            mismatched_prompts=mismatched if greedy else None,
+            tokens_per_s_runs=[_rate(out) for _, _, out in outs],
+        )
+        breakdown = (timing.phase_breakdown(phases[method], iteration_ms, iterations, verify_steps)
+                     if method in phases else
+                     {"iteration_ms": iteration_ms, "draft_ms_per_iter": None, "verify_ms_per_iter": None,
+                      "other_ms_per_iter": None})
+        entry.update(breakdown, phase_ms=phases.get(method))
+        if greedy and mismatched:
+            warnings.append(f"{method}: {len(mismatched)} of {entry['prompts']} prompts differ from ar's greedy output "
+                            f"(prompts {mismatched[:10]}{' ...' if len(mismatched) > 10 else ''}). Speculative "
+                            "decoding is lossless by construction, so this is a bug in the decoding path.")
+    return {"methods": methods, "warnings": warnings}
 
 
 def table(report: dict) -> str:
-    lines = ["| method | tokens/s | speedup vs ar | tau | iterations | mismatches vs ar |",
-             "|---|---|---|---|---|---|"]
+    def f(value, fmt):
+        return "-" if value is None else format(value, fmt)
+
+    lines = ["| method | tokens/s | speedup vs ar | tau | ms/iter | draft | verify | other | drafter fwd/iter "
+             "| iterations | mismatches vs ar |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in report["methods"].items():
-        lines.append(f"| {name} | {m['tokens_per_s']:.1f} | {m['speedup_vs_ar']:.3f} | {m['tau']:.3f} | "
-                     f"{m['iterations']} | {m['mismatches_vs_ar']} |")
+        if not m.get("runs"):
+            lines.append(f"| {name} | (no runs) |" + " |" * 9)
+            continue
+        lines.append(f"| {name} | {m['tokens_per_s']:.0f} | {f(m['speedup_vs_ar'], '.3f')} | {f(m['tau'], '.2f')} | "
+                     f"{m['iteration_ms']:.2f} | {f(m['draft_ms_per_iter'], '.2f')} | "
+                     f"{f(m['verify_ms_per_iter'], '.2f')} | {f(m['other_ms_per_iter'], '.2f')} | "
+                     f"{m['drafter_forwards_per_iter']:.2f} | {m['iterations']} | {f(m['mismatches_vs_ar'], 'd')} |")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def plot_paths(args: argparse.Namespace) -> pathlib.Path | None:
+    """The stem plots are written under (None: no plots)."""
+    if args.plots_dir == "none":
+        return None
+    out = pathlib.Path(args.out)
+    return (pathlib.Path(args.plots_dir) if args.plots_dir else out.parent) / out.stem
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; 0 when done, 1 when a greedy method's output differs from ar's, 2 on bad input."""
     args = parse_args(argv)
-    report = run(args)
-    pathlib.Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    try:  # every input checked before any compute
+        drafter_dirs = parse_drafter_specs(args.drafter)
+        methods = select_methods(args.methods, drafter_dirs, embedded_target=args.target is None)
+        prompts, source = load_prompts(args)
+        target = load_target(args.target)
+        drafters = resolve_drafters(methods, drafter_dirs, target, args)
+        check_lengths(target, prompts, drafters, args.max_new_tokens)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"infer.bench: error: {e}", file=sys.stderr)
+        return 2
+    header = {"started_utc": _now(), "config": {**vars(args), "methods": methods, "prompt_source": source,
+                                                "num_prompts": len(prompts),
+                                                "target": args.target or str(hf.EMBEDDED_TARGET_DIR),
+                                                "drafters": {m: str(drafter_dirs.get(m, shipped_drafter(m) or m))
+                                                             for m in methods if m != "ar"},
+                                                "tree": {m: tree_shape(d) for m, d in drafters.items() if d}},
+              "versions": versions(), "timing_method": timing.TIMING_METHOD}
+    try:
+        report = run(args, target, prompts, drafters, header)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the partial report (\"complete\": false) is in {args.out}", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print(f"failed: the partial report (\"complete\": false) is in {args.out}", file=sys.stderr)
+        return 1
     print(table(report))
-    print(f"report written to {args.out}", file=sys.stderr)
+    for warning in report["warnings"]:
+        print(f"\n{'!' * 100}\nWARNING: {warning}\n{'!' * 100}")
+    print(f"\nreport: {args.out}")
+    stem = plot_paths(args)
+    if stem is not None:
+        from infer import plots
+        for path in plots.write_plots(report, stem):
+            print(f"plot: {path}")
+    return 1 if report["warnings"] else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""PNG plots of a benchmark report (infer/bench.py): speedup and tau per method, the time of one
+decoding iteration split into draft / verify / other, and the acceptance-length histogram."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+PHASES = (("draft_ms_per_iter", "draft", "tab:orange"), ("verify_ms_per_iter", "verify", "tab:blue"),
+          ("other_ms_per_iter", "other (accept, commit)", "tab:gray"))
+
+
+def _measured(report: dict) -> dict[str, dict[str, Any]]:
+    return {name: m for name, m in report["methods"].items() if m.get("runs")}
+
+
+def _title(report: dict) -> str:
+    c = report.get("config", {})
+    return (f"{c.get('num_prompts', '?')} prompts, {c.get('max_new_tokens', '?')} new tokens, "
+            f"T={c.get('temperature', '?')}, batch {c.get('batch_size', '?')} | {report.get('versions', {}).get('device', '')}")
+
+
+def speedup_tau(report: dict, path: pathlib.Path) -> pathlib.Path:
+    methods = _measured(report)
+    names = list(methods)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    speedups = [methods[n]["speedup_vs_ar"] or 0.0 for n in names]
+    ax1.bar(names, speedups, color="tab:green")
+    ax1.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    ax1.set_ylabel("speedup vs ar (median of per-run ratios)")
+    for i, v in enumerate(speedups):
+        ax1.text(i, v, f"{v:.2f}x", ha="center", va="bottom")
+    taus = [methods[n]["tau"] or 0.0 for n in names]
+    ax2.bar(names, taus, color="tab:purple")
+    ax2.set_ylabel("tau: tokens per target forward")
+    for i, v in enumerate(taus):
+        ax2.text(i, v, f"{v:.2f}", ha="center", va="bottom")
+    fig.suptitle(_title(report), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def time_breakdown(report: dict, path: pathlib.Path) -> pathlib.Path:
+    methods = _measured(report)
+    names = list(methods)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bottom = [0.0] * len(names)
+    for key, label, color in PHASES:
+        values = [max(methods[n].get(key) or 0.0, 0.0) for n in names]  # noise can make "other" a hair negative
+        ax.bar(names, values, bottom=bottom, label=label, color=color)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    for i, n in enumerate(names):
+        ax.text(i, bottom[i], f"{methods[n]['iteration_ms']:.2f} ms", ha="center", va="bottom")
+    ax.set_ylabel("ms per decoding iteration")
+    ax.legend(fontsize=8)
+    ax.set_title(_title(report), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def acceptance(report: dict, path: pathlib.Path) -> pathlib.Path:
+    methods = {n: m for n, m in _measured(report).items() if n != "ar"}
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / max(len(methods), 1)
+    for j, (name, m) in enumerate(methods.items()):
+        hist = m["acceptance_histogram"]
+        total = sum(hist) or 1
+        ax.bar([k + (j - (len(methods) - 1) / 2) * width for k in range(len(hist))], [h / total for h in hist],
+               width=width, label=f"{name} (tau {m['tau']:.2f})")
+    ax.set_xlabel("tokens committed per iteration (accepted drafts + 1 bonus)")
+    ax.set_ylabel("fraction of (row, iteration) steps")
+    if methods:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no speculative method in this run", ha="center", transform=ax.transAxes)
+    ax.set_title(_title(report), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_plots(report: dict, stem: str | pathlib.Path) -> list[pathlib.Path]:
+    """Write `<stem>_speedup_tau.png`, `<stem>_time_breakdown.png`, `<stem>_acceptance.png`."""
+    stem = pathlib.Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    return [speedup_tau(report, stem.with_name(stem.name + "_speedup_tau.png")),
+            time_breakdown(report, stem.with_name(stem.name + "_time_breakdown.png")),
+            acceptance(report, stem.with_name(stem.name + "_acceptance.png"))]

@@ -1,0 +1,219 @@
+"""The benchmark harness (infer/bench.py) end to end at micro scale on the embedded target: the report's
+schema, zero greedy mismatches for sound methods, a broken decoding path reported (not hidden), clear
+errors for bad input, and a partial report when a run is cut short."""
+
+import dataclasses
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from infer import bench, plots, timing
+from specblock_jax import Drafter, drafter_io, load_target, verify
+from specblock_jax.eagle3_draft import Eagle3Method
+from specblock_jax.models import eagle3
+from specblock_jax.ngram import NgramMethod
+
+PROMPTS = ["def add(a, b):\n    return a", "ROMEO.\nBut soft, what light"]  # short: one compile per method
+METHOD_KEYS = {"tau", "tokens_per_s", "speedup_vs_ar", "draft_ms_per_iter", "verify_ms_per_iter", "other_ms_per_iter",
+               "iteration_ms", "drafter_forwards_per_iter", "iterations", "verify_steps", "mismatches_vs_ar",
+               "mismatched_prompts", "acceptance_histogram", "runs", "new_tokens", "prompts", "phase_ms"}
+
+
+@pytest.fixture(scope="module")
+def target():
+    return load_target()
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """Command-line options for a micro run: two short prompts, 8 new tokens."""
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    return ["--prompts", str(path), "--max-new-tokens", "8"]
+
+
+@pytest.fixture(autouse=True)
+def no_shipped_drafters(tmp_path, monkeypatch, target):
+    """Tests see no shipped drafter (whatever assets/drafters holds) and share one loaded target."""
+    empty = tmp_path / "shipped"
+    empty.mkdir()
+    monkeypatch.setattr(bench, "SHIPPED_DRAFTERS_DIR", empty)
+    monkeypatch.setattr(bench, "load_target", lambda path=None: target if path is None else load_target(path))
+    return empty
+
+
+def save_untrained_eagle3(target_config, path, **overrides):
+    config = eagle3.Eagle3Config.for_target(target_config, **overrides)
+    method = Eagle3Method(config, budget=4, max_depth=2, topk=2)
+    drafter_io.save_eagle3(method, eagle3.init_params(config, jax.random.key(0)), path)
+    return path
+
+
+def read(path):
+    return json.loads(pathlib.Path(path).read_text())
+
+
+def test_end_to_end_schema_and_no_mismatch(small, tmp_path, target, capsys):
+    drafter_dir = save_untrained_eagle3(target.config, tmp_path / "e3")
+    out = tmp_path / "results.json"
+    rc = bench.main(small + ["--methods", "eagle3", "--drafter", f"eagle3={drafter_dir}", "--repeats", "2",
+                             "--timing-calls", "2", "--out", str(out)])
+    assert rc == 0
+    report = read(out)
+    assert report["complete"] is True and report["interrupted"] is None and report["warnings"] == []
+    assert report["config"]["methods"] == ["ar", "eagle3"]
+    assert report["config"]["tree"]["eagle3"]["budget"] == 4
+    assert {"jax", "python", "device", "git_commit"} <= set(report["versions"]) and report["timing_method"]
+    for name, m in report["methods"].items():
+        assert METHOD_KEYS <= set(m), (name, METHOD_KEYS - set(m))
+        assert m["runs"] == 2 * 2 and m["prompts"] == 2 and m["mismatches_vs_ar"] == 0, name
+        assert m["tokens_per_s"] > 0 and m["iterations"] > 0 and m["iteration_ms"] > 0
+        assert m["draft_ms_per_iter"] >= 0 and m["verify_ms_per_iter"] > 0
+        assert m["other_ms_per_iter"] == pytest.approx(m["iteration_ms"] - m["draft_ms_per_iter"]
+                                                       - m["verify_ms_per_iter"])
+        hist = m["acceptance_histogram"]
+        assert m["tau"] == pytest.approx(sum(k * n for k, n in enumerate(hist)) / sum(hist))
+        assert 1.0 <= m["tau"] <= 3.0  # a depth-2 tree commits at most 3 tokens per step
+    ar, e3 = report["methods"]["ar"], report["methods"]["eagle3"]
+    assert ar["speedup_vs_ar"] == pytest.approx(1.0) and ar["tau"] == 1.0 and ar["draft_ms_per_iter"] == 0
+    assert ar["iterations"] == 2 * 7  # 8 tokens each, the first from the prefill (no EOS this early)
+    assert e3["drafter_forwards_per_iter"] == pytest.approx(2.0)  # EAGLE drafting: max_depth forwards per step
+    assert set(e3["phase_ms"]) == {"draft_ms", "verify_ms", "root_ms"}
+    stdout = capsys.readouterr().out
+    assert "| eagle3 |" in stdout and "WARNING" not in stdout
+    for suffix in ("speedup_tau", "time_breakdown", "acceptance"):
+        png = tmp_path / f"results_{suffix}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", suffix
+
+
+class CorruptingNgram(NgramMethod):
+    """An n-gram drafter of its own class: its decoding loop is traced apart from the real one's, so the
+    test can break acceptance for it alone."""
+
+
+def test_broken_decoding_is_reported_not_hidden(small, tmp_path, target, monkeypatch, capsys):
+    real_accept = verify.accept
+
+    def accept_wrong_bonus(tree, logits, sampling, key, max_depth):
+        """A bug in the decoding path: the bonus token is replaced by the next id."""
+        acc = real_accept(tree, logits, sampling, key, max_depth)
+        bonus_B = (acc.bonus_B + 1) % target.config.vocab_size
+        at_bonus_BxD1 = jnp.arange(acc.tokens_BxD1.shape[1]) == acc.length_B[:, None]
+        return acc._replace(bonus_B=bonus_B, tokens_BxD1=jnp.where(at_bonus_BxD1, bonus_B[:, None], acc.tokens_BxD1))
+
+    monkeypatch.setattr(verify, "accept", accept_wrong_bonus)
+    monkeypatch.setattr(bench, "load_drafter", lambda kind, t: Drafter(CorruptingNgram()))
+    out = tmp_path / "results.json"
+    rc = bench.main(small + ["--methods", "ngram", "--repeats", "1", "--timing-calls", "0", "--plots-dir", "none",
+                             "--out", str(out)])
+    assert rc == 1
+    report = read(out)
+    assert report["complete"] is True
+    assert report["methods"]["ngram"]["mismatches_vs_ar"] == 2 and report["methods"]["ngram"]["mismatched_prompts"] == [0, 1]
+    assert report["methods"]["ar"]["mismatches_vs_ar"] == 0
+    assert len(report["warnings"]) == 1 and "ngram: 2 of 2 prompts differ" in report["warnings"][0]
+    stdout = capsys.readouterr().out
+    assert "WARNING: ngram: 2 of 2 prompts differ from ar's greedy output" in stdout
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, RuntimeError])
+def test_partial_run_writes_what_it_measured(small, tmp_path, monkeypatch, interrupt):
+    calls = []
+    real_generate = bench.generate
+
+    def generate_then_fail(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2 + 4 + 1:  # warm-up (2 methods), repeat 0 (2 prompts x 2 methods), then one more
+            raise interrupt("stopped by the test")
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "generate", generate_then_fail)
+    out = tmp_path / "results.json"
+    rc = bench.main(small + ["--methods", "ngram", "--repeats", "3", "--out", str(out)])
+    assert rc == (130 if interrupt is KeyboardInterrupt else 1)
+    report = read(out)
+    assert report["complete"] is False and report["interrupted"].startswith(interrupt.__name__)
+    assert report["methods"]["ar"]["runs"] == 2 and report["methods"]["ngram"]["runs"] == 2
+    assert report["methods"]["ngram"]["mismatches_vs_ar"] == 0 and report["methods"]["ngram"]["tokens_per_s"] > 0
+    assert report["methods"]["ngram"]["draft_ms_per_iter"] is None  # phases are timed after the repeats
+
+
+def write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+@pytest.mark.parametrize("make_file, message", [
+    (lambda tmp: str(tmp / "nope.jsonl"), "does not exist"),
+    (lambda tmp: write_lines(tmp / "empty.jsonl", []), "holds no prompts"),
+    (lambda tmp: write_lines(tmp / "bad.jsonl", ['{"prompt": "a"}', '{"text": "b"}']), "bad.jsonl:2: expected an object"),
+])
+def test_bad_prompt_file_is_a_clear_error(tmp_path, capsys, make_file, message):
+    rc = bench.main(["--prompts", make_file(tmp_path), "--out", str(tmp_path / "r.json")])
+    assert rc == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_unknown_method_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--methods", "ar,medusa"])
+    assert e.value.code == 2 and "unknown method(s) ['medusa']" in capsys.readouterr().err
+
+
+def test_trained_method_without_drafter_is_a_clear_error(capsys):
+    assert bench.main(["--methods", "specblock"]) == 2
+    assert "need a trained drafter" in capsys.readouterr().err
+
+
+def test_drafter_that_does_not_match_the_target_is_a_clear_error(small, tmp_path, target, capsys):
+    narrow = dataclasses.replace(target.config, hidden_size=64, num_heads=2, num_kv_heads=1, intermediate_size=64)
+    drafter_dir = save_untrained_eagle3(narrow, tmp_path / "e3-narrow")
+    assert bench.main(small + ["--drafter", str(drafter_dir), "--out", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert "eagle3 drafter" in err and "hidden_size 64 does not match the target's 256" in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_drafter_specs(tmp_path, no_shipped_drafters):
+    e3 = tmp_path / "e3"
+    e3.mkdir()
+    (e3 / "drafter.json").write_text(json.dumps({"kind": "eagle3"}))
+    assert bench.parse_drafter_specs([str(e3)]) == {"eagle3": e3}
+    assert bench.parse_drafter_specs([f"eagle3={e3}"]) == {"eagle3": e3}
+    with pytest.raises(ValueError, match="holds a eagle3 drafter, not specblock"):
+        bench.parse_drafter_specs([f"specblock={e3}"])
+    with pytest.raises(ValueError, match="given twice for eagle3"):
+        bench.parse_drafter_specs([str(e3), f"eagle3={e3}"])
+    with pytest.raises(ValueError, match="takes no drafter directory"):
+        bench.parse_drafter_specs([f"ngram={e3}"])
+    with pytest.raises(FileNotFoundError, match="not a trained drafter directory"):
+        bench.parse_drafter_specs([str(tmp_path)])
+    # Default methods: every one whose drafter is at hand; shipped ones only for the embedded target.
+    assert bench.select_methods(None, {}, embedded_target=True) == ["ar", "ngram"]
+    assert bench.select_methods(None, {"eagle3": e3}, embedded_target=False) == ["ar", "ngram", "eagle3"]
+    (no_shipped_drafters / "specblock").mkdir()
+    assert bench.select_methods(None, {}, embedded_target=True) == ["ar", "ngram", "specblock"]
+    assert bench.select_methods(None, {}, embedded_target=False) == ["ar", "ngram"]
+    assert bench.select_methods(["specblock"], {}, embedded_target=True) == ["ar", "specblock"]
+    with pytest.raises(ValueError, match="not among --methods"):
+        bench.select_methods(["ngram"], {"eagle3": e3}, embedded_target=True)
+
+
+def test_phase_breakdown_weights_verify_by_step_kind():
+    phases = {"draft_ms": 1.0, "verify_ms": 4.0, "root_ms": 2.0}
+    got = timing.phase_breakdown(phases, iteration_ms=6.0, iterations=10, verify_steps=5)
+    assert got == {"iteration_ms": 6.0, "draft_ms_per_iter": 1.0, "verify_ms_per_iter": 3.0, "other_ms_per_iter": 2.0}
+    assert timing.phase_breakdown({"root_ms": 2.0}, 2.5, 10, 10)["other_ms_per_iter"] == pytest.approx(0.5)
+
+
+def test_plots_of_a_partial_report(tmp_path):
+    report = {"config": {}, "versions": {}, "methods": {
+        "ar": {"runs": 1, "speedup_vs_ar": 1.0, "tau": 1.0, "iteration_ms": 1.0, "draft_ms_per_iter": None,
+               "verify_ms_per_iter": None, "other_ms_per_iter": None, "acceptance_histogram": [0, 5]},
+        "ngram": {"runs": 0}}}
+    paths = plots.write_plots(report, tmp_path / "sub" / "r")
+    assert [p.name for p in paths] == ["r_speedup_tau.png", "r_time_breakdown.png", "r_acceptance.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
