@@ -7,6 +7,7 @@ export; a missing or misshapen tensor is an error naming it. Then the vocabulary
 counts, the draft-vocabulary loss, and bfloat16 decoding.
 """
 
+import dataclasses
 import json
 
 import jax
@@ -266,6 +267,12 @@ def test_bfloat16_speculative_decoding_equals_plain_bfloat16(tmp_path, target):
     method, params = eagle3_hf.load_eagle3_hf(tmp_path / "ckpt", bf_target, budget=12, max_depth=3, topk=3)
     assert method.config.dtype == "bfloat16"
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params["drafter"]))
+    # The drafter's logits are accumulated in float32, not bf16 values cast up afterwards.
+    one_step = dataclasses.replace(method.config, ttt_steps=1)
+    logits = eagle3.ttt_forward(params["drafter"], one_step, params["embed"], jnp.ones((1, 4, 3 * H), jnp.bfloat16),
+                                jnp.asarray([[1, 2, 3, 4]]))
+    assert logits.dtype == jnp.float32 and logits.shape == (1, 1, 4, VD)
+    assert bool(jnp.any(logits != logits.astype(jnp.bfloat16).astype(jnp.float32)))
     out = decode.generate(bf_target, PROMPTS, max_new_tokens=N_NEW, max_len=MAX_LEN, stop_on_eos=False,
                           drafter=Drafter(method, params))
     assert out.token_ids == out_plain.token_ids

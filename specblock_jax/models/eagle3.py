@@ -23,6 +23,7 @@ the LM head covers a subset of the target vocabulary (see "reduced draft vocabul
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -169,9 +170,18 @@ class Eagle3Drafter(nn.Module):
             jnp.concatenate([embeds, cond], axis=-1), positions_BxT, mask_BxTxS, kv, slots_BxT)
         x = hidden_BxTxH + attn_BxTxH
         x = x + MLP(c.layer_config, name="mlp")(RMSNorm(c.rms_norm_eps, dtype, name="post_attention_layernorm")(x))
-        logits = dense(c.draft_vocab, ("embed", "vocab"), "lm_head", dtype)(RMSNorm(c.rms_norm_eps, dtype,
-                                                                                    name="norm")(x))
-        return DrafterOutput(logits.astype(jnp.float32), x, kv)
+        logits = lm_head(c.draft_vocab, dtype)(RMSNorm(c.rms_norm_eps, dtype, name="norm")(x))
+        return DrafterOutput(logits, x, kv)
+
+
+def lm_head(vocab: int, dtype) -> nn.Dense:
+    """The drafter's LM head: parameters and inputs in the model dtype, logits accumulated and
+    returned in float32 (in bfloat16, rounding logits to 8 mantissa bits would blur the soft
+    targets of the TTT loss and the top-k scores of drafting)."""
+    return nn.Dense(vocab, use_bias=False, dtype=dtype, param_dtype=dtype,
+                    kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")),
+                    dot_general=functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32),
+                    name="lm_head")
 
 
 def _dummy_inputs(config: Eagle3Config):
