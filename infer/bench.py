@@ -15,7 +15,8 @@ and each prompt batch, every method runs once, in turn. The JSON report is rewri
 repeat (`"complete": false` until the end, and also after an interruption or an error), then each
 method's phases are timed (infer/timing.py) and the final report, a markdown table and PNG plots are
 written. Per method: medians of per-run tokens/s (new tokens over prefill + decode seconds) and of the
-per-run ratio to `ar`; tau (tokens committed per target forward of the loop, bonus included, from the
+per-run ratio to `ar` (`speedup_vs_ar`; `speedup_vs_ar_total` is the ratio of all tokens over all
+seconds, which weighs long runs more); tau (tokens committed per target forward of the loop, bonus included, from the
 acceptance-length histogram); ms per loop iteration split into draft / verify / other; and, when
 greedy, the prompts whose output differs from `ar`'s: verification is lossless, so any mismatch is a
 bug, reported loudly and with exit status 1.
@@ -282,6 +283,13 @@ def _rate(out) -> float:
     return sum(out.stats["new_tokens"]) / (out.stats["prefill_s"] + out.stats["decode_s"])
 
 
+def _total_rate(outs) -> float:
+    """All new tokens over all prefill + decode seconds of these runs."""
+    outs = list(outs)
+    return (sum(sum(o.stats["new_tokens"]) for o in outs)
+            / sum(o.stats["prefill_s"] + o.stats["decode_s"] for o in outs))
+
+
 def _histogram(out) -> list[int]:
     """Row-steps of the loop by tokens committed (index k: k tokens, k - 1 accepted drafts + the bonus)."""
     if "steps_by_tokens" in out.stats:
@@ -315,18 +323,22 @@ def summarize(args: argparse.Namespace, runs: dict[str, list], phases: dict[str,
         iterations = sum(out.stats["iterations"] for _, out in first)
         verify_steps = sum(out.stats.get("verify_steps", out.stats["iterations"]) for _, out in first)
         row_steps = sum(hist)
-        ratios = [_rate(out) / _rate(ar[r, b]) for r, b, out in outs if (r, b) in ar]
+        paired = [(out, ar[r, b]) for r, b, out in outs if (r, b) in ar]
+        ratios = [_rate(out) / _rate(ref) for out, ref in paired]
         iteration_ms = statistics.median(out.stats["decode_s"] / max(out.stats["iterations"], 1) * 1e3
                                          for _, _, out in outs)
         entry.update(
             tau=sum(k * n for k, n in enumerate(hist)) / row_steps if row_steps else None,
             tokens_per_s=statistics.median(_rate(out) for _, _, out in outs),
             speedup_vs_ar=statistics.median(ratios) if ratios else None,
+            speedup_vs_ar_total=(_total_rate(o for o, _ in paired) / _total_rate(a for _, a in paired)
+                                 if paired else None),
             iterations=iterations,
             verify_steps=verify_steps,
             new_tokens=sum(sum(out.stats["new_tokens"]) for _, out in first),
             prompts=sum(len(out.token_ids) for _, out in first),
-            drafter_forwards_per_iter=sum(out.stats.get("drafter_forwards", 0) for _, out in first) / max(iterations, 1),
+            drafter_forwards_per_iter=(sum(out.stats.get("drafter_forwards", 0) for _, out in first)
+                                       / max(iterations, 1)),
             acceptance_histogram=hist,
             mismatches_vs_ar=len(mismatched) if greedy else None,
             mismatched_prompts=mismatched if greedy else None,
@@ -348,13 +360,14 @@ def table(report: dict) -> str:
     def f(value, fmt):
         return "-" if value is None else format(value, fmt)
 
-    lines = ["| method | tokens/s | speedup vs ar | tau | ms/iter | draft | verify | other | drafter fwd/iter "
-             "| iterations | mismatches vs ar |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | tokens/s | speedup vs ar (median / total) | tau | ms/iter | draft | verify | other "
+             "| drafter fwd/iter | iterations | mismatches vs ar |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in report["methods"].items():
         if not m.get("runs"):
             lines.append(f"| {name} | (no runs) |" + " |" * 9)
             continue
-        lines.append(f"| {name} | {m['tokens_per_s']:.0f} | {f(m['speedup_vs_ar'], '.3f')} | {f(m['tau'], '.2f')} | "
+        lines.append(f"| {name} | {m['tokens_per_s']:.0f} | {f(m['speedup_vs_ar'], '.3f')} / "
+                     f"{f(m['speedup_vs_ar_total'], '.3f')} | {f(m['tau'], '.2f')} | "
                      f"{m['iteration_ms']:.2f} | {f(m['draft_ms_per_iter'], '.2f')} | "
                      f"{f(m['verify_ms_per_iter'], '.2f')} | {f(m['other_ms_per_iter'], '.2f')} | "
                      f"{m['drafter_forwards_per_iter']:.2f} | {m['iterations']} | {f(m['mismatches_vs_ar'], 'd')} |")

@@ -3,7 +3,8 @@ decoding method at hand (plain, n-gram, and the EAGLE-3 / SpecBlock drafters whe
 shows that all give the same tokens, then benchmarks the methods on a small held-out prompt set and
 says where the report and plots are.
 
-    python -m infer.demo [--prompts-per-domain 2] [--max-new-tokens 64] [--bench-prompts 8] [--out runs/demo/results.json]
+    python -m infer.demo [--prompts-per-domain 2] [--max-new-tokens 64] [--bench-prompts 8]
+                         [--out runs/demo/results.json]
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def completions(target, methods: list[str], prompts_per_domain: int, max_new_tok
     for domain in DOMAINS:
         prompts = data.read_prompts_jsonl(prompt_dir / f"{domain}.jsonl")[:prompts_per_domain]
         for prompt in tqdm(prompts, desc=f"{domain} completions", unit="prompt"):
-            outs = {m: generate(target, [prompt], max_new_tokens=max_new_tokens, drafter=d) for m, d in drafters.items()}
+            outs = {m: generate(target, [prompt], max_new_tokens=max_new_tokens, drafter=d)
+                    for m, d in drafters.items()}
             rows.append((domain, prompt, outs))
     agree = True
     for domain, prompt, outs in rows:

@@ -21,8 +21,9 @@ def _measured(report: dict) -> dict[str, dict[str, Any]]:
 
 def _title(report: dict) -> str:
     c = report.get("config", {})
+    device = report.get("versions", {}).get("device", "")
     return (f"{c.get('num_prompts', '?')} prompts, {c.get('max_new_tokens', '?')} new tokens, "
-            f"T={c.get('temperature', '?')}, batch {c.get('batch_size', '?')} | {report.get('versions', {}).get('device', '')}")
+            f"T={c.get('temperature', '?')}, batch {c.get('batch_size', '?')} | {device}")
 
 
 def speedup_tau(report: dict, path: pathlib.Path) -> pathlib.Path:
