@@ -113,11 +113,24 @@ def save_eagle3(method: Eagle3Method, params: Any, out_dir: str | os.PathLike,
     return out_dir
 
 
+def _is_published_eagle3(path: pathlib.Path) -> bool:
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    return "LlamaForCausalLMEagle3" in (json.loads(config.read_text()).get("architectures") or ())
+
+
 def load(path: str | os.PathLike, target: Any) -> tuple[Eagle3Method, dict[str, Any]]:
     """(method, method params) of the drafter directory at `path` for `target` (a `Target`); every
-    mismatch with the target is an error naming both values, before any array is placed."""
+    mismatch with the target is an error naming both values, before any array is placed. A published
+    EAGLE-3 checkpoint directory (config.json of `LlamaForCausalLMEagle3`) loads through `eagle3_hf`
+    with EAGLE-3's default tree (60 nodes, depth 7, top-10)."""
     path = pathlib.Path(path)
     meta_path = path / DRAFTER_JSON
+    if not meta_path.is_file() and _is_published_eagle3(path):
+        from specblock_jax import eagle3_hf  # a published EAGLE-3 checkpoint (SGLang / vLLM format)
+
+        return eagle3_hf.load_eagle3_hf(path, target)
     if not meta_path.is_file():
         raise FileNotFoundError(f"{path} is not a trained drafter directory: {meta_path} does not exist")
     meta = json.loads(meta_path.read_text())

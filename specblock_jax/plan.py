@@ -151,6 +151,8 @@ def plan(target: ModelConfig, drafter: eagle3.Eagle3Config, mesh: Mesh, *, train
     notes += kv_notes
     notes.append("training and decoding do not run at once: the training total counts params, optimizer, "
                  "gradients and logits; the decoding total counts params and KV caches")
+    notes.append("not counted: other activations (the frozen target's forward, the drafter's saved TTT "
+                 "activations), XLA scratch and fragmentation; keep headroom")
     shape = dict(mesh.shape)
     return Plan(shape, mesh.devices.size, t_rows, d_rows, per_device, notes)
 

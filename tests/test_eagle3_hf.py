@@ -160,6 +160,9 @@ def test_imported_drafter_decodes_losslessly(tmp_path, target, plain):
     write_checkpoint(tmp_path / "ckpt", published_tensors(np.float32, True, seed=3), published_config(True))
     method, params = eagle3_hf.load_eagle3_hf(tmp_path / "ckpt", target, budget=12, max_depth=3, topk=3)
     assert method.config.reduced_vocab
+    via_load, via_params = drafter_io.load(tmp_path / "ckpt", target)  # what load_drafter(path) calls
+    assert via_load.config == method.config
+    np.testing.assert_array_equal(np.asarray(via_params["draft_to_target"]), DRAFT_TO_TARGET)
     out = decode.generate(target, PROMPTS, max_new_tokens=N_NEW, max_len=MAX_LEN, stop_on_eos=False,
                           drafter=Drafter(method, params))
     assert out.token_ids == plain
