@@ -265,14 +265,17 @@ def run(args: argparse.Namespace, target: Any, prompts: list[str], drafters: dic
                         bar.update(1)
                 write_json(report(complete=False), args.out)
         if args.timing_calls:
-            for method in tqdm(methods, desc="phase timing", unit="method"):
-                max_len = runs[method][0][2].stats["max_len"]
-                phases[method] = timing.measure_phases(
-                    target, drafters[method], batches[0], max_new_tokens=args.max_new_tokens, max_len=max_len,
-                    temperature=args.temperature, calls=args.timing_calls)
+            fns = {method: timing.phase_calls(target, drafters[method], batches[0], max_new_tokens=args.max_new_tokens,
+                                              max_len=runs[method][0][2].stats["max_len"],
+                                              temperature=args.temperature, calls=args.timing_calls)
+                   for method in tqdm(methods, desc="phase timing: compile", unit="method")}
+            phases.update(timing.time_phases(fns, args.timing_calls))
     except BaseException as e:
         reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-        write_json(report(complete=False, interrupted=reason), args.out)
+        try:
+            write_json(report(complete=False, interrupted=reason), args.out)
+        except Exception as write_error:  # never hide the original failure behind this one
+            print(f"could not write the partial report: {write_error!r}", file=sys.stderr)
         raise
     final = report(complete=True)
     write_json(final, args.out)

@@ -14,8 +14,9 @@ are timed outside, on real inputs, with the same functions the loop runs:
    and `decode.root_forward` (the single-token forward the loop runs instead when no row drafted
    anything, and the only forward of plain decoding). Logits are reduced over the vocabulary, as
    acceptance does, so none of the LM head is dead code.
-4. Each figure is the median over `repeats` dispatches of `calls` calls: per-call dispatch overhead,
-   which the while_loop does not pay, is spread over `calls`.
+4. Each figure is the median over `rounds` dispatches of `calls` calls (per-call dispatch overhead,
+   which the while_loop does not pay, is spread over `calls`), every phase of every method timed once
+   per round, round-robin, so a change in machine load hits them all alike.
 
 A method's per-iteration figures (`phase_breakdown`): draft = draft ms; verify = (verify steps x
 verify ms + single steps x root ms) / iterations, from the run's own step counts; other = the loop's
@@ -29,7 +30,7 @@ from __future__ import annotations
 import functools
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -44,11 +45,13 @@ from specblock_jax.sampling import SamplingParams
 TIMING_METHOD = (
     "draft_ms_per_iter: the drafter's draft() alone, jitted, on the state spec_init returns after prefilling "
     "the first benchmark batch (cache length as in the run), chained calls inside one fori_loop, median over "
-    "dispatches. verify_ms_per_iter: the target's verify forward over the budget+1-node tree (decode.verify_forward)"
-    " and the single-token forward (decode.root_forward) timed the same way, weighted by the run's verify and "
-    "single steps. ar: verify = root_forward, draft = 0. iteration_ms: the timed runs' decode seconds / loop "
-    "iterations (median over runs). other_ms_per_iter = iteration_ms - draft - verify: acceptance, KV commit, "
-    "drafter commit and bookkeeping. See infer/timing.py."
+    "dispatches timed round-robin with every other phase and method. verify_ms_per_iter: the target's verify "
+    "forward over the budget+1-node tree (decode.verify_forward) and the single-token forward "
+    "(decode.root_forward), timed the same way, weighted by the run's verify and single steps. ar: verify = "
+    "root_forward, draft = 0. iteration_ms: the timed runs' decode seconds / loop iterations (median over runs). "
+    "other_ms_per_iter = iteration_ms - draft - verify: acceptance, KV commit, drafter commit and bookkeeping "
+    "(a difference of measurements taken at different times: machine load changes show up in it). "
+    "See infer/timing.py."
 )
 
 
@@ -102,16 +105,6 @@ def _forward_calls(params: Any, cache: Any, tree: Any, *, config: Any, max_depth
     return jax.lax.fori_loop(0, calls, body, (cache, tree, jnp.zeros((), jnp.float32)))[2]
 
 
-def _median_ms(fn, calls: int, repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile and warm up
-    per_call = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        per_call.append((time.perf_counter() - start) / calls * 1e3)
-    return statistics.median(per_call)
-
-
 def prompt_array(target: Any, prompts: Sequence[str] | Sequence[Sequence[int]], max_len: int
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Right-padded prompt ids [B, T] and lengths [B], padded as `generate` pads them."""
@@ -123,10 +116,10 @@ def prompt_array(target: Any, prompts: Sequence[str] | Sequence[Sequence[int]], 
     return prompt_BxT, np.array([len(row) for row in ids], np.int32)
 
 
-def measure_phases(target: Any, drafter: Drafter | None, prompts: Sequence[Any], *, max_new_tokens: int,
-                   max_len: int, temperature: float = 0.0, calls: int = 16, repeats: int = 7) -> dict[str, float]:
-    """ms per call of each phase of one decoding iteration on `prompts` (one batch): `root_ms` (the
-    single-token forward), and with a drafter `draft_ms` and `verify_ms` (the tree forward)."""
+def phase_calls(target: Any, drafter: Drafter | None, prompts: Sequence[Any], *, max_new_tokens: int,
+                max_len: int, temperature: float = 0.0, calls: int = 16) -> dict[str, Callable[[], jax.Array]]:
+    """Compiled, warmed-up functions that each run one phase `calls` times on `prompts` (one batch):
+    `root_ms` (the single-token forward) and, with a drafter, `draft_ms` and `verify_ms` (the tree forward)."""
     config = target.config
     prompt_BxT, lens_B = prompt_array(target, prompts, max_len)
     feature_layers = () if drafter is None else tuple(drafter.method.feature_layers)
@@ -148,13 +141,36 @@ def measure_phases(target: Any, drafter: Drafter | None, prompts: Sequence[Any],
     forward = functools.partial(_forward_calls, target.params, cache, tree, config=config,
                                 max_depth=1 if method is None else method.max_depth,
                                 feature_layers=feature_layers, calls=calls)
-    out = {"root_ms": _median_ms(functools.partial(forward, root_only=True), calls, repeats)}
+    fns = {"root_ms": functools.partial(forward, root_only=True)}
     if drafter is not None:
-        out["verify_ms"] = _median_ms(functools.partial(forward, root_only=False), calls, repeats)
-        out["draft_ms"] = _median_ms(functools.partial(
-            _draft_calls, drafter.params, state.drafter_state, root_B, cache.lengths, method=method, calls=calls),
-            calls, repeats)
-    return out
+        fns["verify_ms"] = functools.partial(forward, root_only=False)
+        fns["draft_ms"] = functools.partial(_draft_calls, drafter.params, state.drafter_state, root_B, cache.lengths,
+                                            method=method, calls=calls)
+    for fn in fns.values():
+        jax.block_until_ready(fn())  # compile and warm up
+    return fns
+
+
+def time_phases(fns_by_method: dict[str, dict[str, Callable[[], jax.Array]]], calls: int, rounds: int = 7
+                ) -> dict[str, dict[str, float]]:
+    """Median ms per call of every phase of every method, timed round-robin (every phase once per round),
+    so a change in machine load hits all of them alike."""
+    per_call: dict[str, dict[str, list[float]]] = {m: {k: [] for k in fns} for m, fns in fns_by_method.items()}
+    for _ in range(rounds):
+        for method, fns in fns_by_method.items():
+            for phase, fn in fns.items():
+                start = time.perf_counter()
+                jax.block_until_ready(fn())
+                per_call[method][phase].append((time.perf_counter() - start) / calls * 1e3)
+    return {m: {k: statistics.median(v) for k, v in phases.items()} for m, phases in per_call.items()}
+
+
+def measure_phases(target: Any, drafter: Drafter | None, prompts: Sequence[Any], *, max_new_tokens: int,
+                   max_len: int, temperature: float = 0.0, calls: int = 16, rounds: int = 7) -> dict[str, float]:
+    """`phase_calls` then `time_phases` for one method: median ms per call of each of its phases."""
+    fns = phase_calls(target, drafter, prompts, max_new_tokens=max_new_tokens, max_len=max_len,
+                      temperature=temperature, calls=calls)
+    return time_phases({"method": fns}, calls, rounds)["method"]
 
 
 def phase_breakdown(phases: dict[str, float], iteration_ms: float, iterations: int, verify_steps: int
