@@ -8,8 +8,12 @@ SGLang (`--speculative-algorithm EAGLE3`) and vLLM (`"method": "eagle3"`) serve:
 D (absent: H / N), `rms_norm_eps`, `rope_theta` (absent: 10000, which is what the Llama-3.1 drafter
 uses) and `rope_scaling` (absent: none), `vocab_size` V (the target's), `draft_vocab_size` Vd
 (absent: V), and optionally `eagle_config.eagle_aux_hidden_state_layer_ids`: the target layers whose
-*inputs* are captured (vLLM's convention; our `feature_layers` are 0-indexed layer *outputs*, so
-feature layer = id - 1; absent: EAGLE-3's default, `eagle3.default_feature_layers`).
+outputs are the features, 0-indexed, which is exactly our `feature_layers` (absent: EAGLE-3's
+default, `eagle3.default_feature_layers`). That is SpecForge's and SGLang's reading (SGLang captures
+the input of layer id + 1). vLLM reads the same key as the layers whose *input* is captured, one
+layer earlier, and agrees with SGLang only on the default layers; so export writes the key only
+when the layers differ from the default, and a drafter with non-default layers served by vLLM needs
+its ids raised by one there.
 
 `model.safetensors` (torch layout: a Linear weight is [out, in]; our kernels are [in, out]):
 
@@ -75,8 +79,8 @@ _OPTIONAL = ("embed_tokens.weight",)
 def config_from_hf(cfg: dict, target: ModelConfig | None = None, dtype: str = "float32",
                    ttt_steps: int = 7) -> eagle3.Eagle3Config:
     """An EAGLE-3 config.json dict -> Eagle3Config. The feature layers come from
-    `eagle_config.eagle_aux_hidden_state_layer_ids` (minus one) or, absent, EAGLE-3's default for
-    `target`'s depth (then `target` is required)."""
+    `eagle_config.eagle_aux_hidden_state_layer_ids` (0-indexed layer outputs, as SpecForge and SGLang
+    read them) or, absent, EAGLE-3's default for `target`'s depth (then `target` is required)."""
     if ARCHITECTURE not in (cfg.get("architectures") or ()):
         raise ValueError(f"architectures={cfg.get('architectures')!r}: not an EAGLE-3 drafter (expected "
                          f"[{ARCHITECTURE!r}])")
@@ -97,7 +101,7 @@ def config_from_hf(cfg: dict, target: ModelConfig | None = None, dtype: str = "f
     draft_vocab = cfg.get("draft_vocab_size")
     aux = (cfg.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
     if aux is not None:
-        layers = tuple(int(i) - 1 for i in aux)
+        layers = tuple(int(i) for i in aux)
     elif target is not None:
         layers = eagle3.default_feature_layers(target.num_layers)
     else:
@@ -138,9 +142,10 @@ def config_to_hf(config: eagle3.Eagle3Config, target: ModelConfig | None = None)
         "attention_bias": False,
         "mlp_bias": False,
         "torch_dtype": config.dtype,
-        "eagle_config": {"use_aux_hidden_state": True,
-                         "eagle_aux_hidden_state_layer_ids": [i + 1 for i in config.feature_layers]},
     }
+    if target is None or tuple(config.feature_layers) != eagle3.default_feature_layers(target.num_layers):
+        out["eagle_config"] = {"use_aux_hidden_state": True,
+                               "eagle_aux_hidden_state_layer_ids": list(config.feature_layers)}
     if target is not None:
         out["max_position_embeddings"] = target.max_position_embeddings
         out["bos_token_id"] = target.bos_token_id

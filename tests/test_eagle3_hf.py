@@ -95,9 +95,15 @@ def test_config_reads_the_published_fields():
     assert (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size) == (H, H // N_HEADS, F, V)
     assert (cfg.draft_vocab_size, cfg.draft_vocab, cfg.rope_theta, cfg.rope_scaling) == (VD, VD, 10000.0, None)
     assert cfg.feature_layers == eagle3.default_feature_layers(TARGET.num_layers) and cfg.rms_norm_eps == 1e-5
-    # vLLM's aux layer ids are the inputs of target layers: ours are the outputs one layer earlier.
-    aux = eagle3_hf.config_from_hf(published_config(False, eagle_config={"eagle_aux_hidden_state_layer_ids": [1, 2, 4]}))
-    assert aux.feature_layers == (0, 1, 3) and aux.draft_vocab_size is None and aux.draft_vocab == V
+    # SpecForge / SGLang aux layer ids are 0-indexed layer outputs, as our feature_layers.
+    aux = eagle3_hf.config_from_hf(published_config(False, eagle_config={"eagle_aux_hidden_state_layer_ids": [0, 2, 3]}))
+    assert aux.feature_layers == (0, 2, 3) and aux.draft_vocab_size is None and aux.draft_vocab == V
+    # Export names the layers only when they are not EAGLE-3's default for the target (vLLM reads the
+    # key one layer lower than SGLang; on the default layers both agree without it).
+    default = eagle3.Eagle3Config.for_target(TARGET)
+    assert "eagle_config" not in eagle3_hf.config_to_hf(default, TARGET)
+    assert eagle3_hf.config_to_hf(aux, TARGET)["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [0, 2, 3]
+    assert eagle3_hf.config_from_hf(eagle3_hf.config_to_hf(aux, TARGET), TARGET) == aux
     llama3 = published_config(False, rope_theta=500000.0, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8192})
@@ -188,7 +194,7 @@ def test_export_import_round_trip(tmp_path, dtype):
     for key, value in original.items():
         assert written[key].dtype == value.dtype and written[key].shape == value.shape, key
         np.testing.assert_array_equal(written[key], value, err_msg=key)
-    config2, params2, mapping2 = eagle3_hf.read_eagle3_hf(tmp_path / "out", dtype=name)  # layers from eagle_config
+    config2, params2, mapping2 = eagle3_hf.read_eagle3_hf(tmp_path / "out", TARGET, dtype=name)
     assert config2 == config
     np.testing.assert_array_equal(mapping2, mapping)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
