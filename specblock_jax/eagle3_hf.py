@@ -311,3 +311,18 @@ def export_eagle3_hf(config: eagle3.Eagle3Config, params: Any, out_dir: str | os
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def export_drafter_dir(drafter_dir: str | os.PathLike, target: Any, out_dir: str | os.PathLike, *,
+                       include_embedding: bool = False, overwrite: bool = False) -> pathlib.Path:
+    """A trained project drafter directory (`drafter_io`, e.g. train_drafter's export) -> the published
+    EAGLE-3 format for `target` (a `Target`), for SGLang / vLLM. `include_embedding` also writes the
+    target's table as `embed_tokens.weight` (by default the engines take it from the target)."""
+    from specblock_jax import drafter_io  # drafter_io imports this module lazily; keep the cycle out of import time
+
+    method, params = drafter_io.load(drafter_dir, target)
+    if not isinstance(method, Eagle3Method):
+        raise ValueError(f"{drafter_dir} holds a {type(method).__name__} drafter, not EAGLE-3")
+    return export_eagle3_hf(method.config, jax.device_get(params["drafter"]), out_dir, params.get("draft_to_target"),
+                            target=target.config, embed_table=params["embed"] if include_embedding else None,
+                            overwrite=overwrite)

@@ -216,9 +216,16 @@ def test_project_drafter_directory_keeps_the_vocab_map(tmp_path, target):
     loaded, method_params = drafter_io.load(tmp_path / "d", target)
     assert loaded == method
     np.testing.assert_array_equal(np.asarray(method_params["draft_to_target"]), DRAFT_TO_TARGET)
-    # ... and export to the published format from a project drafter.
-    eagle3_hf.export_eagle3_hf(cfg, params, tmp_path / "hf", DRAFT_TO_TARGET, target=TARGET)
+    # ... and that directory exported to the published format, with the target's table when asked.
+    eagle3_hf.export_drafter_dir(tmp_path / "d", target, tmp_path / "hf", include_embedding=True)
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["draft_vocab_size"] == VD
+    written = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    np.testing.assert_array_equal(written["embed_tokens.weight"], np.asarray(target.params["embed_tokens"]["embedding"]))
+    np.testing.assert_array_equal(written["lm_head.weight"], np.asarray(params["lm_head"]["kernel"]).T)
+    np.testing.assert_array_equal(written["d2t"] + np.arange(VD), DRAFT_TO_TARGET)
+    reread = eagle3_hf.read_eagle3_hf(tmp_path / "hf", TARGET)  # the optional embedding is accepted and skipped
+    assert reread[0] == dataclasses.replace(cfg, ttt_steps=7)  # ttt_steps is training-only: not in the format
+    assert "embed_tokens" not in reread[1]
 
 
 def test_vocab_mapping_from_token_counts():
