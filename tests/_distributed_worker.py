@@ -1,11 +1,12 @@
-"""Subprocess half of tests/test_sharding.py: the sharded train step where jax sees several devices.
+"""Subprocess half of tests/test_sharding.py: the sharded train steps (target, and EAGLE-3 drafter with
+the frozen target inside) where jax sees several devices.
 
     python _distributed_worker.py meshes WORKDIR                 # 8 simulated devices, every mesh shape
     python _distributed_worker.py process WORKDIR PORT ID COUNT  # one of COUNT jax.distributed processes
 
 The caller sets XLA_FLAGS (the device count), which must happen before jax starts. Inputs come from
 WORKDIR/config.json and WORKDIR/inputs.npz (written by the test); each run writes its losses and
-final (gathered) params to WORKDIR/<name>.npz and prints one JSON line of facts about the layout.
+final (gathered) params to WORKDIR/<name>.npz and WORKDIR/drafter_<name>.npz and prints one JSON line of facts about the layout.
 """
 
 import json
@@ -19,8 +20,9 @@ from jax.experimental import multihost_utils
 
 from specblock_jax import sharding
 from specblock_jax.config import ModelConfig, from_dict
-from specblock_jax.models import target
+from specblock_jax.models import eagle3, target
 from specblock_jax.optim import OptimConfig, make_optimizer
+from train import train_drafter
 from train.train_target import make_train_step
 
 MESHES = {  # name -> MeshConfig, for 8 devices
@@ -38,6 +40,32 @@ def load_inputs(workdir: pathlib.Path):
                                            if k.startswith("params/")}, sep="/")
     batches = {k[len("batch/"):]: v for k, v in arrays.items() if k.startswith("batch/")}  # [steps, B, T]
     return from_dict(ModelConfig, cfg["model"]), from_dict(OptimConfig, cfg["optim"]), params, batches
+
+
+def load_drafter_inputs(workdir: pathlib.Path):
+    """(frozen target config, its params, drafter config, initial drafter params, batches [steps, B, T])."""
+    cfg = json.loads((workdir / "config.json").read_text())
+    arrays = dict(np.load(workdir / "drafter_inputs.npz"))
+    tree = lambda prefix: traverse_util.unflatten_dict({k[len(prefix):]: v for k, v in arrays.items()
+                                                        if k.startswith(prefix)}, sep="/")
+    return (from_dict(ModelConfig, cfg["draft_target"]), tree("target/"),
+            from_dict(eagle3.Eagle3Config, cfg["drafter"]), tree("drafter/"), tree("batch/"))
+
+
+def train_drafter_sharded(mesh, workdir: pathlib.Path, optimizer, rows: slice):
+    """train_drafter's jitted step on `mesh`: the target's params laid out once, the drafter's state sharded."""
+    target_cfg, target_params, config, params, batches = load_drafter_inputs(workdir)
+    target_sh = sharding.logical_to_sharding(target.param_axes(target_cfg), mesh, target_params)
+    target_params = sharding.shard_params(target_params, target_sh)
+    state, state_sh = train_drafter.init_state(params, config, optimizer, mesh)
+    step, _ = train_drafter.jit_steps(target_cfg, config, optimizer, state_sh, target_sh,
+                                      sharding.batch_sharding(mesh))
+    losses = []
+    for i in range(len(batches["tokens"])):
+        state, metrics = step(state, target_params, sharding.global_batch({k: v[i, rows] for k, v in batches.items()},
+                                                                         mesh))
+        losses.append(metrics.loss)
+    return state, losses
 
 
 def train_sharded(mesh, model_cfg, optimizer, params, batches, rows: slice):
@@ -98,6 +126,9 @@ def misuse_errors(model_cfg) -> dict:
         "indivisible_batch": error_of(lambda: sharding.global_batch({"input_ids": np.zeros((12, 4), np.int32)},
                                                                     mesh8)),
         "mesh_too_big": error_of(lambda: sharding.make_mesh(sharding.MeshConfig(data=4, tensor=4))),
+        "drafter_batch": error_of(lambda: train_drafter.check_batch_split(train_drafter.DrafterTrainConfig(
+            OptimConfig(learning_rate=1e-3, total_steps=2, warmup_steps=0), batch_size=12),
+            sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=4)))),
     }
 
 
@@ -110,6 +141,8 @@ def run_meshes(workdir: pathlib.Path) -> dict:
                                                slice(None))
         save(workdir, name, state, losses)
         report[name] = {**layout(state), "rows_ok": rows_ok}
+        save(workdir, f"drafter_{name}", *train_drafter_sharded(sharding.make_mesh(cfg), workdir, optimizer,
+                                                                slice(None)))
     report["errors"] = misuse_errors(model_cfg)
     return report
 
@@ -124,6 +157,7 @@ def run_process(workdir: pathlib.Path, port: int, process_id: int, count: int) -
     rows = slice(process_id * rows_per_process, (process_id + 1) * rows_per_process)
     state, losses, rows_ok = train_sharded(mesh, model_cfg, make_optimizer(optim_cfg), params, batches, rows)
     save(workdir, "distributed", state, losses)
+    save(workdir, "drafter_distributed", *train_drafter_sharded(mesh, workdir, make_optimizer(optim_cfg), rows))
     report = {"process_count": jax.process_count(), "devices": jax.device_count(),
               "local_devices": jax.local_device_count(), "mesh": dict(mesh.shape), "rows_ok": rows_ok,
               **layout(state)}

@@ -1,5 +1,6 @@
-"""Sharding: mesh config, logical-axis rules, and a sharded train step that matches the single-device one
-on 8 simulated devices (4 mesh shapes) and across two `jax.distributed` processes.
+"""Sharding: mesh config, logical-axis rules, and sharded train steps (the target's, and the EAGLE-3
+drafter's with the frozen target inside) that match the single-device ones on 8 simulated devices
+(4 mesh shapes) and across two `jax.distributed` processes.
 
 Multi-device runs happen in subprocesses (tests/_distributed_worker.py): XLA_FLAGS must be set before
 jax starts, and this process keeps its single device for the other tests. Both kinds are launched together
@@ -29,13 +30,14 @@ from jax.sharding import PartitionSpec
 
 from specblock_jax import sharding
 from specblock_jax.config import ConfigError, ModelConfig, from_dict, to_dict
-from specblock_jax.models import target
+from specblock_jax.models import eagle3, target
 from specblock_jax.optim import OptimConfig, make_optimizer
+from train import train_drafter
 from train.train_target import make_train_step
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "_distributed_worker.py"
-TIMEOUT_S = 120  # a hung collective fails the test instead of hanging CI
+TIMEOUT_S = 420  # a hung collective fails the test instead of hanging CI
 MODEL = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
                     intermediate_size=64)
 OPTIM = OptimConfig(learning_rate=1e-3, total_steps=10, warmup_steps=0, weight_decay=0.1)
@@ -43,6 +45,9 @@ STEPS, BATCH, SEQ = 2, 8, 16
 LOSS_RTOL = 1e-5
 PARAM_RTOL, PARAM_ATOL = 1e-5, 1e-2 * OPTIM.learning_rate
 MESH_NAMES = ("data8", "data2_fsdp2_tensor2", "data1_fsdp4_tensor2", "fsdp8")
+DRAFT_TARGET = ModelConfig(vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8,
+                           intermediate_size=64)  # EAGLE-3 reads 3 distinct layers
+DRAFTER = eagle3.Eagle3Config.for_target(DRAFT_TARGET, ttt_steps=2)
 
 
 def free_port() -> int:
@@ -94,7 +99,15 @@ def workdir(tmp_path_factory):
     flat = traverse_util.flatten_dict(params, sep="/")
     np.savez(path / "inputs.npz", **{f"params/{k}": v for k, v in flat.items()},
              **{f"batch/{k}": v for k, v in batches.items()})
-    (path / "config.json").write_text(json.dumps({"model": to_dict(MODEL), "optim": to_dict(OPTIM)}))
+    (path / "config.json").write_text(json.dumps({"model": to_dict(MODEL), "optim": to_dict(OPTIM),
+                                                  "draft_target": to_dict(DRAFT_TARGET), "drafter": to_dict(DRAFTER)}))
+    target_params = jax.tree.map(np.asarray, target.init_params(DRAFT_TARGET, jax.random.key(1)))
+    drafter_params = jax.tree.map(np.asarray, eagle3.init_params(DRAFTER, jax.random.key(2)))
+    tokens = rng.integers(0, DRAFT_TARGET.vocab_size, (STEPS, BATCH, SEQ)).astype(np.int32)
+    drafter_batches = {"tokens": tokens, "loss_mask": mask}
+    flat = lambda prefix, tree: {f"{prefix}/{k}": v for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
+    np.savez(path / "drafter_inputs.npz", **flat("target", target_params), **flat("drafter", drafter_params),
+             **flat("batch", drafter_batches))
     return path, params, batches
 
 
@@ -132,6 +145,23 @@ def reference(workdir):
     for i in range(STEPS):
         state, loss = step(state, {k: v[i] for k, v in batches.items()})
         losses.append(float(loss))
+    return np.array(losses), traverse_util.flatten_dict(jax.tree.map(np.asarray, state["params"]), sep="/")
+
+
+@pytest.fixture(scope="module")
+def drafter_reference(workdir):
+    """train_drafter's step, jitted on one device without shardings: losses and final drafter params."""
+    arrays = np.load(workdir[0] / "drafter_inputs.npz")
+    tree = lambda prefix: traverse_util.unflatten_dict({k[len(prefix):]: arrays[k] for k in arrays.files
+                                                        if k.startswith(prefix)}, sep="/")
+    optimizer = make_optimizer(OPTIM)
+    step = jax.jit(train_drafter.make_train_step(DRAFT_TARGET, DRAFTER, optimizer))
+    params, target_params, batches = tree("drafter/"), tree("target/"), tree("batch/")
+    state = {"params": params, "opt_state": optimizer.init(params)}
+    losses = []
+    for i in range(STEPS):
+        state, metrics = step(state, target_params, {k: v[i] for k, v in batches.items()})
+        losses.append(float(metrics.loss))
     return np.array(losses), traverse_util.flatten_dict(jax.tree.map(np.asarray, state["params"]), sep="/")
 
 
@@ -206,6 +236,13 @@ def test_sharded_step_matches_single_device_on_every_mesh_shape(workers, workdir
         assert r["mu_spec_equals_q"] and r["count_spec"] == [] and r["rows_ok"], name
 
 
+def test_sharded_drafter_step_matches_single_device_on_every_mesh_shape(workers, workdir, drafter_reference):
+    workers("meshes")
+    diffs = {name: max_differences(load_result(workdir[0] / f"drafter_{name}.npz"), drafter_reference)
+             for name in MESH_NAMES}
+    print("drafter: max |sharded - single device|:", json.dumps(diffs))
+
+
 def test_misuse_errors_name_the_parameter_and_sizes(workers):
     errors = workers("meshes")[0]["errors"]
     param = errors["indivisible_param"]
@@ -213,6 +250,8 @@ def test_misuse_errors_name_the_parameter_and_sizes(workers):
         assert part in param, (part, param)
     assert "(12, 4)" in errors["indivisible_batch"] and "multiple of 8" in errors["indivisible_batch"]
     assert "'tensor': 4" in errors["mesh_too_big"] and "8 device" in errors["mesh_too_big"]
+    assert errors["drafter_batch"] == ("batch_size 12 does not split over the mesh's data * fsdp = 8 batch shards "
+                                       "and 1 process(es)")
 
 
 def test_two_processes_match_one_process(workers, workdir, reference):
@@ -223,3 +262,9 @@ def test_two_processes_match_one_process(workers, workdir, reference):
         assert (r["q_spec"], r["q_shard_shape"], r["q_shards"]) == (["fsdp", "tensor"], [16, 32], 2), i
     diffs = max_differences(load_result(workdir[0] / "distributed.npz"), reference)
     print("max |2 processes - single device|:", json.dumps(diffs))
+
+
+def test_two_processes_match_one_process_for_the_drafter_step(workers, workdir, drafter_reference):
+    workers("distributed")
+    diffs = max_differences(load_result(workdir[0] / "drafter_distributed.npz"), drafter_reference)
+    print("drafter: max |2 processes - single device|:", json.dumps(diffs))
