@@ -17,7 +17,8 @@ method's phases are timed (infer/timing.py) and the final report, a markdown tab
 written. Per method: medians of per-run tokens/s (new tokens over prefill + decode seconds) and of the
 per-run ratio to `ar` (`speedup_vs_ar`; `speedup_vs_ar_total` is the ratio of all tokens over all
 seconds, which weighs long runs more); tau (tokens committed per target forward of the loop, bonus included, from the
-acceptance-length histogram); ms per loop iteration split into draft / verify / other; and, when
+acceptance-length histogram); ms per loop iteration (`iteration_ms`, from the timed runs) and, timed
+apart on the first batch, split into draft / verify / other (infer/timing.py); and, when
 greedy, the prompts whose output differs from `ar`'s: verification is lossless, so any mismatch is a
 bug, reported loudly and with exit status 1.
 """
@@ -269,7 +270,7 @@ def run(args: argparse.Namespace, target: Any, prompts: list[str], drafters: dic
                                               max_len=runs[method][0][2].stats["max_len"],
                                               temperature=args.temperature, calls=args.timing_calls)
                    for method in tqdm(methods, desc="phase timing: compile", unit="method")}
-            phases.update(timing.time_phases(fns, args.timing_calls))
+            phases.update(timing.time_phases(fns))
     except BaseException as e:
         reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         try:
@@ -347,11 +348,9 @@ def summarize(args: argparse.Namespace, runs: dict[str, list], phases: dict[str,
             mismatched_prompts=mismatched if greedy else None,
             tokens_per_s_runs=[_rate(out) for _, _, out in outs],
         )
-        breakdown = (timing.phase_breakdown(phases[method], iteration_ms, iterations, verify_steps)
-                     if method in phases else
-                     {"iteration_ms": iteration_ms, "draft_ms_per_iter": None, "verify_ms_per_iter": None,
-                      "other_ms_per_iter": None})
-        entry.update(breakdown, phase_ms=phases.get(method))
+        breakdown = (timing.phase_breakdown(phases[method]) if method in phases else dict.fromkeys(
+            ("loop_ms_per_iter", "draft_ms_per_iter", "verify_ms_per_iter", "other_ms_per_iter")))
+        entry.update(breakdown, iteration_ms=iteration_ms, phase_ms=phases.get(method))
         if greedy and mismatched:
             warnings.append(f"{method}: {len(mismatched)} of {entry['prompts']} prompts differ from ar's greedy output "
                             f"(prompts {mismatched[:10]}{' ...' if len(mismatched) > 10 else ''}). Speculative "
@@ -363,15 +362,16 @@ def table(report: dict) -> str:
     def f(value, fmt):
         return "-" if value is None else format(value, fmt)
 
-    lines = ["| method | tokens/s | speedup vs ar (median / total) | tau | ms/iter | draft | verify | other "
-             "| drafter fwd/iter | iterations | mismatches vs ar |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | tokens/s | speedup vs ar (median / total) | tau | ms/iter (runs / timed) | draft | verify "
+             "| other | drafter fwd/iter | iterations | mismatches vs ar |", "|---" * 11 + "|"]
     for name, m in report["methods"].items():
         if not m.get("runs"):
             lines.append(f"| {name} | (no runs) |" + " |" * 9)
             continue
         lines.append(f"| {name} | {m['tokens_per_s']:.0f} | {f(m['speedup_vs_ar'], '.3f')} / "
                      f"{f(m['speedup_vs_ar_total'], '.3f')} | {f(m['tau'], '.2f')} | "
-                     f"{m['iteration_ms']:.2f} | {f(m['draft_ms_per_iter'], '.2f')} | "
+                     f"{m['iteration_ms']:.2f} / {f(m['loop_ms_per_iter'], '.2f')} | "
+                     f"{f(m['draft_ms_per_iter'], '.2f')} | "
                      f"{f(m['verify_ms_per_iter'], '.2f')} | {f(m['other_ms_per_iter'], '.2f')} | "
                      f"{m['drafter_forwards_per_iter']:.2f} | {m['iterations']} | {f(m['mismatches_vs_ar'], 'd')} |")
     return "\n".join(lines)

@@ -4,25 +4,28 @@ The decoding loop is one jitted `jax.lax.while_loop`, so its phases cannot be ti
 are timed outside, on real inputs, with the same functions the loop runs:
 
 1. A real state: `decode.spec_init` (prefill with the drafter's feature layers, first token, drafter
-   init) of a benchmark prompt batch, with the run's cache length and sampling.
-2. **draft**: the drafter's `method.draft` on that state, `calls` times in a row inside one jitted
+   init) of the first benchmark batch, with the run's cache length and sampling (`decode.plain_init`
+   for plain decoding).
+2. **loop**: the whole decoding loop (`decode.spec_loop` / `decode.plain_loop`) from that state, as
+   `generate` runs it; ms per loop iteration.
+3. **draft**: the drafter's `method.draft` on that state, `calls` times in a row inside one jitted
    `fori_loop`: each call's inputs carry a run-time zero computed from the previous call's outputs
    (so XLA can hoist no part of a call out of the loop) and every field of every tree feeds a
    checksum (so no part is dead code); ms per call.
-3. **verify**: `decode.verify_forward` (the target forward over the tree's N + 1 nodes, with the tree
-   mask) on the tree of step 2 and the state's cache, likewise chained through the returned cache;
-   and `decode.root_forward` (the single-token forward the loop runs instead when no row drafted
+4. **verify**: `decode.verify_forward` (the target forward over the tree's N + 1 nodes, with the tree
+   mask) on the tree of step 3 and the state's cache, chained the same way; and **root**:
+   `decode.root_forward` (the single-token forward the loop runs instead when no row drafted
    anything, and the only forward of plain decoding). Logits are reduced over the vocabulary, as
    acceptance does, so none of the LM head is dead code.
-4. Each figure is the median over `rounds` dispatches of `calls` calls (per-call dispatch overhead,
-   which the while_loop does not pay, is spread over `calls`), every phase of every method timed once
-   per round, round-robin, so a change in machine load hits them all alike.
+5. Each figure is the median over `rounds` dispatches (per-call dispatch overhead, which the
+   while_loop does not pay, is spread over `calls`), every phase of every method timed once per
+   round, round-robin, so a change in machine load hits them all alike.
 
-A method's per-iteration figures (`phase_breakdown`): draft = draft ms; verify = (verify steps x
-verify ms + single steps x root ms) / iterations, from the run's own step counts; other = the loop's
-measured ms per iteration minus both (acceptance, KV commit, drafter commit, tree sanitizing, output
-bookkeeping; it can come out slightly negative from noise). Shapes are static, so a phase costs the
-same at every step of a run.
+A method's per-iteration figures (`phase_breakdown`), all from those same rounds: loop = loop ms per
+iteration; draft = draft ms; verify = (verify steps x verify ms + single steps x root ms) / iterations,
+with the loop's own step counts; other = loop - draft - verify: acceptance, KV commit, drafter commit,
+tree sanitizing, output bookkeeping (noise can make it slightly negative). Shapes are static, so a
+phase costs the same at every step of a run.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import functools
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,15 +46,14 @@ from specblock_jax.drafter import Drafter
 from specblock_jax.sampling import SamplingParams
 
 TIMING_METHOD = (
-    "draft_ms_per_iter: the drafter's draft() alone, jitted, on the state spec_init returns after prefilling "
-    "the first benchmark batch (cache length as in the run), chained calls inside one fori_loop, median over "
-    "dispatches timed round-robin with every other phase and method. verify_ms_per_iter: the target's verify "
-    "forward over the budget+1-node tree (decode.verify_forward) and the single-token forward "
-    "(decode.root_forward), timed the same way, weighted by the run's verify and single steps. ar: verify = "
-    "root_forward, draft = 0. iteration_ms: the timed runs' decode seconds / loop iterations (median over runs). "
-    "other_ms_per_iter = iteration_ms - draft - verify: acceptance, KV commit, drafter commit and bookkeeping "
-    "(a difference of measurements taken at different times: machine load changes show up in it). "
-    "See infer/timing.py."
+    "All on the first benchmark batch, from the state after prefill (decode.spec_init / plain_init, cache length "
+    "as in the run), every phase of every method timed round-robin, medians over rounds. loop_ms_per_iter: the "
+    "whole decoding loop (decode.spec_loop / plain_loop) / its iterations. draft_ms_per_iter: the drafter's "
+    "draft() alone, chained calls inside one jitted fori_loop. verify_ms_per_iter: the target's forward over the "
+    "budget+1-node tree (decode.verify_forward) and its single-token forward (decode.root_forward), timed the "
+    "same way, weighted by the loop's verify and single steps (ar: root_forward; draft 0). other_ms_per_iter = "
+    "loop - draft - verify: acceptance, KV commit, drafter commit, bookkeeping. iteration_ms: the timed runs' "
+    "decode seconds / loop iterations, median over all runs. See infer/timing.py."
 )
 
 
@@ -116,71 +118,91 @@ def prompt_array(target: Any, prompts: Sequence[str] | Sequence[Sequence[int]], 
     return prompt_BxT, np.array([len(row) for row in ids], np.int32)
 
 
+class Phases(NamedTuple):
+    """Compiled, warmed-up zero-argument functions, and what one call of each covers."""
+    fns: dict[str, Callable[[], Any]]  # phase -> function
+    per_call: dict[str, int]  # phase -> phase executions per call (calls, or the loop's iterations)
+    loop_iterations: int  # iterations of the whole loop on this batch
+    loop_verify_steps: int  # of which verified a tree (the rest ran the single-token forward)
+
+
 def phase_calls(target: Any, drafter: Drafter | None, prompts: Sequence[Any], *, max_new_tokens: int,
-                max_len: int, temperature: float = 0.0, calls: int = 16) -> dict[str, Callable[[], jax.Array]]:
-    """Compiled, warmed-up functions that each run one phase `calls` times on `prompts` (one batch):
-    `root_ms` (the single-token forward) and, with a drafter, `draft_ms` and `verify_ms` (the tree forward)."""
+                max_len: int, temperature: float = 0.0, calls: int = 16) -> Phases:
+    """The phases of one decoding iteration on `prompts` (one batch): `root` (the single-token forward),
+    `loop` (the whole decoding loop from the prefilled state) and, with a drafter, `draft` and `verify`
+    (the tree forward)."""
     config = target.config
     prompt_BxT, lens_B = prompt_array(target, prompts, max_len)
     feature_layers = () if drafter is None else tuple(drafter.method.feature_layers)
     method = None if drafter is None else drafter.method
-    eos_ids, sampling = tuple(config.eos_token_ids), SamplingParams(temperature)
+    static = dict(sampling=SamplingParams(temperature), eos_ids=tuple(config.eos_token_ids))
+    init_args = (prompt_BxT, lens_B, jax.random.key(0))
+    fns = {}
     if drafter is not None:
-        state = decode.spec_init(target.params, config, drafter.params, prompt_BxT, lens_B, jax.random.key(0),
-                                 method=method, max_new_tokens=max_new_tokens, max_len=max_len,
-                                 sampling=sampling, eos_ids=eos_ids)
+        state = decode.spec_init(target.params, config, drafter.params, *init_args, method=method,
+                                 max_new_tokens=max_new_tokens, max_len=max_len, **static)
         cache, root_B = state.cache, state.root_B
         tree, _, _ = jax.jit(method.draft)(drafter.params, state.drafter_state, root_B, cache.lengths)
         # As the loop feeds it: the loop's root at node 0, invalid nodes as token 0.
         tree = tree.replace(tokens=jnp.where(tree.valid, tree.tokens, 0).at[:, 0].set(root_B))
+        fns["loop"] = functools.partial(decode.spec_loop, target.params, config, drafter.params, state, method=method,
+                                        **static)
     else:
-        state = decode.plain_init(target.params, config, prompt_BxT, lens_B, jax.random.key(0),
-                                  max_new_tokens=max_new_tokens, max_len=max_len, sampling=sampling, eos_ids=eos_ids)
+        state = decode.plain_init(target.params, config, *init_args, max_new_tokens=max_new_tokens, max_len=max_len,
+                                  **static)
         cache = state.cache
         tree = tree_lib.root_only(state.tokens_BxN[:, 0], 0)
+        fns["loop"] = functools.partial(decode.plain_loop, target.params, config, state, **static)
     forward = functools.partial(_forward_calls, target.params, cache, tree, config=config,
                                 max_depth=1 if method is None else method.max_depth,
                                 feature_layers=feature_layers, calls=calls)
-    fns = {"root_ms": functools.partial(forward, root_only=True)}
+    fns["root"] = functools.partial(forward, root_only=True)
     if drafter is not None:
-        fns["verify_ms"] = functools.partial(forward, root_only=False)
-        fns["draft_ms"] = functools.partial(_draft_calls, drafter.params, state.drafter_state, root_B, cache.lengths,
-                                            method=method, calls=calls)
-    for fn in fns.values():
-        jax.block_until_ready(fn())  # compile and warm up
-    return fns
+        fns["verify"] = functools.partial(forward, root_only=False)
+        fns["draft"] = functools.partial(_draft_calls, drafter.params, state.drafter_state, root_B, cache.lengths,
+                                         method=method, calls=calls)
+    outputs = {phase: jax.block_until_ready(fn()) for phase, fn in fns.items()}  # compile and warm up
+    final = outputs["loop"]
+    iterations = int(final.iterations)
+    verify_steps = int(final.stats.verify_steps) if drafter is not None else iterations
+    per_call = {phase: max(iterations, 1) if phase == "loop" else calls for phase in fns}
+    return Phases(fns, per_call, iterations, verify_steps)
 
 
-def time_phases(fns_by_method: dict[str, dict[str, Callable[[], jax.Array]]], calls: int, rounds: int = 7
-                ) -> dict[str, dict[str, float]]:
-    """Median ms per call of every phase of every method, timed round-robin (every phase once per round),
-    so a change in machine load hits all of them alike."""
-    per_call: dict[str, dict[str, list[float]]] = {m: {k: [] for k in fns} for m, fns in fns_by_method.items()}
+def time_phases(phases_by_method: dict[str, Phases], rounds: int = 7) -> dict[str, dict[str, float]]:
+    """`<phase>_ms`: median ms per execution of every phase of every method, timed round-robin (every
+    phase once per round), so a change in machine load hits all of them alike; plus each method's
+    `loop_iterations` and `loop_verify_steps`."""
+    times: dict[str, dict[str, list[float]]] = {m: {k: [] for k in p.fns} for m, p in phases_by_method.items()}
     for _ in range(rounds):
-        for method, fns in fns_by_method.items():
-            for phase, fn in fns.items():
+        for method, phases in phases_by_method.items():
+            for phase, fn in phases.fns.items():
                 start = time.perf_counter()
                 jax.block_until_ready(fn())
-                per_call[method][phase].append((time.perf_counter() - start) / calls * 1e3)
-    return {m: {k: statistics.median(v) for k, v in phases.items()} for m, phases in per_call.items()}
+                times[method][phase].append((time.perf_counter() - start) / phases.per_call[phase] * 1e3)
+    return {m: {**{f"{k}_ms": statistics.median(v) for k, v in per_phase.items()},
+                "loop_iterations": phases_by_method[m].loop_iterations,
+                "loop_verify_steps": phases_by_method[m].loop_verify_steps}
+            for m, per_phase in times.items()}
 
 
 def measure_phases(target: Any, drafter: Drafter | None, prompts: Sequence[Any], *, max_new_tokens: int,
                    max_len: int, temperature: float = 0.0, calls: int = 16, rounds: int = 7) -> dict[str, float]:
-    """`phase_calls` then `time_phases` for one method: median ms per call of each of its phases."""
-    fns = phase_calls(target, drafter, prompts, max_new_tokens=max_new_tokens, max_len=max_len,
-                      temperature=temperature, calls=calls)
-    return time_phases({"method": fns}, calls, rounds)["method"]
+    """`phase_calls` then `time_phases` for one method."""
+    phases = phase_calls(target, drafter, prompts, max_new_tokens=max_new_tokens, max_len=max_len,
+                         temperature=temperature, calls=calls)
+    return time_phases({"method": phases}, rounds)["method"]
 
 
-def phase_breakdown(phases: dict[str, float], iteration_ms: float, iterations: int, verify_steps: int
-                    ) -> dict[str, float]:
-    """Per-iteration ms of draft, verify and other for a run with these step counts (module docstring)."""
+def phase_breakdown(phases: dict[str, float]) -> dict[str, float]:
+    """Per-iteration ms of the loop and of its draft, verify and other (module docstring)."""
+    iterations, verify_steps = phases["loop_iterations"], phases["loop_verify_steps"]
     if "verify_ms" not in phases:  # plain decoding: every step is one single-token forward
         draft, verify = 0.0, phases["root_ms"]
     else:
-        single = iterations - verify_steps
         draft = phases["draft_ms"]
+        single = iterations - verify_steps
         verify = (verify_steps * phases["verify_ms"] + single * phases["root_ms"]) / max(iterations, 1)
-    return {"iteration_ms": iteration_ms, "draft_ms_per_iter": draft, "verify_ms_per_iter": verify,
-            "other_ms_per_iter": iteration_ms - draft - verify}
+    loop = phases["loop_ms"]
+    return {"loop_ms_per_iter": loop, "draft_ms_per_iter": draft, "verify_ms_per_iter": verify,
+            "other_ms_per_iter": loop - draft - verify}

@@ -18,9 +18,9 @@ from specblock_jax.ngram import NgramMethod
 
 PROMPTS = ["def add(a, b):\n    return a", "ROMEO.\nBut soft, what light"]  # short: one compile per method
 METHOD_KEYS = {"tau", "tokens_per_s", "speedup_vs_ar", "speedup_vs_ar_total", "draft_ms_per_iter",
-               "verify_ms_per_iter", "other_ms_per_iter", "iteration_ms", "drafter_forwards_per_iter", "iterations",
-               "verify_steps", "mismatches_vs_ar", "mismatched_prompts", "acceptance_histogram", "runs", "new_tokens",
-               "prompts", "phase_ms"}
+               "verify_ms_per_iter", "other_ms_per_iter", "iteration_ms", "loop_ms_per_iter",
+               "drafter_forwards_per_iter", "iterations", "verify_steps", "mismatches_vs_ar", "mismatched_prompts",
+               "acceptance_histogram", "runs", "new_tokens", "prompts", "phase_ms"}
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,8 @@ def test_end_to_end_schema_and_no_mismatch(small, tmp_path, target, capsys):
         assert m["runs"] == 2 * 2 and m["prompts"] == 2 and m["mismatches_vs_ar"] == 0, name
         assert m["tokens_per_s"] > 0 and m["iterations"] > 0 and m["iteration_ms"] > 0
         assert m["draft_ms_per_iter"] >= 0 and m["verify_ms_per_iter"] > 0
-        assert m["other_ms_per_iter"] == pytest.approx(m["iteration_ms"] - m["draft_ms_per_iter"]
+        assert m["loop_ms_per_iter"] > 0
+        assert m["other_ms_per_iter"] == pytest.approx(m["loop_ms_per_iter"] - m["draft_ms_per_iter"]
                                                        - m["verify_ms_per_iter"])
         hist = m["acceptance_histogram"]
         assert m["tau"] == pytest.approx(sum(k * n for k, n in enumerate(hist)) / sum(hist))
@@ -83,7 +84,9 @@ def test_end_to_end_schema_and_no_mismatch(small, tmp_path, target, capsys):
     assert ar["tau"] == 1.0 and ar["draft_ms_per_iter"] == 0
     assert ar["iterations"] == 2 * 7  # 8 tokens each, the first from the prefill (no EOS this early)
     assert e3["drafter_forwards_per_iter"] == pytest.approx(2.0)  # EAGLE drafting: max_depth forwards per step
-    assert set(e3["phase_ms"]) == {"draft_ms", "verify_ms", "root_ms"}
+    assert set(e3["phase_ms"]) == {"draft_ms", "verify_ms", "root_ms", "loop_ms", "loop_iterations",
+                                   "loop_verify_steps"}
+    assert e3["phase_ms"]["loop_iterations"] == e3["iterations"] // 2  # the first prompt's loop, timed apart
     stdout = capsys.readouterr().out
     assert "| eagle3 |" in stdout and "WARNING" not in stdout
     for suffix in ("speedup_tau", "time_breakdown", "acceptance"):
@@ -207,15 +210,19 @@ def test_drafter_specs(tmp_path, no_shipped_drafters):
 
 
 def test_phase_breakdown_weights_verify_by_step_kind():
-    phases = {"draft_ms": 1.0, "verify_ms": 4.0, "root_ms": 2.0}
-    got = timing.phase_breakdown(phases, iteration_ms=6.0, iterations=10, verify_steps=5)
-    assert got == {"iteration_ms": 6.0, "draft_ms_per_iter": 1.0, "verify_ms_per_iter": 3.0, "other_ms_per_iter": 2.0}
-    assert timing.phase_breakdown({"root_ms": 2.0}, 2.5, 10, 10)["other_ms_per_iter"] == pytest.approx(0.5)
+    phases = {"draft_ms": 1.0, "verify_ms": 4.0, "root_ms": 2.0, "loop_ms": 6.0, "loop_iterations": 10,
+              "loop_verify_steps": 5}
+    got = timing.phase_breakdown(phases)
+    assert got == {"loop_ms_per_iter": 6.0, "draft_ms_per_iter": 1.0, "verify_ms_per_iter": 3.0,
+                   "other_ms_per_iter": 2.0}
+    plain = {"root_ms": 2.0, "loop_ms": 2.5, "loop_iterations": 10, "loop_verify_steps": 10}
+    assert timing.phase_breakdown(plain)["other_ms_per_iter"] == pytest.approx(0.5)
 
 
 def test_plots_of_a_partial_report(tmp_path):
     report = {"config": {}, "versions": {}, "methods": {
-        "ar": {"runs": 1, "speedup_vs_ar": 1.0, "tau": 1.0, "iteration_ms": 1.0, "draft_ms_per_iter": None,
+        "ar": {"runs": 1, "speedup_vs_ar": 1.0, "tau": 1.0, "iteration_ms": 1.0, "loop_ms_per_iter": None,
+               "draft_ms_per_iter": None,
                "verify_ms_per_iter": None, "other_ms_per_iter": None, "acceptance_histogram": [0, 5]},
         "ngram": {"runs": 0}}}
     paths = plots.write_plots(report, tmp_path / "sub" / "r")
