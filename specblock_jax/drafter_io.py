@@ -28,11 +28,13 @@ from safetensors.numpy import load_file, save_file
 from specblock_jax.config import ConfigError, from_dict, to_dict
 from specblock_jax.eagle3_draft import Eagle3Method, drafter_params
 from specblock_jax.hf import replace_dir
-from specblock_jax.models import eagle3
+from specblock_jax.models import eagle3, specblock
+from specblock_jax.specblock_draft import SpecBlockMethod
+from specblock_jax.specblock_draft import drafter_params as specblock_drafter_params
 
 DRAFTER_JSON = "drafter.json"
 WEIGHTS = "model.safetensors"
-KINDS = ("eagle3",)  # kinds a directory can hold
+KINDS = ("eagle3", "specblock")  # kinds a directory can hold
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,13 +51,26 @@ class Decoding:
                 raise ConfigError(f"decoding {name} must be >= 1, got {getattr(self, name)}")
 
 
-def _expected_shapes(config: eagle3.Eagle3Config) -> dict[str, tuple[int, ...]]:
+@dataclasses.dataclass(frozen=True)
+class SpecBlockDecoding:
+    """SpecBlock's tree knobs (`SpecBlockMethod`'s fields besides the config), saved with the drafter."""
+
+    budget: int = 32
+    max_blocks: int = 2
+    widths: tuple[int, ...] = (2, 4, 6, 4)
+    slot0_width: int = 6
+    topk: int = 4
+    expand: int = 4
+
+
+def _expected_shapes(config: eagle3.Eagle3Config | specblock.SpecBlockConfig) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape, from the drafter's own init (the single source of the layout)."""
-    shapes = jax.eval_shape(lambda: eagle3.init_params(config, jax.random.key(0)))
+    init = specblock.init_params if isinstance(config, specblock.SpecBlockConfig) else eagle3.init_params
+    shapes = jax.eval_shape(lambda: init(config, jax.random.key(0)))
     return {".".join(path): leaf.shape for path, leaf in traverse_util.flatten_dict(shapes).items()}
 
 
-def _check_tensors(config: eagle3.Eagle3Config, tensors: dict[str, Any], where: str) -> None:
+def _check_tensors(config: eagle3.Eagle3Config | specblock.SpecBlockConfig, tensors: dict[str, Any], where: str) -> None:
     """Every drafter tensor present with its shape, nothing else (the target's embedding included)."""
     expected = _expected_shapes(config)
     missing = sorted(set(expected) - set(tensors))
@@ -99,6 +114,22 @@ def save_eagle3(method: Eagle3Method, params: Any, out_dir: str | os.PathLike,
         tensors[MAP_TENSOR] = mapping
     meta = {"kind": "eagle3", "config": to_dict(method.config),
             "decoding": {"budget": method.budget, "max_depth": method.max_depth, "topk": method.topk}}
+    return _write(tensors, meta, out_dir)
+
+
+def save_specblock(method: SpecBlockMethod, params: Any, out_dir: str | os.PathLike) -> pathlib.Path:
+    """Write a SpecBlock drafter's own `params` and `method` (config and tree knobs) to `out_dir`,
+    replacing it atomically, as `save_eagle3` does."""
+    tensors = {".".join(path): np.ascontiguousarray(jax.device_get(x))
+               for path, x in traverse_util.flatten_dict(params).items()}
+    _check_tensors(method.config, tensors, "save_specblock")
+    decoding = {f.name: getattr(method, f.name) for f in dataclasses.fields(SpecBlockDecoding)}
+    meta = {"kind": "specblock", "config": to_dict(method.config), "decoding": to_dict(SpecBlockDecoding(**decoding))}
+    return _write(tensors, meta, out_dir)
+
+
+def _write(tensors: dict[str, np.ndarray], meta: dict[str, Any], out_dir: str | os.PathLike) -> pathlib.Path:
+    """Weights and drafter.json into a hidden sibling of `out_dir`, renamed into place when complete."""
     out_dir = pathlib.Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -139,9 +170,11 @@ def load(path: str | os.PathLike, target: Any) -> tuple[Eagle3Method, dict[str, 
         raise ConfigError(f"{meta_path}: missing key(s) {missing}")
     if meta["kind"] not in KINDS:
         raise ConfigError(f"{meta_path}: unknown drafter kind {meta['kind']!r}; a directory can hold one of {KINDS}")
+    specblock_kind = meta["kind"] == "specblock"
     try:
-        config = from_dict(eagle3.Eagle3Config, meta["config"], "config")
-        decoding = from_dict(Decoding, meta["decoding"], "decoding")
+        config = from_dict(specblock.SpecBlockConfig if specblock_kind else eagle3.Eagle3Config, meta["config"],
+                           "config")
+        decoding = from_dict(SpecBlockDecoding if specblock_kind else Decoding, meta["decoding"], "decoding")
         config.check_target(target.config)
     except ConfigError as e:
         raise ConfigError(f"{meta_path}: {e}") from None
@@ -149,6 +182,12 @@ def load(path: str | os.PathLike, target: Any) -> tuple[Eagle3Method, dict[str, 
     if not weights.is_file():
         raise FileNotFoundError(f"drafter directory {path} has no {WEIGHTS}")
     tensors = load_file(str(weights))
+    if specblock_kind:
+        _check_tensors(config, tensors, str(weights))
+        params = traverse_util.unflatten_dict({tuple(name.split(".")): np.asarray(x).astype(jnp.dtype(config.dtype))
+                                               for name, x in tensors.items()})
+        return (SpecBlockMethod(config, **dataclasses.asdict(decoding)),
+                specblock_drafter_params(jax.device_put(params), target.params))
     mapping = _check_map(config, tensors.pop(MAP_TENSOR, None), str(weights))
     _check_tensors(config, tensors, str(weights))
     dtype = jnp.dtype(config.dtype)

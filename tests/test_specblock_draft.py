@@ -1,9 +1,11 @@
 """SpecBlock drafting (`specblock_draft`): the candidate tree is what the training unroll computes for
 the same context (block 1 and every inherited expansion, before and after a commit), trees respect
 the budget and ancestor closure, and decoding is lossless: greedy identical to plain decoding (batch
-1 and a batch of different prompt lengths, ablation switches included), sampling in distribution."""
+1 and a batch of different prompt lengths, ablation switches included), sampling in distribution;
+drafter directories of kind "specblock"."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -11,10 +13,10 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from specblock_jax import decode
+from specblock_jax import decode, drafter_io
 from specblock_jax import tree as tree_lib
-from specblock_jax.config import ModelConfig
-from specblock_jax.drafter import Drafter
+from specblock_jax.config import ConfigError, ModelConfig
+from specblock_jax.drafter import Drafter, load_drafter
 from specblock_jax.models import specblock as sb
 from specblock_jax.models import target as target_lib
 from specblock_jax.sampling import SamplingParams, processed_logprobs
@@ -220,3 +222,25 @@ def test_specblock_sampling_follows_plain_distribution(target):
     expected_cells = np.append(expected[big], expected[~big].sum())
     chi2 = ((observed - expected_cells) ** 2 / expected_cells).sum()
     assert chi2 < scipy.stats.chi2.ppf(0.999, len(observed) - 1)
+
+
+def test_save_and_load_a_specblock_drafter(tmp_path, target):
+    """A drafter directory round-trips the config, the tree knobs and the drafter's own tensors; the
+    target's table is read from the target, and a mismatched target is refused."""
+    cfg = dataclasses.replace(CONFIG, inherit=False, block_size=3)
+    method = SpecBlockMethod(cfg, budget=9, max_blocks=3, widths=(1, 2, 3, 5), slot0_width=4, expand=2)
+    params = sb.init_params(cfg, jax.random.key(9))
+    drafter_io.save_specblock(method, params, tmp_path / "sb")
+    meta = json.loads((tmp_path / "sb" / "drafter.json").read_text())
+    assert meta["kind"] == "specblock" and meta["decoding"]["widths"] == [1, 2, 3, 5]
+    loaded = load_drafter(str(tmp_path / "sb"), target)
+    assert loaded.method == method
+    assert loaded.params["embed"] is target.params["embed_tokens"]["embedding"]
+    for a, b in zip(jax.tree.leaves(loaded.params["drafter"]), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)
+    other = target_lib.Target(dataclasses.replace(TARGET, vocab_size=65), target.params)
+    with pytest.raises(ConfigError, match="vocab_size 64 does not match the target's 65"):
+        load_drafter(str(tmp_path / "sb"), other)
+    with pytest.raises(ValueError, match="unexpected tensors"):
+        drafter_io.save_specblock(method, {**params, "embed_tokens": {"embedding": jnp.zeros((64, 32))}},
+                                  tmp_path / "bad")
