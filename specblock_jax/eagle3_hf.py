@@ -202,12 +202,20 @@ def params_from_safetensors(config: eagle3.Eagle3Config, tensors: Any, dtype: st
         if array.shape != shape:
             raise ValueError(f"tensor {name!r} has shape {array.shape}, expected {shape}")
         flat[path] = np.ascontiguousarray(array.T if path[-1] == "kernel" else array, dtype=dtype)
-    if "embed_tokens.weight" in names:
-        shape = np.shape(tensors["embed_tokens.weight"])
+    if "embed_tokens.weight" in names:  # not imported (the target's table is used): check its shape only
+        shape = _shape(tensors, "embed_tokens.weight")
         if shape != (config.vocab_size, config.hidden_size):
             raise ValueError(f"tensor 'embed_tokens.weight' has shape {shape}, expected "
                              f"{(config.vocab_size, config.hidden_size)}")
     return traverse_util.unflatten_dict(flat), _read_map(config, tensors)
+
+
+def _shape(tensors: Any, name: str) -> tuple[int, ...]:
+    """A tensor's shape without reading it when the mapping is a lazy safetensors reader."""
+    where = getattr(tensors, "_where", None)
+    if where is not None:
+        return tuple(where[name].get_slice(name).get_shape())
+    return tuple(np.shape(tensors[name]))
 
 
 def _read_map(config: eagle3.Eagle3Config, tensors: Any) -> np.ndarray | None:

@@ -85,10 +85,6 @@ def target_shapes(config: ModelConfig) -> Any:
     return jax.eval_shape(lambda: target_lib.init_params(config, jax.random.key(0)))
 
 
-def drafter_shapes(config: eagle3.Eagle3Config) -> Any:
-    return jax.eval_shape(lambda: eagle3.init_params(config, jax.random.key(0)))
-
-
 def _ways(mesh: Mesh, logical: str) -> int:
     spec = sharding.mesh_axes(PartitionSpec(logical), logical)[0]
     axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
@@ -119,12 +115,24 @@ def kv_cache_bytes(shape: tuple[int, ...], dtype: str, mesh: Mesh, batch_dim: in
     return math.prod(shape) * itemsize, math.prod(device_shape) * itemsize, notes
 
 
-def plan(target: ModelConfig, drafter: eagle3.Eagle3Config, mesh: Mesh, *, train_batch: int, seq_len: int,
-         decode_batch: int, kv_len: int, tree_budget: int = 60, tree_depth: int = 7, tree_topk: int = 10) -> Plan:
-    """The per-device memory of training `drafter` against the frozen `target`, and of decoding."""
+def logit_copies(drafter: Any) -> tuple[int, str]:
+    """How many [B, T, Vd] logit tensors one training step of `drafter` holds, and their name: EAGLE-3's
+    `ttt_steps` unroll, or SpecBlock's `num_ttt_blocks` blocks of `block_size` slots."""
+    if hasattr(drafter, "block_size"):
+        n = drafter.num_ttt_blocks * drafter.block_size
+        return n, f"drafter block logits [{drafter.num_ttt_blocks} blocks x K={drafter.block_size},B,T,V]"
+    return drafter.ttt_steps, f"drafter TTT logits [K={drafter.ttt_steps},B,T,Vd]"
+
+
+def plan(target: ModelConfig, drafter: Any, mesh: Mesh, *, train_batch: int, seq_len: int, decode_batch: int,
+         kv_len: int, drafter_model: Any = eagle3, drafter_scratch: int = 0) -> Plan:
+    """The per-device memory of training `drafter` (an Eagle3Config, or any drafter config whose model
+    module `drafter_model` has `init_params` and `param_axes`) against the frozen `target`, and of
+    decoding with caches of `kv_len` slots (+ `drafter_scratch` slots of the drafter's own)."""
     notes = []
     t_rows = param_rows(target_shapes(target), target_lib.param_axes(target), mesh)
-    d_rows = param_rows(drafter_shapes(drafter), eagle3.param_axes(drafter), mesh)
+    d_shapes = jax.eval_shape(lambda: drafter_model.init_params(drafter, jax.random.key(0)))
+    d_rows = param_rows(d_shapes, drafter_model.param_axes(drafter), mesh)
     d_elems_dev = sum(r.bytes_per_device // jnp.dtype(r.dtype).itemsize for r in d_rows)
     master = drafter.dtype != "float32"
     per_device = {
@@ -139,12 +147,13 @@ def plan(target: ModelConfig, drafter: eagle3.Eagle3Config, mesh: Mesh, *, train
                          f"(data * fsdp = {mesh.shape['data']} * {mesh.shape['fsdp']})")
     rows = train_batch // batch_ways
     per_device["target logits [B,T,V] f32 (training)"] = rows * seq_len * _split(target.vocab_size, vocab_ways) * 4
-    per_device[f"drafter TTT logits [K={drafter.ttt_steps},B,T,Vd] f32 (training)"] = (
-        drafter.ttt_steps * rows * seq_len * _split(drafter.draft_vocab, vocab_ways) * 4)
+    copies, name = logit_copies(drafter)
+    draft_vocab = getattr(drafter, "draft_vocab", drafter.vocab_size)
+    per_device[f"{name} f32 (training)"] = copies * rows * seq_len * _split(draft_vocab, vocab_ways) * 4
     kv = (target.num_layers * 2, decode_batch, kv_len, target.num_kv_heads, target.head_dim)
     _, kv_dev, kv_notes = kv_cache_bytes(kv, target.dtype, mesh, 1, 3)
-    scratch = (tree_depth - 1) * tree_topk
-    dkv = (2, decode_batch, kv_len + scratch, drafter.num_kv_heads, drafter.head_dim)
+    dkv = (getattr(drafter, "num_layers", 1) * 2, decode_batch, kv_len + drafter_scratch, drafter.num_kv_heads,
+           drafter.head_dim)
     _, dkv_dev, _ = kv_cache_bytes(dkv, drafter.dtype, mesh, 1, 3)
     per_device[f"target KV cache (decode, B={decode_batch}, S={kv_len})"] = kv_dev
     per_device["drafter KV cache (decode)"] = dkv_dev
@@ -153,8 +162,7 @@ def plan(target: ModelConfig, drafter: eagle3.Eagle3Config, mesh: Mesh, *, train
                  "gradients and logits; the decoding total counts params and KV caches")
     notes.append("not counted: other activations (the frozen target's forward, the drafter's saved TTT "
                  "activations), XLA scratch and fragmentation; keep headroom")
-    shape = dict(mesh.shape)
-    return Plan(shape, mesh.devices.size, t_rows, d_rows, per_device, notes)
+    return Plan(dict(mesh.shape), mesh.devices.size, t_rows, d_rows, per_device, notes)
 
 
 def training_bytes(p: Plan) -> int:

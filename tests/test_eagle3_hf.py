@@ -147,6 +147,7 @@ def test_missing_or_misshapen_tensors_are_named(tmp_path):
         ({**good, "lm_head.weight": np.zeros((V, H), np.float32)}, r"'lm_head.weight' has shape \(64, 32\)"),
         ({**good, "midlayer.extra.weight": np.zeros(3, np.float32)}, "unexpected.*midlayer.extra.weight"),
         ({**good, "t2d": ~good["t2d"]}, "'t2d' and 'd2t' disagree"),
+        ({**good, "embed_tokens.weight": np.zeros((V, H + 1), np.float32)}, r"'embed_tokens.weight' has shape \(64, 33\)"),
         ({**good, "d2t": np.zeros(VD, np.int64) + V}, "outside the target vocabulary"),
     ]
     for i, (tensors, match) in enumerate(cases):

@@ -8,6 +8,7 @@ optimizer = 3 float32 copies of the bf16 drafter's per-device share, and a mesh 
 the devices is a clear error.
 """
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -23,6 +24,7 @@ from train.train_drafter import DrafterTrainConfig, drafter_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "configs").glob("eagle3-*8b*.yaml"))
+SPECBLOCK_SCHEMA = "specblock" in {f.name for f in dataclasses.fields(DrafterTrainConfig)}
 TARGETS = {"Llama-3.1-8B-Instruct": 8_030_261_248, "Qwen3-8B": 8_190_735_360}
 SINGLE_HOST = {"eagle3-llama3.1-8b.yaml": "Llama-3.1-8B-Instruct", "eagle3-qwen3-8b.yaml": "Qwen3-8B"}
 TIMEOUT_S = 300
@@ -54,9 +56,27 @@ def test_every_recipe_loads_and_fits_its_target():
         drafter = drafter_config(cfg, target_config(name))  # seq_len and shapes checked against the target
         assert drafter.feature_layers == eagle3.default_feature_layers(target_config(name).num_layers)
         assert (drafter.ttt_steps, cfg.optim.learning_rate, cfg.seq_len) == (7, 5e-5, 1024), path
-        assert (cfg.decoding.budget, cfg.decoding.max_depth, cfg.decoding.topk) == (60, 7, 10), path
+        decoding = cfg.decoding if isinstance(cfg.decoding, dict) else dataclasses.asdict(cfg.decoding)
+        assert (decoding["budget"], decoding["max_depth"], decoding["topk"]) == (60, 7, 10), path
         shards = cfg.mesh.data * cfg.mesh.fsdp
         assert cfg.batch_size % shards == 0, path
+
+
+@pytest.mark.skipif(not SPECBLOCK_SCHEMA, reason="DrafterTrainConfig has no specblock section yet")
+def test_every_specblock_recipe_loads_and_fits_its_target():
+    from train.train_drafter import drafting_method
+
+    recipes = sorted((REPO / "configs").glob("specblock-*8b*.yaml"))
+    assert len(recipes) >= 2, recipes
+    for path in recipes:
+        cfg = load_yaml(DrafterTrainConfig, path)
+        drafter = drafter_config(cfg, target_config(pathlib.Path(cfg.target).name))
+        assert (cfg.kind, drafter.num_layers, drafter.block_size, drafter.num_ttt_blocks) == ("specblock", 2, 4, 3)
+        method = drafting_method(cfg, drafter)
+        assert (method.budget, method.max_blocks, tuple(method.widths)) == (90, 2, (2, 4, 6, 4)), path
+        assert (cfg.optim.learning_rate, cfg.optim.warmup_steps, cfg.optim.decay, cfg.seq_len) == (
+            5e-5, 500, "linear", 1024), path
+        assert cfg.batch_size % (cfg.mesh.data * cfg.mesh.fsdp) == 0, path
 
 
 def run_plan(*args) -> subprocess.Popen:
@@ -76,6 +96,9 @@ def plans(tmp_path_factory):
              for name in SINGLE_HOST}
     procs["f32"] = run_plan("--config", REPO / "configs" / "eagle3-qwen3-8b.yaml", "--json")
     procs["bad"] = run_plan("--config", bad)
+    if SPECBLOCK_SCHEMA:
+        procs["specblock"] = run_plan("--config", REPO / "configs" / "specblock-qwen3-8b.yaml", "--dtype", "bfloat16",
+                                      "--json")
     out = {}
     try:
         for name, p in procs.items():
@@ -131,3 +154,20 @@ def test_mesh_that_does_not_fit_the_devices_is_a_clear_error(plans):
     rc, stdout, stderr = plans["bad"]
     assert rc == 2 and not stdout
     assert "does not fit 8 device(s)" in stderr and "'data': 3" in stderr, stderr[-2000:]
+
+
+@pytest.mark.skipif(not SPECBLOCK_SCHEMA, reason="DrafterTrainConfig has no specblock section yet")
+def test_plan_of_a_specblock_recipe(plans):
+    from specblock_jax.models import specblock
+
+    rc, stdout, stderr = plans["specblock"]
+    assert rc == 0, stderr[-3000:]
+    plan = json.loads(stdout)
+    cfg = load_yaml(DrafterTrainConfig, REPO / "configs" / "specblock-qwen3-8b.yaml")
+    drafter = drafter_config(cfg, target_config("Qwen3-8B"))
+    assert isinstance(drafter, specblock.SpecBlockConfig)
+    elements = sum(r["bytes_total"] // (2 if r["dtype"] == "bfloat16" else 4) for r in plan["drafter"])
+    assert elements == drafter.num_params
+    for row in plan["drafter"]:
+        assert row["bytes_per_device"] * row["shards"] == row["bytes_total"], row
+    assert any(k.startswith("drafter block logits [3 blocks x K=4") for k in plan["per_device"])

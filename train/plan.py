@@ -50,6 +50,18 @@ def target_config_path(target: str | None) -> pathlib.Path:
     raise FileNotFoundError(f"no config.json for target {target!r}: neither {local} nor {fallback} exists")
 
 
+def _scratch(train_drafter, cfg, drafter) -> int:
+    """Cache slots the exported drafting method keeps past the target's length (EAGLE-3: its frontier
+    nodes), from the recipe's `decoding` section (a dict, or the older Decoding dataclass)."""
+    if hasattr(train_drafter, "drafting_method"):
+        method = train_drafter.drafting_method(cfg, drafter)
+    else:
+        from specblock_jax.eagle3_draft import Eagle3Method
+
+        method = Eagle3Method(drafter, **{k: getattr(cfg.decoding, k) for k in ("budget", "max_depth", "topk")})
+    return int(getattr(method, "scratch", 0))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML DrafterTrainConfig recipe")
@@ -68,25 +80,26 @@ def main(argv: list[str] | None = None) -> None:
 
     from specblock_jax import hf, plan, sharding
     from specblock_jax.config import ConfigError, load_yaml
-    from specblock_jax.eagle3_draft import Eagle3Method
-    from train.train_drafter import DrafterTrainConfig, drafter_config
+    from specblock_jax.models import eagle3
+    from train import train_drafter
 
     try:
-        cfg = load_yaml(DrafterTrainConfig, args.config)
+        cfg = load_yaml(train_drafter.DrafterTrainConfig, args.config)
         target = hf.config_from_hf(json.loads(target_config_path(cfg.target).read_text()), args.dtype)
-        drafter = drafter_config(cfg, target)
-        method = Eagle3Method(drafter, **{k: getattr(cfg.decoding, k) for k in ("budget", "max_depth", "topk")})
+        drafter = train_drafter.drafter_config(cfg, target)
+        model = train_drafter.model_of(drafter) if hasattr(train_drafter, "model_of") else eagle3
         mesh = sharding.make_mesh(cfg.mesh)
         result = plan.plan(target, drafter, mesh, train_batch=args.train_batch or cfg.batch_size,
-                           seq_len=cfg.seq_len, decode_batch=args.batch, kv_len=args.kv_len,
-                           tree_depth=method.max_depth, tree_topk=method.topk)
+                           seq_len=cfg.seq_len, decode_batch=args.batch, kv_len=args.kv_len, drafter_model=model,
+                           drafter_scratch=_scratch(train_drafter, cfg, drafter))
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"plan: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     if args.json:
         print(json.dumps(plan.to_json(result)))
     else:
-        title = f"{args.config}: target {cfg.target} ({target.num_params:,} params, {args.dtype}), EAGLE-3 drafter"
+        title = (f"{args.config}: target {cfg.target} ({target.num_params:,} params, {args.dtype}), "
+                 f"{cfg.kind} drafter")
         print(plan.format_plan(result, title, table=not args.no_table))
 
 
