@@ -228,3 +228,11 @@ def test_plots_of_a_partial_report(tmp_path):
     paths = plots.write_plots(report, tmp_path / "sub" / "r")
     assert [p.name for p in paths] == ["r_speedup_tau.png", "r_time_breakdown.png", "r_acceptance.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
+
+
+def test_default_prompts_are_the_held_out_split():
+    args = bench.parse_args(["--domain", "all", "--max-prompts", "3"])
+    prompts, source = bench.load_prompts(args)
+    prompt_dir = pathlib.Path(bench.hf.EMBEDDED_TARGET_DIR) / "prompts"
+    code, prose = (bench.data.read_prompts_jsonl(prompt_dir / f"{d}.jsonl") for d in ("code", "prose"))
+    assert prompts == [code[0], prose[0], code[1]] and "code+prose" in source
