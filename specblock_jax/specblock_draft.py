@@ -123,7 +123,8 @@ class SpecBlockMethod:
         kv = (jnp.zeros(shape, jnp.dtype(c.dtype)), jnp.zeros(shape, jnp.dtype(c.dtype)))
         next_BxT = jnp.pad(prompt_BxT[:, 1:], ((0, 0), (0, 1))).astype(jnp.int32)
         rows_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        kv, _ = self._cache_rows(params, kv, next_BxT, rows_BxT, jnp.ones((b, t), bool), features_BxTxF, max_len)
+        kv, _ = self._cache_rows(params, kv, next_BxT, rows_BxT, jnp.ones((b, t), bool), features_BxTxF, max_len,
+                                 jnp.zeros((b, 1), jnp.int32))
         p = self.max_depth + 1
         last_B = (prompt_lens_B - 1).astype(jnp.int32)
         root_features_BxF = jnp.take_along_axis(features_BxTxF, last_B[:, None, None], axis=1)[:, 0]
@@ -132,9 +133,9 @@ class SpecBlockMethod:
         return SpecBlockState(*kv, pending_features.at[:, 0].set(root_features_BxF), pending_tokens,
                               jnp.ones((b,), jnp.int32))
 
-    def _cache_rows(self, params, kv, tokens_BxR, rows_BxR, valid_BxR, features_BxRxF, max_len):
+    def _cache_rows(self, params, kv, tokens_BxR, rows_BxR, valid_BxR, features_BxRxF, max_len, head_rows_BxN):
         """Block 1 over committed rows, written at their cache slots (invalid rows dropped): a slot
-        sees every slot of earlier rows and its own row's slots up to itself."""
+        sees every slot of earlier rows and its own row's slots up to itself. Heads at `head_rows`."""
         c = self.config
         k_slots, s = c.block_size, kv[0].shape[2]
         b, r = rows_BxR.shape
@@ -145,7 +146,8 @@ class SpecBlockMethod:
                       | ((s_S[None, None] <= slot_BxRxK[..., None]) & (s_S // k_slots == rows_BxR[..., None, None])))
         mask_BxQxS = (seen_BxQxS & (s_S < max_len * k_slots)).reshape(b, r * k_slots, s)
         out = specblock.forward(params["drafter"], c, params["embed"], tokens_BxR, rows_BxR,
-                                _cache_attend(kv, slots_BxQ, mask_BxQxS), features_BxRxF=features_BxRxF)
+                                _cache_attend(kv, slots_BxQ, mask_BxQxS), features_BxRxF=features_BxRxF,
+                                head_rows_BxN=head_rows_BxN)
         return _stack(out.aux), out
 
     def draft(self, params: Any, state: SpecBlockState, root_B: jax.Array,
@@ -165,22 +167,19 @@ class SpecBlockMethod:
         b, p = state.pending_tokens_BxP.shape
         count_B = state.pending_count_B
         rows_BxP = (lengths_B - count_B)[:, None] + jnp.arange(p, dtype=jnp.int32)
+        query_Bx1 = (count_B - 1)[:, None]
         kv, out = self._cache_rows(params, (state.k_BxLxSxGxD, state.v_BxLxSxGxD), state.pending_tokens_BxP,
                                    rows_BxP, jnp.arange(p)[None, :] < count_B[:, None], state.pending_features_BxPxF,
-                                   max_len)
-        query = (count_B - 1)[:, None]
-        take_query = lambda x: jnp.take_along_axis(x, query.reshape(b, 1, *([1] * (x.ndim - 2))), axis=1)
+                                   max_len, query_Bx1)
         query_row_B = lengths_B - 1
         s_S = jnp.arange(kv[0].shape[2])
         level = self._level(
             seen_BxRxS=(((s_S // k_slots) < query_row_B[:, None]) & (s_S < max_len * k_slots))[:, None],
             slots_BxRxK=(query_row_B[:, None] * k_slots + jnp.arange(k_slots))[:, None],
-            logits_BxRxKxV=take_query(out.logits),
-            hidden_BxRxKxH=take_query(out.hidden),
-            rank_BxRxKxC=None if out.rank_logits is None else take_query(out.rank_logits),
+            logits_BxRxKxV=out.logits, hidden_BxRxKxH=out.hidden, rank_BxRxKxC=out.rank_logits,
             parent_scores_BxR=jnp.zeros((b, 1)), parent_valid_BxR=jnp.ones((b, 1), bool),
             parent_index_BxR=jnp.zeros((b, 1), jnp.int32), first_index=1, first_block=True)
-        query_features_BxF = take_query(state.pending_features_BxPxF)[:, 0]
+        query_features_BxF = jnp.take_along_axis(state.pending_features_BxPxF, query_Bx1[..., None], axis=1)[:, 0]
         levels = [level]
         for round_index in range(self.max_blocks - 1):  # static
             kv, level = self._expand(params, kv, level, query_row_B, query_features_BxF, round_index, max_len)
@@ -201,7 +200,7 @@ class SpecBlockMethod:
         c = self.config
         k_slots, w = c.block_size, self.width
         b, r = parent_scores_BxR.shape
-        top_lp_BxRxKxW, top_tok_BxRxKxW = jax.lax.top_k(jax.nn.log_softmax(logits_BxRxKxV, axis=-1), w)
+        top_lp_BxRxKxW, top_tok_BxRxKxW = specblock.top_k(jax.nn.log_softmax(logits_BxRxKxV, axis=-1), w)
         if rank_BxRxKxC is None:
             width_BxRxK = jnp.full((b, r, k_slots), self.topk)
         else:

@@ -62,7 +62,7 @@ def test_config_validation_and_for_target():
 @pytest.mark.parametrize("switches", [{}, dict(shift=False, rank_head=False), dict(num_layers=3)])
 def test_param_count_and_logical_axes(switches):
     cfg = dataclasses.replace(CONFIG, **switches)
-    params = sb.init_params(cfg, jax.random.key(0))
+    params = jax.eval_shape(lambda: sb.init_params(cfg, jax.random.key(0)))
     assert sum(x.size for x in jax.tree.leaves(params)) == cfg.num_params
     assert ("shift_1" in params) == cfg.shift and ("rank_in" in params) == cfg.rank_head
     assert "embed_tokens" not in params  # the target's table is an input
@@ -231,11 +231,12 @@ def test_later_blocks_see_only_the_parent_slots_up_to_the_inherited_one(setup):
 
 
 def test_gradients_flow_through_every_block_and_rank_loss_stays_in_the_rank_head(setup):
-    """The last block's draft loss reaches condition_proj (only block 1 applies it) but not the rank
-    head; the rank loss reaches the rank head only."""
+    """Block 2's draft loss reaches condition_proj (only block 1 applies it) but not the rank head;
+    the rank loss reaches the rank head only."""
     params, table, features, tokens, inherit = setup
     target_logits = jax.random.normal(jax.random.key(7), (B, T, CONFIG.vocab_size))
-    cfg = dataclasses.replace(CONFIG, valid_prefix=False)
+    cfg = dataclasses.replace(CONFIG, valid_prefix=False, num_ttt_blocks=2)
+    inherit = inherit[..., :1]
 
     def two_losses(p):
         out = sb.train_metrics(p, cfg, table, features, tokens, jnp.ones((B, T)), target_logits, None, inherit)
@@ -257,7 +258,7 @@ def test_sample_inherit_draws_every_slot_count_per_row():
 
 def test_train_metrics_composes_the_block_losses(setup):
     """The total is sum_k 0.8**k sum_b L_{b,k} + sum_b R_b; block-1 slot losses follow the teacher at
-    position j + 1 + k under the valid-prefix mask; without it slot k > 0 trains where slot 0 is wrong."""
+    position j + 1 + k under the valid-prefix mask; without the mask slot k > 0 trains everywhere."""
     params, table, features, tokens, inherit = setup
     cfg = dataclasses.replace(CONFIG, num_ttt_blocks=2)
     inherit = inherit[..., :1]
@@ -299,9 +300,3 @@ def test_train_metrics_composes_the_block_losses(setup):
                     target_logits, None, inherit)
     np.testing.assert_allclose(free.step_loss_K[0], out.step_loss_K[0], rtol=1e-6)
     assert np.all(np.asarray(free.step_loss_K) > 0)
-
-    no_rank = _metrics({n: v for n, v in params.items() if not n.startswith("rank")},
-                       dataclasses.replace(cfg, rank_head=False), table, features, tokens, loss_mask,
-                       target_logits, None, inherit)
-    assert float(no_rank.rank_loss) == 0.0
-    np.testing.assert_allclose(no_rank.block_loss_NxK, out.block_loss_NxK, rtol=1e-6)

@@ -56,6 +56,10 @@ def _features(target, ids):
 
 
 _ttt = jax.jit(sb.ttt_forward, static_argnums=1)
+# The method is static: one compile per method, however often a test calls these.
+_init = jax.jit(lambda method, *args: method.init(*args), static_argnums=(0, 6))
+_candidates = jax.jit(lambda method, *args: method.candidates(*args), static_argnums=0)
+_commit = jax.jit(lambda method, *args: method.commit(*args), static_argnums=0)
 
 
 def _training_block(method, params, target, context, continuation, m):
@@ -118,8 +122,8 @@ def drafted(target):
     lens = jnp.asarray([len(p) for p in prompts])
     prompt_BxT = jnp.asarray([p + [0] * (width - len(p)) for p in prompts], jnp.int32)
     feats_BxTxF = jnp.stack([jnp.pad(_features(target, p), ((0, width - len(p)), (0, 0))) for p in prompts])
-    state = jax.jit(method.init, static_argnums=5)(params, prompt_BxT, lens, feats_BxTxF, roots, MAX_LEN)
-    cand, drafted_state = jax.jit(method.candidates)(params, state, roots, lens)
+    state = _init(method, params, prompt_BxT, lens, feats_BxTxF, roots, MAX_LEN)
+    cand, drafted_state = _candidates(method, params, state, roots, lens)
     # `draft` is `candidates` then `tree.prune` (decoding runs it whole); one compile fewer here.
     tree = jax.jit(tree_lib.prune, static_argnums=4)(cand.tokens, cand.parents, cand.scores, cand.valid, method.budget)
     return method, params, prompts, roots, lens, drafted_state, cand, tree
@@ -146,8 +150,8 @@ def test_candidates_follow_the_training_unroll_before_and_after_commit(target, d
     features_BxN1xF = jnp.zeros((2, cand.tokens.shape[1], CONFIG.feature_size))
     for r, (p, seq) in enumerate(zip(prompts, seqs)):
         features_BxN1xF = features_BxN1xF.at[r, jnp.asarray(path)].set(_features(target, seq)[len(p):])
-    state = jax.jit(method.commit)(params, state, cand, acceptance, features_BxN1xF, lens)
-    cand2, _ = jax.jit(method.candidates)(params, state, jnp.asarray(bonus), lens + k_slots + 1)
+    state = _commit(method, params, state, cand, acceptance, features_BxN1xF, lens)
+    cand2, _ = _candidates(method, params, state, jnp.asarray(bonus), lens + k_slots + 1)
     for row, seq in enumerate(seqs):
         _check_candidates(method, params, target, cand2, row, seq)
 

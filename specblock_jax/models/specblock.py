@@ -152,11 +152,18 @@ class BlockOutput(NamedTuple):
 Attend = Callable[[int, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
 
 
+def top_k(x_xV: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """`jax.lax.top_k` over the last axis of a 2-D view: XLA's CPU backend lowers top_k of higher-rank
+    arrays to a full sort of the vocabulary (about 100x slower)."""
+    values, indices = jax.lax.top_k(x_xV.reshape(-1, x_xV.shape[-1]), k)
+    return values.reshape(*x_xV.shape[:-1], k), indices.reshape(*x_xV.shape[:-1], k)
+
+
 def rank_features(logits_xV: jax.Array, topk: int) -> jax.Array:
     """[.., 15] statistics of a slot's draft logits: with t_1 >= .. >= t_topk and Z = logsumexp(t),
     the log-probs t_i - Z (i <= 10), gaps t_1 - t_2, t_1 - t_3, t_1 - t_5, p_1, and the entropy over
     the top `topk`."""
-    top_xK, _ = jax.lax.top_k(logits_xV.astype(jnp.float32), topk)
+    top_xK, _ = top_k(logits_xV.astype(jnp.float32), topk)
     logp_xK = top_xK - jax.nn.logsumexp(top_xK, axis=-1, keepdims=True)
     gaps = [top_xK[..., :1] - top_xK[..., i:i + 1] for i in (1, 2, 4)]
     entropy = -jnp.sum(jnp.exp(logp_xK) * logp_xK, axis=-1, keepdims=True)
@@ -208,13 +215,15 @@ def _shift_init(key, shape, dtype):
 
 class SpecBlockDrafter(nn.Module):
     """One block over R rows: condition (target features `features_BxRxF`, or an inherited
-    `hidden_BxRxH`; exactly one is given) and token embedding per row -> K slots per row."""
+    `hidden_BxRxH`; exactly one is given) and token embedding per row -> K slots per row. With
+    `head_rows_BxN` the outputs (hidden, logits, rank) are of those rows only: drafting needs the
+    keys/values of every row it caches but the heads of the query row alone."""
 
     config: SpecBlockConfig
 
     @nn.compact
-    def __call__(self, embeds_BxRxH, rows_BxR, attend: Attend, *, features_BxRxF=None,
-                 hidden_BxRxH=None) -> BlockOutput:
+    def __call__(self, embeds_BxRxH, rows_BxR, attend: Attend, *, features_BxRxF=None, hidden_BxRxH=None,
+                 head_rows_BxN=None) -> BlockOutput:
         c = self.config
         dtype = jnp.dtype(c.dtype)
         h, k_slots, eps = c.hidden_size, c.block_size, c.rms_norm_eps
@@ -246,6 +255,8 @@ class SpecBlockDrafter(nn.Module):
             x, layer_aux = BlockLayer(lc, name=f"layers_{layer}")(layer, x, positions_BxQ, attend)
             aux.append(layer_aux)
         hidden = x.reshape(b, r, k_slots, h)
+        if head_rows_BxN is not None:
+            hidden = jnp.take_along_axis(hidden, head_rows_BxN[:, :, None, None], axis=1)
         normed = RMSNorm(eps, dtype, name="norm")(hidden)
         logits = dense(c.vocab_size, ("embed", "vocab"), "lm_head", dtype)(normed).astype(jnp.float32)
         rank_logits = None
@@ -289,11 +300,12 @@ def param_axes(config: SpecBlockConfig) -> Any:
 
 
 def forward(params: Any, config: SpecBlockConfig, table_VxH: jax.Array, tokens_BxR: jax.Array, rows_BxR: jax.Array,
-            attend: Attend, *, features_BxRxF=None, hidden_BxRxH=None) -> BlockOutput:
+            attend: Attend, *, features_BxRxF=None, hidden_BxRxH=None, head_rows_BxN=None) -> BlockOutput:
     """One block over explicit params: the row tokens' embeddings come from the target's table."""
     embeds = jnp.take(table_VxH, tokens_BxR, axis=0)
     return SpecBlockDrafter(config).apply({"params": params}, embeds, rows_BxR, attend,
-                                          features_BxRxF=features_BxRxF, hidden_BxRxH=hidden_BxRxH)
+                                          features_BxRxF=features_BxRxF, hidden_BxRxH=hidden_BxRxH,
+                                          head_rows_BxN=head_rows_BxN)
 
 
 # ---------------------------------------------------------------------------------------------------
