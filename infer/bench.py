@@ -169,9 +169,13 @@ def load_prompts(args: argparse.Namespace) -> tuple[list[str], str]:
 
 def with_tree(drafter: Drafter, args: argparse.Namespace) -> Drafter:
     """The drafter with the command line's tree shape, where given."""
-    overrides = {name: value for name, value in (("budget", args.tree_budget), ("max_depth", args.max_depth),
-                                                 ("topk", args.topk))
-                 if value is not None and hasattr(drafter.method, name)}
+    fields = {f.name for f in dataclasses.fields(drafter.method)}  # a property (say max_depth) is not settable
+    given = {name: value for name, value in (("budget", args.tree_budget), ("max_depth", args.max_depth),
+                                             ("topk", args.topk)) if value is not None}
+    for name in sorted(set(given) - fields):
+        print(f"note: --{name.replace('_', '-')} does not apply to {type(drafter.method).__name__}; ignored for it",
+              file=sys.stderr)
+    overrides = {name: value for name, value in given.items() if name in fields}
     return dataclasses.replace(drafter, method=dataclasses.replace(drafter.method, **overrides))
 
 
@@ -195,7 +199,8 @@ def resolve_drafters(methods: list[str], drafter_dirs: dict[str, pathlib.Path], 
 def tree_shape(drafter: Drafter) -> dict[str, Any]:
     """The drafter's static tree settings (budget, depth, branching), for the report."""
     return {"class": type(drafter.method).__name__,
-            **{k: v for k, v in vars(drafter.method).items() if isinstance(v, (int, float, str))}}
+            **{k: v for k, v in vars(drafter.method).items() if isinstance(v, (int, float, str, tuple))},
+            "budget": drafter.method.budget, "max_depth": drafter.method.max_depth}
 
 
 def check_lengths(target: Any, prompts: list[str], drafters: dict[str, Drafter | None], max_new_tokens: int) -> None:

@@ -236,3 +236,10 @@ def test_default_prompts_are_the_held_out_split():
     prompt_dir = pathlib.Path(bench.hf.EMBEDDED_TARGET_DIR) / "prompts"
     code, prose = (bench.data.read_prompts_jsonl(prompt_dir / f"{d}.jsonl") for d in ("code", "prose"))
     assert prompts == [code[0], prose[0], code[1]] and "code+prose" in source
+
+
+def test_tree_overrides_apply_where_the_method_has_the_field(capsys):
+    args = bench.parse_args(["--tree-budget", "3", "--max-depth", "2", "--topk", "5"])
+    ngram = bench.with_tree(Drafter(NgramMethod()), args).method
+    assert (ngram.budget, ngram.max_depth) == (3, 2)
+    assert "--topk does not apply to NgramMethod" in capsys.readouterr().err
