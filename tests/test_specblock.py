@@ -32,7 +32,7 @@ def _scaled(params):
 @pytest.fixture(scope="module")
 def setup():
     keys = jax.random.split(jax.random.key(0), 5)
-    params = _scaled(sb.init_params(CONFIG, keys[0]))
+    params = _scaled(jax.jit(sb.init_params, static_argnums=0)(CONFIG, keys[0]))
     table = jax.random.normal(keys[1], (CONFIG.vocab_size, CONFIG.hidden_size))
     features = jax.random.normal(keys[2], (B, T, CONFIG.feature_size))
     tokens = jax.random.randint(keys[3], (B, T), 0, CONFIG.vocab_size)

@@ -31,9 +31,12 @@ N_NEW, MAX_LEN = 10, 64
 WIDTH = 24  # training sequences are padded to one width: one compile
 
 
+_init_params = jax.jit(sb.init_params, static_argnums=0)
+
+
 def _drafter(config, key):
     """Weights x10 (the shift's near-identity excepted): peaked drafts and varied rank classes."""
-    params = sb.init_params(config, jax.random.key(key))
+    params = _init_params(config, jax.random.key(key))
     return {n: (p if n.startswith("shift") else jax.tree.map(lambda x: x * 10 if x.ndim == 2 else x, p))
             for n, p in params.items()}
 
@@ -233,7 +236,7 @@ def test_save_and_load_a_specblock_drafter(tmp_path, target):
     target's table is read from the target, and a mismatched target is refused."""
     cfg = dataclasses.replace(CONFIG, inherit=False, block_size=3)
     method = SpecBlockMethod(cfg, budget=9, max_blocks=3, widths=(1, 2, 3, 5), slot0_width=4, expand=2)
-    params = sb.init_params(cfg, jax.random.key(9))
+    params = _init_params(cfg, jax.random.key(9))
     drafter_io.save_specblock(method, params, tmp_path / "sb")
     meta = json.loads((tmp_path / "sb" / "drafter.json").read_text())
     assert meta["kind"] == "specblock" and meta["decoding"]["widths"] == [1, 2, 3, 5]
