@@ -29,8 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from specblock_jax import tree as tree_lib
-from specblock_jax.models import layers
-from specblock_jax.models import specblock
+from specblock_jax.models import layers, specblock
 from specblock_jax.tree import Tree
 from specblock_jax.verify import Acceptance
 
@@ -209,8 +208,8 @@ class SpecBlockMethod:
                 width_BxRxK = width_BxRxK.at[..., 0].set(self.slot0_width)
         greedy_BxRxK = parent_scores_BxR[..., None] + jnp.cumsum(top_lp_BxRxKxW[..., 0], axis=-1)
         above_BxRxK = jnp.concatenate([parent_scores_BxR[..., None], greedy_BxRxK[..., :-1]], axis=-1)
-        greedy_index_BxRxK = jnp.broadcast_to(first_index + (jnp.arange(r)[:, None] * k_slots + jnp.arange(k_slots)) * w,
-                                              (b, r, k_slots))
+        greedy_index_RxK = first_index + (jnp.arange(r)[:, None] * k_slots + jnp.arange(k_slots)) * w
+        greedy_index_BxRxK = jnp.broadcast_to(greedy_index_RxK, (b, r, k_slots))
         parent_BxRxK = jnp.concatenate([parent_index_BxR[..., None], greedy_index_BxRxK[..., :-1]], axis=-1)
         valid = parent_valid_BxR[..., None, None] & (jnp.arange(w) < width_BxRxK[..., None])
         return _Level(seen_BxRxS, slots_BxRxK, hidden_BxRxKxH, top_tok_BxRxKxW.astype(jnp.int32),
@@ -238,10 +237,10 @@ class SpecBlockMethod:
         mask_BxQxS = (seen_BxExS[:, :, None] | own_BxExKxS).reshape(b, e * k_slots, -1)
         if c.inherit:
             hidden_BxExH = jnp.take_along_axis(rows(level.hidden_BxRxKxH), slot_BxE[:, :, None, None], axis=2)[:, :, 0]
-            condition = dict(hidden_BxRxH=hidden_BxExH)
+            condition = {"hidden_BxRxH": hidden_BxExH}
         else:
-            condition = dict(features_BxRxF=jnp.broadcast_to(query_features_BxF[:, None],
-                                                             (b, e, query_features_BxF.shape[-1])))
+            features_BxExF = jnp.broadcast_to(query_features_BxF[:, None], (b, e, query_features_BxF.shape[-1]))
+            condition = {"features_BxRxF": features_BxExF}
         out = specblock.forward(params["drafter"], c, params["embed"], token_BxE,
                                 jnp.broadcast_to(query_row_B[:, None], (b, e)),
                                 _cache_attend(kv, own_BxExK.reshape(b, e * k_slots), mask_BxQxS), **condition)

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from specblock_jax import config as config_lib
-from specblock_jax import losses
 from specblock_jax.config import ConfigError, ModelConfig
 from specblock_jax.models import specblock as sb
 from specblock_jax.sharding import LOGICAL_AXIS_RULES
@@ -59,7 +58,7 @@ def test_config_validation_and_for_target():
         cfg.check_target(dataclasses.replace(TARGET, num_layers=2))
 
 
-@pytest.mark.parametrize("switches", [{}, dict(shift=False, rank_head=False), dict(num_layers=3)])
+@pytest.mark.parametrize("switches", [{}, {"shift": False, "rank_head": False}, {"num_layers": 3}])
 def test_param_count_and_logical_axes(switches):
     cfg = dataclasses.replace(CONFIG, **switches)
     params = jax.eval_shape(lambda: sb.init_params(cfg, jax.random.key(0)))
@@ -166,12 +165,12 @@ def reference(cfg, params, table, features_TxF, tokens_T, inherit_TxN1):
     return blocks
 
 
-@pytest.mark.parametrize("switches", [{}, dict(shift=False, inherit=False, rank_head=False)])
+@pytest.mark.parametrize("switches", [{}, {"shift": False, "inherit": False, "rank_head": False}])
 def test_ttt_forward_matches_slow_reference(setup, switches):
     params, table, features, tokens, inherit = setup
     cfg = dataclasses.replace(CONFIG, **switches)
     if not cfg.shift or not cfg.rank_head:
-        params = {k: v for k, v in params.items() if not (k.startswith("shift") or k.startswith("rank"))}
+        params = {k: v for k, v in params.items() if not k.startswith(("shift", "rank"))}
     blocks = _ttt(params, cfg, table, features, tokens, inherit)
     assert len(blocks.outputs) == cfg.num_ttt_blocks
     np.testing.assert_array_equal(blocks.offsets_NxBxT[0], 0)
@@ -277,7 +276,7 @@ def test_train_metrics_composes_the_block_losses(setup):
     tlogp = np.asarray(jax.nn.log_softmax(target_logits), np.float64)
     dlogp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
         -1, keepdims=True)
-    num, den, hits, chain_den = np.zeros(k), np.zeros(k), np.zeros(k), np.zeros(k)
+    num, den, hits = np.zeros(k), np.zeros(k), np.zeros(k)
     for b in range(B):
         for j in range(T):
             all_right = True

@@ -185,8 +185,9 @@ def plain(target):
 
 
 @pytest.mark.parametrize("rows, switches, knobs", [
-    ([1], {}, dict(budget=16)),
-    ([0, 1, 2], dict(shift=False, inherit=False, rank_head=False), dict(budget=10, max_blocks=3, expand=2, topk=3)),
+    ([1], {}, {"budget": 16}),
+    ([0, 1, 2], {"shift": False, "inherit": False, "rank_head": False},
+     {"budget": 10, "max_blocks": 3, "expand": 2, "topk": 3}),
 ])
 def test_specblock_greedy_equals_plain(target, plain, rows, switches, knobs):
     cfg = dataclasses.replace(CONFIG, **switches)

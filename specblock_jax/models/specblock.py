@@ -27,18 +27,26 @@ input, never a drafter parameter.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from specblock_jax import losses
-from specblock_jax.config import ConfigError, DTYPES, ModelConfig, RopeScaling
+from specblock_jax.config import DTYPES, ConfigError, ModelConfig, RopeScaling
 from specblock_jax.models.eagle3 import default_feature_layers
-from specblock_jax.models import layers as layers_lib
-from specblock_jax.models.layers import MLP, NEG_INF, RMSNorm, apply_rope, dense, rope_inv_freq
+from specblock_jax.models.layers import (
+    MLP,
+    NEG_INF,
+    RMSNorm,
+    apply_rope,
+    dense,
+    rope_inv_freq,
+)
 
 RANK_FEATURES = 15  # 10 top log-probs, 3 logit gaps, top probability, entropy (see `rank_features`)
 
@@ -88,7 +96,7 @@ class SpecBlockConfig:
                               f"got {layers!r}")
         bounds = self.rank_bounds
         if (len(bounds) != self.rank_classes - 1 or any(b < 1 for b in bounds)
-                or any(a >= b for a, b in zip(bounds, bounds[1:]))):
+                or any(a >= b for a, b in itertools.pairwise(bounds))):
             raise ConfigError(f"SpecBlockConfig rank_bounds {bounds!r} must be rank_classes - 1 = "
                               f"{self.rank_classes - 1} increasing ranks >= 1")
         if not 10 <= self.rank_topk <= self.vocab_size:
@@ -101,11 +109,11 @@ class SpecBlockConfig:
     def for_target(cls, target: ModelConfig, **overrides: Any) -> SpecBlockConfig:
         """The drafter shape for `target`: its width, heads, MLP, RoPE and vocabulary, EAGLE-3's
         feature layers; `overrides` replace any field."""
-        fields = dict(hidden_size=target.hidden_size, num_heads=target.num_heads, num_kv_heads=target.num_kv_heads,
-                      head_dim=target.head_dim, intermediate_size=target.intermediate_size,
-                      vocab_size=target.vocab_size, feature_layers=default_feature_layers(target.num_layers),
-                      rms_norm_eps=target.rms_norm_eps, rope_theta=target.rope_theta,
-                      rope_scaling=target.rope_scaling, dtype=target.dtype)
+        fields = {"hidden_size": target.hidden_size, "num_heads": target.num_heads,
+                  "num_kv_heads": target.num_kv_heads, "head_dim": target.head_dim,
+                  "intermediate_size": target.intermediate_size, "vocab_size": target.vocab_size,
+                  "feature_layers": default_feature_layers(target.num_layers), "rms_norm_eps": target.rms_norm_eps,
+                  "rope_theta": target.rope_theta, "rope_scaling": target.rope_scaling, "dtype": target.dtype}
         return cls(**{**fields, **overrides})
 
     def check_target(self, target: ModelConfig) -> None:
@@ -268,21 +276,11 @@ class SpecBlockDrafter(nn.Module):
         return BlockOutput(logits, hidden, rank_logits, tuple(aux))
 
 
-def self_attend(layer, q_BxQxNxD, k_BxQxGxD, v_BxQxGxD, *, block_size: int):
-    """Attention among the given rows only, block-1 style: a slot sees every slot of earlier rows and
-    the slots <= its own of its row."""
-    del layer
-    slot_row_Q = jnp.arange(q_BxQxNxD.shape[1]) // block_size
-    q_Q = jnp.arange(q_BxQxNxD.shape[1])
-    mask_QxQ = (slot_row_Q[None, :] < slot_row_Q[:, None]) | ((slot_row_Q[None, :] == slot_row_Q[:, None])
-                                                            & (q_Q[None, :] <= q_Q[:, None]))
-    return layers_lib.attend(q_BxQxNxD, k_BxQxGxD, v_BxQxGxD, mask_QxQ[None]), (k_BxQxGxD, v_BxQxGxD)
-
-
 def _init_args(config: SpecBlockConfig):
-    ids = jnp.zeros((1, 1), jnp.int32)
-    attend = lambda *a: self_attend(*a, block_size=config.block_size)
-    return (jnp.zeros((1, 1, config.hidden_size)), ids, attend), jnp.zeros((1, 1, config.feature_size))
+    """One row of dummy inputs (block-1 attention) and target features to trace the drafter with."""
+    args = (jnp.zeros((1, 1, config.hidden_size)), jnp.zeros((1, 1), jnp.int32),
+            _train_attend(config.block_size, None, [], None))
+    return args, jnp.zeros((1, 1, config.feature_size))
 
 
 def init_params(config: SpecBlockConfig, rng: jax.Array) -> Any:
@@ -367,7 +365,7 @@ def ttt_forward(params: Any, config: SpecBlockConfig, table_VxH: jax.Array, feat
     k_slots = c.block_size
     rows_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     offset_BxT = jnp.zeros((b, t), jnp.int32)
-    condition = dict(features_BxRxF=features_BxTxF)
+    condition = {"features_BxRxF": features_BxTxF}
     cross, local, local_mask = None, [], None
     outputs, offsets = [], []
     for block in range(c.num_ttt_blocks):  # static unroll
@@ -389,7 +387,7 @@ def ttt_forward(params: Any, config: SpecBlockConfig, table_VxH: jax.Array, feat
         offset_BxT = offset_BxT + m_BxT
         if c.inherit:
             parent_BxTxH = jnp.take_along_axis(out.hidden, (m_BxT - 1)[:, :, None, None], axis=2)[:, :, 0]
-            condition = dict(hidden_BxRxH=parent_BxTxH)
+            condition = {"hidden_BxRxH": parent_BxTxH}
     return TTTBlocks(tuple(outputs), jnp.stack(offsets))
 
 
