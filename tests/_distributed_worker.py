@@ -62,8 +62,8 @@ def train_drafter_sharded(mesh, workdir: pathlib.Path, optimizer, rows: slice):
                                       sharding.batch_sharding(mesh))
     losses = []
     for i in range(len(batches["tokens"])):
-        state, metrics = step(state, target_params, sharding.global_batch({k: v[i, rows] for k, v in batches.items()},
-                                                                         mesh))
+        batch = sharding.global_batch({k: v[i, rows] for k, v in batches.items()}, mesh)
+        state, metrics = step(state, target_params, batch, np.int32(i))
         losses.append(metrics.loss)
     return state, losses
 

@@ -160,7 +160,7 @@ def drafter_reference(workdir):
     state = {"params": params, "opt_state": optimizer.init(params)}
     losses = []
     for i in range(STEPS):
-        state, metrics = step(state, target_params, {k: v[i] for k, v in batches.items()})
+        state, metrics = step(state, target_params, {k: v[i] for k, v in batches.items()}, np.int32(i))
         losses.append(float(metrics.loss))
     return np.array(losses), traverse_util.flatten_dict(jax.tree.map(np.asarray, state["params"]), sep="/")
 

@@ -1,12 +1,14 @@
-"""Train an EAGLE-3 drafter for a frozen target on regenerated data (see train/regenerate.py) and export
-it as a drafter directory that `load_drafter(path, target)` and `generate(..., drafter=path)` read.
+"""Train a drafter (EAGLE-3 or SpecBlock) for a frozen target on regenerated data (see
+train/regenerate.py) and export it as a drafter directory that `load_drafter(path, target)` and
+`generate(..., drafter=path)` read.
 
     python -m train.regenerate --output-dir runs/regen
-    python -m train.train_drafter --config configs/eagle3.yaml
+    python -m train.train_drafter --config configs/eagle3.yaml     # or configs/specblock.yaml
 
-Each step runs the frozen target over the batch (features of the drafter's three layers and the
-target's logits, no gradient), unrolls the drafter `ttt_steps` times (training-time test) and updates
-the drafter alone with the TTT loss. Parameters, optimizer state and batches are laid out on the
+Each step runs the frozen target over the batch (features of the drafter's layers and the target's
+logits, no gradient), unrolls the drafter (EAGLE-3: `ttt_steps` training-time-test steps; SpecBlock:
+`num_ttt_blocks` blocks of K slots, each inheriting from a random slot of the previous one) and
+updates the drafter alone with its loss. Parameters, optimizer state and batches are laid out on the
 configured mesh (specblock_jax/sharding.py), so the same command runs on one CPU or a pod slice.
 
 Resumable: rerunning the same command after a kill continues from the newest checkpoint with exactly
@@ -35,17 +37,19 @@ from tqdm import tqdm
 
 from specblock_jax import drafter_io, losses, sharding
 from specblock_jax.checkpoint import Checkpointer
-from specblock_jax.config import ConfigError, ModelConfig, load_yaml, to_dict
+from specblock_jax.config import ConfigError, ModelConfig, from_dict, load_yaml, to_dict
 from specblock_jax.decode import PAD_ID
 from specblock_jax.eagle3_draft import Eagle3Method
+from specblock_jax.specblock_draft import SpecBlockMethod
 from specblock_jax.hf import load_target
-from specblock_jax.models import eagle3
+from specblock_jax.models import eagle3, specblock
 from specblock_jax.models import target as target_lib
 from specblock_jax.optim import OptimConfig, make_optimizer, schedule
 from specblock_jax.sharding import MeshConfig
 from train.regenerate import read_parts
 
-DRAFTER_KINDS = ("eagle3",)
+METHODS = {"eagle3": Eagle3Method, "specblock": SpecBlockMethod}  # kind -> drafting method
+DRAFTER_KINDS = tuple(METHODS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +57,24 @@ class Eagle3Overrides:
     """Departures from `Eagle3Config.for_target` (None: the target's value / EAGLE-3's default)."""
 
     ttt_steps: int = 7
+    feature_layers: tuple[int, ...] | None = None
+    intermediate_size: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecBlockOverrides:
+    """Departures from `SpecBlockConfig.for_target` (None: its default); the ablation switches live here."""
+
+    num_layers: int | None = None
+    block_size: int | None = None
+    num_ttt_blocks: int | None = None
+    rank_hidden: int | None = None
+    shift: bool | None = None
+    inherit: bool | None = None
+    rank_head: bool | None = None
+    valid_prefix: bool | None = None
+    position_loss_weight: float | None = None
+    rank_loss_weight: float | None = None
     feature_layers: tuple[int, ...] | None = None
     intermediate_size: int | None = None
 
@@ -66,7 +88,10 @@ class DrafterTrainConfig:
     init_from: str | None = None  # a trained drafter directory to start from (fine-tuning); None: fresh
     lm_head_from_target: bool = True  # a fresh drafter's LM head starts as the target's (untied targets)
     eagle3: Eagle3Overrides = Eagle3Overrides()
-    decoding: drafter_io.Decoding = drafter_io.Decoding()  # tree shape saved with the exported drafter
+    specblock: SpecBlockOverrides = SpecBlockOverrides()
+    # The exported drafter's default tree: fields of the kind's drafting method (Eagle3Method:
+    # budget, max_depth, topk; SpecBlockMethod: budget, max_blocks, widths, ...), checked before training.
+    decoding: dict[str, Any] = dataclasses.field(default_factory=dict)
     mesh: MeshConfig = MeshConfig()
     seq_len: int = 256  # rows are cut or PAD-filled to this width
     batch_size: int = 16  # global batch, split over the mesh's data * fsdp axes
@@ -88,22 +113,36 @@ class DrafterTrainConfig:
 def run_fingerprint(cfg: DrafterTrainConfig) -> dict:
     """What defines a run's math: resuming under a different one is refused. Paths and the logging
     and checkpoint cadence may change between a run and its resume."""
-    free = {"output_dir", "export_dir", "data_dir", "checkpoint_every", "log_every"}
+    free = {"output_dir", "export_dir", "data_dir", "checkpoint_every", "log_every", "decoding"}
     return {k: v for k, v in to_dict(cfg).items() if k not in free}
 
 
-def drafter_config(cfg: DrafterTrainConfig, target: ModelConfig) -> eagle3.Eagle3Config:
-    """The drafter's shape for `target`, checked against it (and `seq_len` against its positions)
-    before any data is read."""
+def drafter_config(cfg: DrafterTrainConfig, target: ModelConfig) -> Any:
+    """The drafter's shape (Eagle3Config or SpecBlockConfig) for `target`, checked against it (and
+    `seq_len` against its positions) before any data is read."""
     if cfg.seq_len > target.max_position_embeddings:
         raise ConfigError(f"seq_len {cfg.seq_len} exceeds the target's max_position_embeddings "
                           f"{target.max_position_embeddings}")
-    overrides = {k: v for k, v in dataclasses.asdict(cfg.eagle3).items() if v is not None}
+    overrides = {k: v for k, v in dataclasses.asdict(getattr(cfg, cfg.kind)).items() if v is not None}
     if "feature_layers" in overrides:
         overrides["feature_layers"] = tuple(overrides["feature_layers"])
-    config = eagle3.Eagle3Config.for_target(target, **overrides)
+    config_cls = eagle3.Eagle3Config if cfg.kind == "eagle3" else specblock.SpecBlockConfig
+    config = config_cls.for_target(target, **overrides)
     config.check_target(target)
     return config
+
+
+def model_of(config: Any) -> Any:
+    """The model module (init_params, param_axes, ...) of a drafter config."""
+    return specblock if isinstance(config, specblock.SpecBlockConfig) else eagle3
+
+
+def drafting_method(cfg: DrafterTrainConfig, config: Any) -> Any:
+    """The exported drafter's method: `config` with the `decoding` section's tree shape."""
+    try:
+        return from_dict(METHODS[cfg.kind], {**cfg.decoding, "config": to_dict(config)}, "decoding")
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"decoding: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,20 +206,28 @@ def target_outputs(target_params: Any, target_config: ModelConfig, layers: tuple
     return jax.lax.stop_gradient(out.features), jax.lax.stop_gradient(out.logits)
 
 
-def ttt_metrics(params: Any, target_params: Any, target_config: ModelConfig, config: eagle3.Eagle3Config,
-                batch: dict[str, jax.Array]) -> losses.TTTLoss:
+def drafter_metrics(params: Any, target_params: Any, target_config: ModelConfig, config: Any,
+                    batch: dict[str, jax.Array], key: jax.Array) -> Any:
+    """The drafter's training loss and metrics on a batch (TTTLoss or SpecBlockLoss; both carry `loss`,
+    `step_loss_K` and `step_acc_K`). `key` draws SpecBlock's inheritance slots; EAGLE-3 ignores it."""
     features_BxTxF, logits_BxTxV = target_outputs(target_params, target_config, config.feature_layers,
                                                   batch["tokens"])
     table_VxH = jax.lax.stop_gradient(target_params["embed_tokens"]["embedding"])
+    if isinstance(config, specblock.SpecBlockConfig):
+        return specblock.train_metrics(params, config, table_VxH, features_BxTxF, batch["tokens"],
+                                       batch["loss_mask"], logits_BxTxV, key)
     draft_KxBxTxV = eagle3.ttt_forward(params, config, table_VxH, features_BxTxF, batch["tokens"])
     return losses.ttt_loss(draft_KxBxTxV, logits_BxTxV, batch["loss_mask"])
 
 
-def make_train_step(target_config: ModelConfig, config: eagle3.Eagle3Config, optimizer: optax.GradientTransformation):
-    """step(state, target_params, batch) -> (state, TTTLoss): the optimizer sees the drafter only."""
-    def step(state, target_params, batch):
+def make_train_step(target_config: ModelConfig, config: Any, optimizer: optax.GradientTransformation, seed: int = 0):
+    """step(state, target_params, batch, step) -> (state, metrics): the optimizer sees the drafter only;
+    the step number (an int32 scalar) picks the step's random draws, so a resumed run repeats them."""
+    def step(state, target_params, batch, step_number):
+        key = jax.random.fold_in(jax.random.key(seed), step_number)
+
         def loss_fn(params):
-            metrics = ttt_metrics(params, target_params, target_config, config, batch)
+            metrics = drafter_metrics(params, target_params, target_config, config, batch, key)
             return metrics.loss, metrics
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -190,14 +237,16 @@ def make_train_step(target_config: ModelConfig, config: eagle3.Eagle3Config, opt
     return step
 
 
-def jit_steps(target_config: ModelConfig, config: eagle3.Eagle3Config, optimizer, state_sh, target_sh, batch_sh):
+def jit_steps(target_config: ModelConfig, config: Any, optimizer, state_sh, target_sh, batch_sh, seed: int = 0):
     """The train and eval steps jitted over the mesh. The target's params are an argument (never a
-    traced constant, never in the state): laid out once, read every step, not donated or updated."""
+    traced constant, never in the state): laid out once, read every step, not donated or updated.
+    Evaluation draws with one fixed key, so its figures are comparable from log line to log line."""
     replicated = NamedSharding(batch_sh.mesh, PartitionSpec())
-    train_step = jax.jit(make_train_step(target_config, config, optimizer),
-                         in_shardings=(state_sh, target_sh, batch_sh), out_shardings=(state_sh, replicated),
-                         donate_argnums=0)
-    eval_step = jax.jit(lambda p, tp, batch: ttt_metrics(p, tp, target_config, config, batch),
+    train_step = jax.jit(make_train_step(target_config, config, optimizer, seed),
+                         in_shardings=(state_sh, target_sh, batch_sh, replicated),
+                         out_shardings=(state_sh, replicated), donate_argnums=0)
+    eval_key = jax.random.key(seed + 1)
+    eval_step = jax.jit(lambda p, tp, batch: drafter_metrics(p, tp, target_config, config, batch, eval_key),
                         in_shardings=(state_sh["params"], target_sh, batch_sh), out_shardings=replicated)
     return train_step, eval_step
 
@@ -217,7 +266,7 @@ def evaluate(eval_step, params, target_params, val_rows: np.ndarray, cfg: Drafte
             "val_acceptance_length": chain_acceptance(acc_K)}
 
 
-def initial_params(cfg: DrafterTrainConfig, config: eagle3.Eagle3Config, target: Any) -> Any:
+def initial_params(cfg: DrafterTrainConfig, config: Any, target: Any) -> Any:
     """Host params to start from: a trained drafter directory (checked against the target and this
     run's drafter shape), or a fresh init whose LM head may copy the target's.
 
@@ -229,7 +278,7 @@ def initial_params(cfg: DrafterTrainConfig, config: eagle3.Eagle3Config, target:
             raise ConfigError(f"init_from {cfg.init_from}: its drafter config {to_dict(method.config)} differs "
                               f"from this run's {to_dict(config)}")
         return jax.device_get(params["drafter"])
-    params = jax.device_get(eagle3.init_params(config, jax.random.key(cfg.seed)))
+    params = jax.device_get(model_of(config).init_params(config, jax.random.key(cfg.seed)))
     if cfg.lm_head_from_target and "lm_head" in target.params:
         params = {**params, "lm_head": {"kernel": np.asarray(target.params["lm_head"]["kernel"])}}
     return params
@@ -243,10 +292,10 @@ def check_batch_split(cfg: DrafterTrainConfig, mesh) -> None:
                           f"batch shards and {jax.process_count()} process(es)")
 
 
-def init_state(host: Any, config: eagle3.Eagle3Config, optimizer, mesh) -> tuple[dict, dict]:
+def init_state(host: Any, config: Any, optimizer, mesh) -> tuple[dict, dict]:
     """Sharded state from host params, and its shardings: drafter params placed by their logical axes,
     the optimizer state initialized in place with matching shardings."""
-    param_sh = sharding.logical_to_sharding(eagle3.param_axes(config), mesh, host)
+    param_sh = sharding.logical_to_sharding(model_of(config).param_axes(config), mesh, host)
     params = sharding.shard_params(host, param_sh)
     opt_sh = sharding.opt_state_shardings(optimizer, params, param_sh)
     state = {"params": params, "opt_state": jax.jit(optimizer.init, out_shardings=opt_sh)(params)}
@@ -264,6 +313,7 @@ def train(cfg: DrafterTrainConfig, *, stop_after: int | None = None, export: boo
     Returns the final state (drafter params and optimizer state, on the mesh)."""
     target = load_target(cfg.target)
     config = drafter_config(cfg, target.config)
+    method = drafting_method(cfg, config)
     mesh = sharding.make_mesh(cfg.mesh)
     check_batch_split(cfg, mesh)
     host_params = initial_params(cfg, config, target)
@@ -281,15 +331,15 @@ def train(cfg: DrafterTrainConfig, *, stop_after: int | None = None, export: boo
         start, state = restored
         print(f"resuming from step {start} in {ckpt.directory}", file=sys.stderr)
     train_step, eval_step = jit_steps(target.config, config, optimizer, state_sh, target_sh,
-                                      sharding.batch_sharding(mesh))
+                                      sharding.batch_sharding(mesh), cfg.seed)
     last = cfg.optim.total_steps if stop_after is None else min(stop_after, cfg.optim.total_steps)
     lr_schedule = schedule(cfg.optim)
     with open(out / "log.jsonl", "a") as log, tqdm(total=cfg.optim.total_steps, initial=start, disable=not progress,
-                                                   desc="train eagle3 drafter", unit="step") as bar:
+                                                   desc=f"train {cfg.kind} drafter", unit="step") as bar:
         t_mark = time.perf_counter()
         for step in range(start, last):
             batch = sharding.global_batch(local_rows(train_ds[step % len(train_ds)]), mesh)
-            state, metrics = train_step(state, target_params, batch)
+            state, metrics = train_step(state, target_params, batch, np.int32(step))
             if (step + 1) % cfg.log_every == 0 or step + 1 == last:
                 record = log_record(step + 1, metrics, float(lr_schedule(step)), time.perf_counter() - t_mark)
                 record.update(evaluate(eval_step, state["params"], target_params, val_rows, cfg, mesh))
@@ -302,18 +352,20 @@ def train(cfg: DrafterTrainConfig, *, stop_after: int | None = None, export: boo
             ckpt.save(step + 1, state, force=step + 1 == last)
     ckpt.close()
     if export and last == cfg.optim.total_steps:
-        path = drafter_io.save_eagle3(Eagle3Method(config, **dataclasses.asdict(cfg.decoding)),
-                                      jax.device_get(state["params"]), cfg.export_dir)
+        save = drafter_io.save_eagle3 if cfg.kind == "eagle3" else drafter_io.save_specblock
+        path = save(method, jax.device_get(state["params"]), cfg.export_dir)
         print(f"exported the drafter to {path}", file=sys.stderr)
     return state
 
 
-def log_record(step: int, metrics: losses.TTTLoss, lr: float, seconds: float) -> dict[str, Any]:
+def log_record(step: int, metrics: Any, lr: float, seconds: float) -> dict[str, Any]:
+    """One JSONL line: every metric of the drafter's loss tuple (arrays as lists), lr and wall time."""
     loss = float(metrics.loss)
     if not math.isfinite(loss):
         raise FloatingPointError(f"loss became {loss} at step {step}")
-    return {"step": step, "loss": loss, "step_loss": np.asarray(metrics.step_loss_K).tolist(),
-            "step_acc": np.asarray(metrics.step_acc_K).tolist(), "lr": lr, "seconds": seconds}
+    names = {"step_loss_K": "step_loss", "step_acc_K": "step_acc"}
+    record = {names.get(k, k): np.asarray(v).tolist() for k, v in metrics._asdict().items()}
+    return {"step": step, **record, "lr": lr, "seconds": seconds}
 
 
 def main(argv: list[str] | None = None) -> None:
