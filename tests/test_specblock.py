@@ -229,19 +229,33 @@ def test_later_blocks_see_only_the_parent_slots_up_to_the_inherited_one(setup):
         assert np.allclose(a[1].logits[:, 0, 0], b[1].logits[:, 0, 0], atol=1e-5) == unchanged, m
 
 
-def test_gradients_flow_through_every_block_and_rank_loss_stays_in_the_rank_head(setup):
-    """Block 2's draft loss reaches condition_proj (only block 1 applies it) but not the rank head;
-    the rank loss reaches the rank head only."""
-    params, table, features, tokens, inherit = setup
-    target_logits = jax.random.normal(jax.random.key(7), (B, T, CONFIG.vocab_size))
-    cfg = dataclasses.replace(CONFIG, valid_prefix=False, num_ttt_blocks=2)
-    inherit = inherit[..., :1]
+@pytest.fixture(scope="module")
+def two_blocks(setup):
+    """Inputs of a 2-block `train_metrics`: config, inheritance slots, target logits, loss mask."""
+    *_, inherit = setup
+    target_logits = 3.0 * jax.random.normal(jax.random.key(8), (B, T, CONFIG.vocab_size))
+    return dataclasses.replace(CONFIG, num_ttt_blocks=2), inherit[..., :1], target_logits, jnp.ones((B, T)).at[0, 2].set(0)
+
+
+@pytest.fixture(scope="module")
+def without_valid_prefix(setup, two_blocks):
+    """One compile: the metrics without the valid-prefix mask, and the Jacobian of (block 2's slot-0
+    loss, rank loss) with respect to every parameter."""
+    params, table, features, tokens, _ = setup
+    cfg, inherit, target_logits, loss_mask = two_blocks
+    cfg = dataclasses.replace(cfg, valid_prefix=False)
 
     def two_losses(p):
-        out = sb.train_metrics(p, cfg, table, features, tokens, jnp.ones((B, T)), target_logits, None, inherit)
-        return jnp.stack([out.block_loss_NxK[-1, 0], out.rank_loss])
+        out = sb.train_metrics(p, cfg, table, features, tokens, loss_mask, target_logits, None, inherit)
+        return jnp.stack([out.block_loss_NxK[-1, 0], out.rank_loss]), out
 
-    jac = jax.jit(jax.jacrev(two_losses))(params)
+    return jax.jit(jax.jacrev(two_losses, has_aux=True))(params)
+
+
+def test_gradients_flow_through_every_block_and_rank_loss_stays_in_the_rank_head(without_valid_prefix):
+    """Block 2's draft loss reaches condition_proj (only block 1 applies it) but not the rank head;
+    the rank loss reaches the rank head only."""
+    jac, _ = without_valid_prefix
     moved = lambda name, i: any(float(jnp.abs(x[i]).max()) > 0 for x in jax.tree.leaves(jac[name]))
     assert moved("condition_proj", 0) and not moved("rank_in", 0)
     for name in jac:
@@ -255,14 +269,11 @@ def test_sample_inherit_draws_every_slot_count_per_row():
     assert len({tuple(np.asarray(m[b, :, 0])) for b in range(4)}) == 4  # rows differ
 
 
-def test_train_metrics_composes_the_block_losses(setup):
+def test_train_metrics_composes_the_block_losses(setup, two_blocks, without_valid_prefix):
     """The total is sum_k 0.8**k sum_b L_{b,k} + sum_b R_b; block-1 slot losses follow the teacher at
     position j + 1 + k under the valid-prefix mask; without the mask slot k > 0 trains everywhere."""
-    params, table, features, tokens, inherit = setup
-    cfg = dataclasses.replace(CONFIG, num_ttt_blocks=2)
-    inherit = inherit[..., :1]
-    target_logits = 3.0 * jax.random.normal(jax.random.key(8), (B, T, CONFIG.vocab_size))
-    loss_mask = jnp.ones((B, T)).at[0, 2].set(0.0)
+    params, table, features, tokens, _ = setup
+    cfg, inherit, target_logits, loss_mask = two_blocks
     out = _metrics(params, cfg, table, features, tokens, loss_mask, target_logits, None, inherit)
     k = cfg.block_size
     assert out.step_loss_K.shape == out.step_acc_K.shape == (k,)
@@ -295,7 +306,6 @@ def test_train_metrics_composes_the_block_losses(setup):
     np.testing.assert_allclose(out.step_acc_K, hits / np.maximum(den, 1), rtol=1e-6)
     assert out.step_loss_K[0] > 0
 
-    free = _metrics(params, dataclasses.replace(cfg, valid_prefix=False), table, features, tokens, loss_mask,
-                    target_logits, None, inherit)
+    free = without_valid_prefix[1]
     np.testing.assert_allclose(free.step_loss_K[0], out.step_loss_K[0], rtol=1e-6)
     assert np.all(np.asarray(free.step_loss_K) > 0)
