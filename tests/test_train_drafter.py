@@ -7,6 +7,7 @@ import pathlib
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
@@ -18,7 +19,7 @@ from specblock_jax.config import ConfigError, ModelConfig, load_yaml
 from specblock_jax.decode import PAD_ID
 from specblock_jax.drafter import load_drafter
 from specblock_jax.models import target as target_lib
-from train import train_drafter
+from train import feature_cache, train_drafter
 from train.train_drafter import DrafterTrainConfig
 
 TARGET = ModelConfig(vocab_size=48, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -103,6 +104,44 @@ def test_exported_drafter_decodes_losslessly(trained, workdir):
     spec = decode.generate(target, prompts, max_new_tokens=10, stop_on_eos=False, drafter=cfg.export_dir)
     assert spec.token_ids == plain.token_ids
     assert spec.stats["drafter_forwards"] == 3 * spec.stats["verify_steps"] > 0
+
+
+def test_offline_mode_with_the_full_vocabulary_matches_online_training(trained, workdir):
+    root, _ = workdir
+    _, params_online, log_online = trained
+    cache = str(root / "cache_full")
+    offline = load_config(root, config_dict(root, "offline", feature_cache=cache, cache_topk=TARGET.vocab_size,
+                                            cache_dtype="float32"))
+    params = jax.device_get(train_drafter.train(offline, progress=False)["params"])
+    log = [json.loads(line) for line in (root / "offline" / "log.jsonl").read_text().splitlines()]
+    for record, online in zip(log, log_online):
+        assert record["loss"] == pytest.approx(online["loss"], rel=1e-5)
+        assert record["val_loss"] == pytest.approx(online["val_loss"], rel=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), params, params_online)
+    files = sorted(p.name for p in (root / "cache_full").iterdir())
+    assert "cache.json" in files and "train_features.npy" in files and "val_topk_ids.npy" in files
+
+    # top-k teacher: the renormalised top-k distribution, trained on without the target in the step
+    small = load_config(root, config_dict(root, "offline_k4", feature_cache=str(root / "cache_k4"), cache_topk=4))
+    train_drafter.train(small, progress=False)
+    log = [json.loads(line) for line in (root / "offline_k4" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["val_loss"] < log[0]["val_loss"]
+    assert np.load(root / "cache_k4" / "train_features.npy", mmap_mode="r").dtype == np.float16
+
+    # a cache built from other inputs is refused, never overwritten
+    with pytest.raises(ConfigError, match=r"feature cache .*cache_k4 was built from other inputs \(differs in \['topk'\]\)"):
+        train_drafter.train(load_config(root, config_dict(root, "offline_k8", feature_cache=str(root / "cache_k4"),
+                                                          cache_topk=8)), progress=False)
+
+
+def test_dense_logits_renormalise_over_the_top_k():
+    logits = jnp.asarray([[[2.0, 1.0, 0.5]]])
+    ids = jnp.asarray([[[3, 0, 5]]])
+    dense = feature_cache.dense_logits(logits, ids, 6)
+    probs = np.asarray(jax.nn.softmax(dense, axis=-1))[0, 0]
+    expected = np.exp([2.0, 1.0, 0.5]) / np.exp([2.0, 1.0, 0.5]).sum()
+    np.testing.assert_allclose(probs[[3, 0, 5]], expected, rtol=1e-6)
+    assert probs[[1, 2, 4]].sum() == 0.0
 
 
 SPECBLOCK = {"kind": "specblock", "specblock": {"num_ttt_blocks": 2, "block_size": 2, "rank_hidden": 8},

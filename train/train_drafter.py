@@ -11,6 +11,10 @@ logits, no gradient), unrolls the drafter (EAGLE-3: `ttt_steps` training-time-te
 updates the drafter alone with its loss. Parameters, optimizer state and batches are laid out on the
 configured mesh (specblock_jax/sharding.py), so the same command runs on one CPU or a pod slice.
 
+Offline mode (`feature_cache: DIR`): the target's features and top-`cache_topk` logits for every row
+are computed once into DIR (train/feature_cache.py) and training reads them instead of running the
+target each step.
+
 Resumable: rerunning the same command after a kill continues from the newest checkpoint with exactly
 the batches the uninterrupted run would have seen. log.jsonl gets, every `log_every` steps, the loss,
 per-TTT-step losses and accuracies, and on held-out rows a chain estimate of the acceptance length.
@@ -46,6 +50,7 @@ from specblock_jax.models import eagle3, specblock
 from specblock_jax.models import target as target_lib
 from specblock_jax.optim import OptimConfig, make_optimizer, schedule
 from specblock_jax.sharding import MeshConfig
+from train import feature_cache
 from train.regenerate import read_parts
 
 METHODS = {"eagle3": Eagle3Method, "specblock": SpecBlockMethod}  # kind -> drafting method
@@ -87,6 +92,9 @@ class DrafterTrainConfig:
     data_dir: str = "runs/regen"  # regenerated parts (part-*.npz)
     init_from: str | None = None  # a trained drafter directory to start from (fine-tuning); None: fresh
     lm_head_from_target: bool = True  # a fresh drafter's LM head starts as the target's (untied targets)
+    feature_cache: str | None = None  # offline mode: cache of the target's outputs (built on first use)
+    cache_topk: int = 64  # offline mode: target logits kept per position (the teacher is renormalised over them)
+    cache_dtype: str = "float16"  # offline mode: dtype of the cached features
     eagle3: Eagle3Overrides = Eagle3Overrides()
     specblock: SpecBlockOverrides = SpecBlockOverrides()
     # The exported drafter's default tree: fields of the kind's drafting method (Eagle3Method:
@@ -105,7 +113,9 @@ class DrafterTrainConfig:
     def __post_init__(self):
         if self.kind not in DRAFTER_KINDS:
             raise ConfigError(f"kind={self.kind!r} is not one of {DRAFTER_KINDS}")
-        for name in ("seq_len", "batch_size", "val_batches", "checkpoint_every", "log_every"):
+        if self.cache_dtype not in ("float16", "float32"):
+            raise ConfigError(f"cache_dtype must be 'float16' or 'float32', got {self.cache_dtype!r}")
+        for name in ("seq_len", "batch_size", "val_batches", "checkpoint_every", "log_every", "cache_topk"):
             if getattr(self, name) < (2 if name == "seq_len" else 1):
                 raise ConfigError(f"{name} must be >= {2 if name == 'seq_len' else 1}, got {getattr(self, name)}")
 
@@ -113,7 +123,7 @@ class DrafterTrainConfig:
 def run_fingerprint(cfg: DrafterTrainConfig) -> dict:
     """What defines a run's math: resuming under a different one is refused. Paths and the logging
     and checkpoint cadence may change between a run and its resume."""
-    free = {"output_dir", "export_dir", "data_dir", "checkpoint_every", "log_every", "decoding"}
+    free = {"output_dir", "export_dir", "data_dir", "checkpoint_every", "log_every", "decoding", "feature_cache"}
     return {k: v for k, v in to_dict(cfg).items() if k not in free}
 
 
@@ -210,8 +220,12 @@ def drafter_metrics(params: Any, target_params: Any, target_config: ModelConfig,
                     batch: dict[str, jax.Array], key: jax.Array) -> Any:
     """The drafter's training loss and metrics on a batch (TTTLoss or SpecBlockLoss; both carry `loss`,
     `step_loss_K` and `step_acc_K`). `key` draws SpecBlock's inheritance slots; EAGLE-3 ignores it."""
-    features_BxTxF, logits_BxTxV = target_outputs(target_params, target_config, config.feature_layers,
-                                                  batch["tokens"])
+    if "features" in batch:  # offline mode: the target's outputs come with the batch
+        features_BxTxF = batch["features"]
+        logits_BxTxV = feature_cache.dense_logits(batch["topk_logits"], batch["topk_ids"], target_config.vocab_size)
+    else:
+        features_BxTxF, logits_BxTxV = target_outputs(target_params, target_config, config.feature_layers,
+                                                      batch["tokens"])
     table_VxH = jax.lax.stop_gradient(target_params["embed_tokens"]["embedding"])
     if isinstance(config, specblock.SpecBlockConfig):
         return specblock.train_metrics(params, config, table_VxH, features_BxTxF, batch["tokens"],
@@ -257,10 +271,10 @@ def chain_acceptance(step_acc_K: np.ndarray) -> float:
     return float(1.0 + np.sum(np.cumprod(step_acc_K)))
 
 
-def evaluate(eval_step, params, target_params, val_rows: np.ndarray, cfg: DrafterTrainConfig, mesh) -> dict:
-    """Held-out TTT loss, per-step accuracy and the chain acceptance estimate (batch means)."""
-    results = [eval_step(params, target_params, sharding.global_batch(local_rows(to_example(rows)), mesh))
-               for rows in np.split(val_rows, cfg.val_batches)]
+def evaluate(eval_step, params, target_params, val_batches: list[dict[str, np.ndarray]], mesh) -> dict:
+    """Held-out loss, per-step accuracy and the chain acceptance estimate (batch means)."""
+    results = [eval_step(params, target_params, sharding.global_batch(local_rows(batch), mesh))
+               for batch in val_batches]
     acc_K = np.mean([np.asarray(r.step_acc_K) for r in results], axis=0)
     return {"val_loss": float(np.mean([float(r.loss) for r in results])), "val_step_acc": acc_K.tolist(),
             "val_acceptance_length": chain_acceptance(acc_K)}
@@ -318,7 +332,15 @@ def train(cfg: DrafterTrainConfig, *, stop_after: int | None = None, export: boo
     check_batch_split(cfg, mesh)
     host_params = initial_params(cfg, config, target)
     train_rows, val_rows = split_rows(read_parts(cfg.data_dir)["tokens"], cfg, target.config.vocab_size)
-    train_ds = train_dataset(train_rows, cfg)
+    if cfg.feature_cache is None:
+        train_ds = train_dataset(train_rows, cfg)
+        val_batches = [to_example(rows) for rows in np.split(val_rows, cfg.val_batches)]
+    else:
+        cache = feature_cache.Cache(feature_cache.build(
+            cfg.feature_cache, target, config.feature_layers, {"train": train_rows, "val": val_rows}, to_example,
+            topk=cfg.cache_topk, dtype=cfg.cache_dtype, batch_size=cfg.batch_size, progress=progress))
+        train_ds = cache.dataset(cfg.seed, cfg.batch_size)
+        val_batches = [cache.examples("val", idx) for idx in np.split(np.arange(len(val_rows)), cfg.val_batches)]
     target_sh = sharding.logical_to_sharding(target_lib.param_axes(target.config), mesh, target.params)
     target_params = sharding.shard_params(target.params, target_sh)
     optimizer = make_optimizer(cfg.optim)
@@ -342,7 +364,7 @@ def train(cfg: DrafterTrainConfig, *, stop_after: int | None = None, export: boo
             state, metrics = train_step(state, target_params, batch, np.int32(step))
             if (step + 1) % cfg.log_every == 0 or step + 1 == last:
                 record = log_record(step + 1, metrics, float(lr_schedule(step)), time.perf_counter() - t_mark)
-                record.update(evaluate(eval_step, state["params"], target_params, val_rows, cfg, mesh))
+                record.update(evaluate(eval_step, state["params"], target_params, val_batches, mesh))
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{record['loss']:.3f}", acc="/".join(f"{a:.2f}" for a in record["step_acc"]),

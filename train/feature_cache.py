@@ -1,0 +1,143 @@
+"""Offline mode of drafter training: the frozen target's outputs computed once and read from disk.
+
+Online, every training step runs the target over its batch. Offline, `build` runs it once over every
+training and held-out row and stores, per row and position, the drafter's input features and the
+target's `topk` largest logits with their token ids; training then reads batches from these files
+(memory-mapped .npy) and skips the target. Worth it when the same rows are read for many epochs and
+the target is much dearer than the drafter (an 8B target under a 1-layer drafter); here on the
+embedded target it mostly shows the mode works.
+
+The teacher becomes the target's distribution restricted to its top-k tokens and renormalised
+(`dense_logits` puts -1e30 elsewhere), as HASS-style top-k distillation does; with `topk` equal to the
+vocabulary and float32 features it is exactly the online teacher, which the tests check.
+
+A cache directory holds `cache.json` (what it was built from: target, rows, layers, top-k, dtype),
+and per split (`train`, `val`): the online example fields `<split>_tokens.npy` [N, T] and
+`<split>_loss_mask.npy` [N, T], then `<split>_features.npy` [N, T, F],
+`<split>_topk_logits.npy` [N, T, k] float32 and `<split>_topk_ids.npy` [N, T, k] int32. It is written
+into a hidden sibling and renamed into place when complete, and refused when it does not match the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+import shutil
+import uuid
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from specblock_jax.config import ConfigError, ModelConfig, to_dict
+from specblock_jax.hf import replace_dir
+from specblock_jax.models import target as target_lib
+
+SPLITS = ("train", "val")
+FIELDS = ("tokens", "loss_mask")  # what an online example holds
+CACHED = ("features", "topk_logits", "topk_ids")  # the target's outputs
+CACHE_JSON = "cache.json"
+
+
+def _describe(target_config: ModelConfig, layers: tuple[int, ...], topk: int, dtype: str,
+              rows: dict[str, np.ndarray]) -> dict[str, Any]:
+    """What a cache depends on; a run reads a cache only when this matches exactly."""
+    digest = hashlib.sha256()
+    for split in SPLITS:
+        digest.update(np.ascontiguousarray(rows[split]).tobytes())
+    return {"target": to_dict(target_config), "feature_layers": list(layers), "topk": topk, "dtype": dtype,
+            "rows": {split: list(rows[split].shape) for split in SPLITS}, "rows_sha256": digest.hexdigest()}
+
+
+def build(path: str | pathlib.Path, target: Any, layers: tuple[int, ...], rows: dict[str, np.ndarray],
+          to_example, *, topk: int, dtype: str, batch_size: int, progress: bool = True) -> pathlib.Path:
+    """Write the cache of `rows` (split -> [N, T] rows as training sees them) to `path`, unless a
+    matching one is already there; a cache built from anything else is an error, never overwritten."""
+    path = pathlib.Path(path)
+    described = _describe(target.config, layers, topk, dtype, rows)
+    if (path / CACHE_JSON).is_file():
+        found = json.loads((path / CACHE_JSON).read_text())
+        if found != described:
+            changed = sorted(k for k in described if found.get(k) != described[k])
+            raise ConfigError(f"feature cache {path} was built from other inputs (differs in {changed}); "
+                              "point feature_cache at a new directory")
+        return path
+    if path.exists():
+        raise ConfigError(f"feature cache {path} exists but has no {CACHE_JSON}: remove it or pick another directory")
+    if not 1 <= topk <= target.config.vocab_size:
+        raise ConfigError(f"cache_topk must be in [1, vocab_size {target.config.vocab_size}], got {topk}")
+
+    @jax.jit
+    def outputs(params, tokens_BxT):
+        b, t = tokens_BxT.shape
+        out = target_lib.forward(params, target.config, tokens_BxT, jnp.broadcast_to(jnp.arange(t), (b, t)),
+                                 jnp.tril(jnp.ones((t, t), bool))[None], feature_layers=layers)
+        top_logits, top_ids = jax.lax.top_k(out.logits.reshape(b * t, -1), topk)
+        return out.features.astype(dtype), top_logits.reshape(b, t, topk), top_ids.reshape(b, t, topk)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        for split in SPLITS:
+            n, t = rows[split].shape
+            example = to_example(rows[split])
+            for name in FIELDS:
+                np.save(tmp / f"{split}_{name}.npy", example[name])
+            tokens = example["tokens"]
+            arrays = {name: np.lib.format.open_memmap(tmp / f"{split}_{name}.npy", "w+", dt, shape)
+                      for name, dt, shape in (("features", dtype, (n, t, len(layers) * target.config.hidden_size)),
+                                              ("topk_logits", np.float32, (n, t, topk)),
+                                              ("topk_ids", np.int32, (n, t, topk)))}
+            for start in tqdm(range(0, n, batch_size), disable=not progress, desc=f"cache target outputs ({split})",
+                              unit="batch"):
+                results = outputs(target.params, tokens[start:start + batch_size])
+                for (name, array), result in zip(arrays.items(), results):
+                    array[start:start + batch_size] = np.asarray(result)
+            for array in arrays.values():
+                array.flush()
+            del arrays
+        (tmp / CACHE_JSON).write_text(json.dumps(described, indent=1) + "\n")
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+class Cache:
+    """Read side: examples of cached rows by index, with the same fields online batches have plus the
+    target's outputs (`features`, `topk_logits`, `topk_ids`)."""
+
+    def __init__(self, path: str | pathlib.Path):
+        self.path = pathlib.Path(path)
+        self.arrays = {split: {name: np.load(self.path / f"{split}_{name}.npy", mmap_mode="r")
+                               for name in FIELDS + CACHED} for split in SPLITS}
+
+    def rows(self, split: str) -> int:
+        return len(self.arrays[split]["tokens"])
+
+    def examples(self, split: str, index_B: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows `index_B` of `split` as a batch (features widened to float32)."""
+        batch = {name: np.asarray(array[np.asarray(index_B)]) for name, array in self.arrays[split].items()}
+        batch["features"] = batch["features"].astype(np.float32)
+        return batch
+
+    def dataset(self, seed: int, batch_size: int) -> grain.MapDataset:
+        """Training batches in the order the online dataset would give them (same shuffle of row
+        indices, same seed), so offline and online runs see the same rows at every step."""
+        return (grain.MapDataset.source(np.arange(self.rows("train"))).shuffle(seed=seed).repeat(None)
+                .batch(batch_size, drop_remainder=True).map(lambda idx: self.examples("train", idx)))
+
+
+def dense_logits(topk_logits_BxTxk: jax.Array, topk_ids_BxTxk: jax.Array, vocab_size: int) -> jax.Array:
+    """[B, T, V] logits that are the cached top-k values at their ids and -1e30 elsewhere (finite, so
+    no 0 * inf): a softmax of them is the target's distribution renormalised over its top k."""
+    b, t, _ = topk_ids_BxTxk.shape
+    full = jnp.full((b, t, vocab_size), -1e30, jnp.float32)
+    return full.at[jnp.arange(b)[:, None, None], jnp.arange(t)[None, :, None], topk_ids_BxTxk].set(
+        topk_logits_BxTxk.astype(jnp.float32))
