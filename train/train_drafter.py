@@ -395,7 +395,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default="configs/eagle3.yaml", help="YAML DrafterTrainConfig")
     parser.add_argument("--output-dir", help="override output_dir (checkpoints, log.jsonl)")
     parser.add_argument("--export-dir", help="override export_dir (the final drafter directory)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="multi-process run: call jax.distributed.initialize() first (on TPU pods and SLURM "
+                             "it finds its peers itself; elsewhere give --coordinator, --num-processes, --process-id)")
+    parser.add_argument("--coordinator", help="host:port of process 0 (with --distributed)")
+    parser.add_argument("--num-processes", type=int, help="number of processes (with --distributed)")
+    parser.add_argument("--process-id", type=int, help="this process's index (with --distributed)")
     args = parser.parse_args(argv)
+    if args.distributed:
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id)
+    elif args.coordinator or args.num_processes or args.process_id is not None:
+        parser.error("--coordinator, --num-processes and --process-id need --distributed")
     cfg = load_yaml(DrafterTrainConfig, args.config)
     overrides = {k: v for k, v in (("output_dir", args.output_dir), ("export_dir", args.export_dir)) if v}
     train(dataclasses.replace(cfg, **overrides))
