@@ -14,8 +14,9 @@ Each expansion round picks the `expand` best nodes of the previous round by cumu
 runs one batched forward over them: node u at slot m of its block inherits that slot's hidden
 state (or the query row's feature without inheritance) with u's token, at the query row's RoPE
 positions, attending to the committed rows, its ancestors' blocks up to the inherited slots, and its
-own block causally (scratch slots). Its K slots become a chain with alternatives under u. All
-candidates are pruned to the `budget` best by cumulative log-prob (`tree.prune`, ancestor-closed).
+own block causally (scratch slots). Its K slots become a chain with alternatives under u. Siblings
+with one token are merged (`merge_duplicates`), then the candidates are pruned to the `budget` best
+by cumulative log-prob (`tree.prune`, ancestor-closed).
 A draft costs `max_blocks` drafter forwards, whatever the budget.
 """
 
@@ -151,8 +152,10 @@ class SpecBlockMethod:
 
     def draft(self, params: Any, state: SpecBlockState, root_B: jax.Array,
               lengths_B: jax.Array) -> tuple[Tree, SpecBlockState, jax.Array]:
-        """The tree of block 1 and its expansions, pruned to the budget; the pending rows are now cached."""
+        """The tree of block 1 and its expansions, duplicates merged, pruned to the budget; the pending
+        rows are now cached."""
         tree, state = self.candidates(params, state, root_B, lengths_B)
+        tree = merge_duplicates(tree, self.max_depth)
         pruned = tree_lib.prune(tree.tokens, tree.parents, tree.scores, tree.valid, self.budget)
         return pruned, state, jnp.asarray(self.max_blocks, jnp.int32)
 
@@ -258,6 +261,32 @@ class SpecBlockMethod:
         return state._replace(pending_features_BxPxF=features_BxD1xF.astype(state.pending_features_BxPxF.dtype),
                               pending_tokens_BxP=jnp.maximum(acceptance.tokens_BxD1, 0),
                               pending_count_B=acceptance.length_B + 1)
+
+
+def merge_duplicates(tree: Tree, max_depth: int) -> Tree:
+    """Valid siblings with one token become one node (the lowest index), so the budget is not spent twice
+    on a path: an expansion from a block-1 node re-predicts depths block 1 already has, mostly with the
+    same tokens. The merged node takes the group's best score and adopts every member's children (whose
+    own duplicates merge in turn: `max_depth` rounds); cumulative scores still never rise along a path,
+    and parents keep preceding children."""
+    b, m = tree.tokens.shape
+    idx_M = jnp.arange(m)
+    is_root_M = idx_M == 0
+    up_BxM = jnp.where(is_root_M, 0, jnp.clip(tree.parents, 0, m - 1))
+    both_valid_BxMxM = tree.valid[:, :, None] & tree.valid[:, None, :]
+    same_token_BxMxM = (tree.tokens[:, :, None] == tree.tokens[:, None, :]) & both_valid_BxMxM
+
+    def merge_round(_, canon_BxM):
+        canon_parent_BxM = jnp.where(is_root_M, -1, jnp.take_along_axis(canon_BxM, up_BxM, axis=1))
+        same_BxMxM = same_token_BxMxM & (canon_parent_BxM[:, :, None] == canon_parent_BxM[:, None, :])
+        return jnp.where(tree.valid & ~is_root_M, jnp.argmax(same_BxMxM, axis=2), idx_M)
+
+    canon_BxM = jax.lax.fori_loop(0, max_depth, merge_round, jnp.broadcast_to(idx_M, (b, m)))
+    valid_BxM = tree.valid & (canon_BxM == idx_M)
+    best_BxM = jnp.full((b, m), -jnp.inf).at[jnp.arange(b)[:, None], canon_BxM].max(
+        jnp.where(tree.valid, tree.scores, -jnp.inf))
+    return tree.replace(parents=jnp.where(is_root_M, -1, jnp.take_along_axis(canon_BxM, up_BxM, axis=1)),
+                        valid=valid_BxM, scores=jnp.where(is_root_M, 0.0, jnp.where(valid_BxM, best_BxM, -jnp.inf)))
 
 
 def _cache_attend(kv, slots_BxQ, mask_BxQxS):

@@ -20,7 +20,12 @@ from specblock_jax.drafter import Drafter, load_drafter
 from specblock_jax.models import specblock as sb
 from specblock_jax.models import target as target_lib
 from specblock_jax.sampling import SamplingParams, processed_logprobs
-from specblock_jax.specblock_draft import SpecBlockMethod, drafter_params
+from specblock_jax.specblock_draft import (
+    SpecBlockMethod,
+    drafter_params,
+    merge_duplicates,
+)
+from specblock_jax.tree import Tree
 from specblock_jax.verify import Acceptance
 
 TARGET = ModelConfig(vocab_size=64, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -127,15 +132,17 @@ def drafted(target):
     feats_BxTxF = jnp.stack([jnp.pad(_features(target, p), ((0, width - len(p)), (0, 0))) for p in prompts])
     state = _init(method, params, prompt_BxT, lens, feats_BxTxF, roots, MAX_LEN)
     cand, drafted_state = _candidates(method, params, state, roots, lens)
-    # `draft` is `candidates` then `tree.prune` (decoding runs it whole); one compile fewer here.
-    tree = jax.jit(tree_lib.prune, static_argnums=4)(cand.tokens, cand.parents, cand.scores, cand.valid, method.budget)
-    return method, params, prompts, roots, lens, drafted_state, cand, tree
+    # `draft` is `candidates`, `merge_duplicates`, `tree.prune` (decoding runs it whole); one compile fewer here.
+    merged = jax.jit(merge_duplicates, static_argnums=1)(cand, method.max_depth)
+    tree = jax.jit(tree_lib.prune, static_argnums=4)(merged.tokens, merged.parents, merged.scores, merged.valid,
+                                                     method.budget)
+    return method, params, prompts, roots, lens, drafted_state, cand, merged, tree
 
 
 def test_candidates_follow_the_training_unroll_before_and_after_commit(target, drafted):
     """Each row's candidates as training sees its context; then a commit of block 1's greedy chain
     (with the verify forward's target features) and the next draft's candidates, likewise."""
-    method, params, prompts, roots, lens, state, cand, _ = drafted
+    method, params, prompts, roots, lens, state, cand, *_ = drafted
     for row, p in enumerate(prompts):
         _check_candidates(method, params, target, cand, row, p)
 
@@ -160,9 +167,10 @@ def test_candidates_follow_the_training_unroll_before_and_after_commit(target, d
 
 
 def test_trees_respect_the_budget_and_ancestor_closure(drafted):
-    """The drafted tree keeps exactly the `budget` best candidates (ancestor-closed, since scores only
-    fall along a path), in a valid topological order within max_depth."""
-    method, *_, cand, tree = drafted
+    """The drafted tree keeps exactly the `budget` best (merged) candidates (ancestor-closed, since
+    scores only fall along a path), in a valid topological order within max_depth, with no two
+    siblings alike."""
+    method, *_, cand, merged, tree = drafted
     tree_lib.check_static(tree, method.budget)
     assert cand.tokens.shape[1] == 1 + 4 * 6 * (1 + method.expand)
     assert not bool(jnp.any(tree_lib.malformed(tree)))
@@ -175,8 +183,23 @@ def test_trees_respect_the_budget_and_ancestor_closure(drafted):
         depth = np.asarray(tree.depth[row])
         assert depth.max() <= method.max_depth and np.all(depth[idx] == depth[parents] + 1)
         assert np.all(np.asarray(tree.scores[row])[idx] <= np.asarray(tree.scores[row])[parents] + 1e-6)
-        cand_scores = np.sort(np.asarray(cand.scores[row])[1:][np.asarray(cand.valid[row])[1:]])[::-1]
+        siblings = {(int(p), int(t)) for p, t in zip(parents, np.asarray(tree.tokens[row])[idx])}
+        assert len(siblings) == len(idx)
+        cand_scores = np.sort(np.asarray(merged.scores[row])[1:][np.asarray(merged.valid[row])[1:]])[::-1]
         np.testing.assert_allclose(np.sort(np.asarray(tree.scores[row])[idx])[::-1], cand_scores[:method.budget])
+
+
+def test_merge_duplicates_by_hand():
+    """Nodes 1 and 3 are both token 5 under the root: 3 merges into 1 (best score -0.5), so 3's child 5
+    (token 6) meets 1's child 2 (token 6) and merges into it, and 5's child 6 moves under 2."""
+    tree = Tree(tokens=jnp.asarray([[9, 5, 6, 5, 7, 6, 8]]), parents=jnp.asarray([[-1, 0, 1, 0, 3, 3, 5]]),
+                depth=jnp.zeros((1, 7), jnp.int32), valid=jnp.ones((1, 7), bool),
+                scores=jnp.asarray([[0.0, -1.0, -2.0, -0.5, -3.0, -1.5, -4.0]]))
+    out = merge_duplicates(tree, 3)
+    valid = np.asarray(out.valid[0])
+    np.testing.assert_array_equal(valid, [1, 1, 1, 0, 1, 0, 1])
+    np.testing.assert_array_equal(np.asarray(out.parents[0])[valid], [-1, 0, 1, 1, 2])
+    np.testing.assert_array_equal(np.asarray(out.scores[0])[valid], [0.0, -0.5, -1.5, -3.0, -4.0])
 
 
 @pytest.fixture(scope="module")
