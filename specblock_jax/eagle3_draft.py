@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from specblock_jax import tree as tree_lib
-from specblock_jax.models import eagle3
+from specblock_jax.models import eagle3, layers
 from specblock_jax.tree import Tree
 from specblock_jax.verify import Acceptance
 
@@ -128,7 +128,7 @@ class Eagle3Method:
             out = eagle3.step(params["drafter"], self.config, eagle3.embed(params["embed"], tokens_Bxk),
                               jnp.broadcast_to(lengths_B[:, None] - 1 + depth, (b, k)), mask_BxkxS, kv,
                               jnp.broadcast_to(max_len + own_k, (b, k)), hidden_BxTxH=hidden_BxkxH)
-            child_lp_Bxkxk, child_tok_Bxkxk = jax.lax.top_k(jax.nn.log_softmax(out.logits, axis=-1), k)
+            child_lp_Bxkxk, child_tok_Bxkxk = layers.top_k(jax.nn.log_softmax(out.logits, axis=-1), k)
             child_scores_BxKK = (scores_Bxk[:, :, None] + child_lp_Bxkxk).reshape(b, k * k)
             child_tok_BxKK = self._to_target(params, child_tok_Bxkxk.reshape(b, k * k))
             child_parent_BxKK = jnp.repeat(index_Bxk, k, axis=1)

@@ -13,6 +13,8 @@ import numbers
 import jax
 import jax.numpy as jnp
 
+from specblock_jax.models import layers
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -55,7 +57,7 @@ def processed_logprobs(logits_xV: jax.Array, params: SamplingParams) -> jax.Arra
         return jnp.where(top_xV, 0.0, -jnp.inf)
     scaled_xV = logits_xV / params.temperature
     if 0 < params.top_k < logits_xV.shape[-1]:
-        kth_x1 = jax.lax.top_k(scaled_xV, params.top_k)[0][..., -1:]
+        kth_x1 = layers.top_k(scaled_xV, params.top_k)[0][..., -1:]
         scaled_xV = jnp.where(scaled_xV >= kth_x1, scaled_xV, -jnp.inf)
     if params.top_p < 1:
         scaled_xV = _top_p_filter(scaled_xV, params.top_p)

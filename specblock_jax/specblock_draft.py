@@ -202,7 +202,7 @@ class SpecBlockMethod:
         c = self.config
         k_slots, w = c.block_size, self.width
         b, r = parent_scores_BxR.shape
-        top_lp_BxRxKxW, top_tok_BxRxKxW = specblock.top_k(jax.nn.log_softmax(logits_BxRxKxV, axis=-1), w)
+        top_lp_BxRxKxW, top_tok_BxRxKxW = layers.top_k(jax.nn.log_softmax(logits_BxRxKxV, axis=-1), w)
         if rank_BxRxKxC is None:
             width_BxRxK = jnp.full((b, r, k_slots), self.topk)
         else:

@@ -83,10 +83,13 @@ def test_training_lowers_the_ttt_loss(trained):
 
 
 def test_resume_after_interruption_matches_uninterrupted(trained, workdir):
-    root, _ = workdir
+    root, target = workdir
     cfg_full, params_full, _ = trained
     cfg = load_config(root, config_dict(root, "resumed"))
     train_drafter.train(cfg, stop_after=5, progress=False)  # checkpoints at 3 and 5, as a kill after 5
+    early = train_drafter.train(cfg, progress=False, export_only=True)  # the step-5 checkpoint, as a drafter
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(load_drafter(cfg.export_dir, target).params["drafter"]),
+                 jax.device_get(early["params"]))
     params = jax.device_get(train_drafter.train(cfg, progress=False)["params"])
     jax.tree.map(np.testing.assert_array_equal, params, params_full)
 

@@ -152,3 +152,10 @@ class DecoderLayer(nn.Module):
         x = x + h
         x = x + MLP(c, name="mlp")(RMSNorm(c.rms_norm_eps, dtype, name="post_attention_layernorm")(x))
         return x, kv_cache
+
+
+def top_k(x_xV: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """`jax.lax.top_k` over the last axis of a 2-D view: XLA's CPU backend lowers top_k of higher-rank
+    arrays to a full sort of the vocabulary (about 100x slower)."""
+    values, indices = jax.lax.top_k(x_xV.reshape(-1, x_xV.shape[-1]), k)
+    return values.reshape(*x_xV.shape[:-1], k), indices.reshape(*x_xV.shape[:-1], k)

@@ -46,6 +46,7 @@ from specblock_jax.models.layers import (
     apply_rope,
     dense,
     rope_inv_freq,
+    top_k,
 )
 
 RANK_FEATURES = 15  # 10 top log-probs, 3 logit gaps, top probability, entropy (see `rank_features`)
@@ -158,13 +159,6 @@ class BlockOutput(NamedTuple):
 
 
 Attend = Callable[[int, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
-
-
-def top_k(x_xV: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """`jax.lax.top_k` over the last axis of a 2-D view: XLA's CPU backend lowers top_k of higher-rank
-    arrays to a full sort of the vocabulary (about 100x slower)."""
-    values, indices = jax.lax.top_k(x_xV.reshape(-1, x_xV.shape[-1]), k)
-    return values.reshape(*x_xV.shape[:-1], k), indices.reshape(*x_xV.shape[:-1], k)
 
 
 def rank_features(logits_xV: jax.Array, topk: int) -> jax.Array:
