@@ -150,6 +150,23 @@ class SpecBlockMethod:
                                 head_rows_BxN=head_rows_BxN)
         return _stack(out.aux), out
 
+    def _cache_pending(self, params, state: SpecBlockState, rows_BxP, max_len):
+        """`_cache_rows` over the pending rows, run on the shortest static prefix of them (1, 2, 4, ..,
+        P) that holds every row's count: P is sized for the longest accepted path, and each row is K
+        slots through every layer, so a step that accepted little should not pay for P rows."""
+        count_B = state.pending_count_B
+        p = rows_BxP.shape[1]
+        sizes = sorted({*(2 ** i for i in range(p.bit_length()) if 2 ** i < p), p})
+
+        def prefix(n):
+            return lambda: self._cache_rows(
+                params, (state.k_BxLxSxGxD, state.v_BxLxSxGxD), state.pending_tokens_BxP[:, :n], rows_BxP[:, :n],
+                jnp.arange(n)[None, :] < count_B[:, None], state.pending_features_BxPxF[:, :n], max_len,
+                (count_B - 1)[:, None])
+
+        index = jnp.searchsorted(jnp.asarray(sizes), jnp.max(count_B))
+        return jax.lax.switch(index, [prefix(n) for n in sizes])
+
     def draft(self, params: Any, state: SpecBlockState, root_B: jax.Array,
               lengths_B: jax.Array) -> tuple[Tree, SpecBlockState, jax.Array]:
         """The tree of block 1 and its expansions, duplicates merged, pruned to the budget; the pending
@@ -170,9 +187,7 @@ class SpecBlockMethod:
         count_B = state.pending_count_B
         rows_BxP = (lengths_B - count_B)[:, None] + jnp.arange(p, dtype=jnp.int32)
         query_Bx1 = (count_B - 1)[:, None]
-        kv, out = self._cache_rows(params, (state.k_BxLxSxGxD, state.v_BxLxSxGxD), state.pending_tokens_BxP,
-                                   rows_BxP, jnp.arange(p)[None, :] < count_B[:, None], state.pending_features_BxPxF,
-                                   max_len, query_Bx1)
+        kv, out = self._cache_pending(params, state, rows_BxP, max_len)
         query_row_B = lengths_B - 1
         s_S = jnp.arange(kv[0].shape[2])
         level = self._level(
