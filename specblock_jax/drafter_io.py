@@ -101,12 +101,12 @@ def _check_map(config: eagle3.Eagle3Config, draft_to_target: Any, where: str) ->
 
 
 def save_eagle3(method: Eagle3Method, params: Any, out_dir: str | os.PathLike,
-                draft_to_target: Any = None) -> pathlib.Path:
+                draft_to_target: Any = None, weights_dtype: str | None = None) -> pathlib.Path:
     """Write `params` (the drafter's own tree, not `drafter_params`'s dict) and `method` to `out_dir`,
     replacing it atomically: files go to a hidden sibling that is renamed into place when complete.
-    `draft_to_target` is required exactly when `method.config.draft_vocab_size` is set."""
-    tensors = {".".join(path): np.ascontiguousarray(jax.device_get(x))
-               for path, x in traverse_util.flatten_dict(params).items()}
+    `draft_to_target` is required exactly when `method.config.draft_vocab_size` is set; `weights_dtype`
+    (e.g. "bfloat16") stores the weights narrower, to be widened to the config's dtype on load."""
+    tensors = _tensors(params, weights_dtype)
     _check_tensors(method.config, tensors, "save_eagle3")
     mapping = _check_map(method.config, None if draft_to_target is None else jax.device_get(draft_to_target),
                          "save_eagle3")
@@ -117,15 +117,22 @@ def save_eagle3(method: Eagle3Method, params: Any, out_dir: str | os.PathLike,
     return _write(tensors, meta, out_dir)
 
 
-def save_specblock(method: SpecBlockMethod, params: Any, out_dir: str | os.PathLike) -> pathlib.Path:
+def save_specblock(method: SpecBlockMethod, params: Any, out_dir: str | os.PathLike,
+                   weights_dtype: str | None = None) -> pathlib.Path:
     """Write a SpecBlock drafter's own `params` and `method` (config and tree knobs) to `out_dir`,
     replacing it atomically, as `save_eagle3` does."""
-    tensors = {".".join(path): np.ascontiguousarray(jax.device_get(x))
-               for path, x in traverse_util.flatten_dict(params).items()}
+    tensors = _tensors(params, weights_dtype)
     _check_tensors(method.config, tensors, "save_specblock")
     decoding = {f.name: getattr(method, f.name) for f in dataclasses.fields(SpecBlockDecoding)}
     meta = {"kind": "specblock", "config": to_dict(method.config), "decoding": to_dict(SpecBlockDecoding(**decoding))}
     return _write(tensors, meta, out_dir)
+
+
+def _tensors(params: Any, weights_dtype: str | None) -> dict[str, np.ndarray]:
+    """Flat name -> host array, cast to `weights_dtype` when given."""
+    cast = (lambda x: x) if weights_dtype is None else (lambda x: x.astype(jnp.dtype(weights_dtype)))
+    return {".".join(path): np.ascontiguousarray(cast(np.asarray(jax.device_get(x))))
+            for path, x in traverse_util.flatten_dict(params).items()}
 
 
 def _write(tensors: dict[str, np.ndarray], meta: dict[str, Any], out_dir: str | os.PathLike) -> pathlib.Path:

@@ -90,6 +90,11 @@ def test_resume_after_interruption_matches_uninterrupted(trained, workdir):
     early = train_drafter.train(cfg, progress=False, export_only=True)  # the step-5 checkpoint, as a drafter
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(load_drafter(cfg.export_dir, target).params["drafter"]),
                  jax.device_get(early["params"]))
+    train_drafter.train(cfg, progress=False, export_only=True, weights_dtype="bfloat16")  # stored narrow, read wide
+    assert {str(x.dtype) for x in load_file(f"{cfg.export_dir}/model.safetensors").values()} == {"bfloat16"}
+    widened = jax.device_get(load_drafter(cfg.export_dir, target).params["drafter"])
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b).astype(jnp.bfloat16).astype(np.float32)),
+                 widened, jax.device_get(early["params"]))
     params = jax.device_get(train_drafter.train(cfg, progress=False)["params"])
     jax.tree.map(np.testing.assert_array_equal, params, params_full)
 

@@ -321,9 +321,10 @@ def init_state(host: Any, config: Any, optimizer, mesh) -> tuple[dict, dict]:
 
 
 def train(cfg: DrafterTrainConfig, *, stop_after: int | None = None, export: bool = True,
-          progress: bool = True, export_only: bool = False) -> dict:
+          progress: bool = True, export_only: bool = False, weights_dtype: str | None = None) -> dict:
     """Run (or resume) training. `stop_after` ends this run at that step (as a kill would), for tests;
-    `export_only` exports the newest checkpoint as the drafter directory and trains nothing.
+    `export_only` exports the newest checkpoint as the drafter directory and trains nothing;
+    `weights_dtype` (e.g. "bfloat16") stores the exported weights narrower.
 
     Returns the final state (drafter params and optimizer state, on the mesh)."""
     target = load_target(cfg.target)
@@ -357,7 +358,7 @@ def train(cfg: DrafterTrainConfig, *, stop_after: int | None = None, export: boo
         if restored is None:
             raise FileNotFoundError(f"--export-only: no checkpoint in {ckpt.directory}")
         ckpt.close()
-        path = save_drafter(cfg, method, state)
+        path = save_drafter(cfg, method, state, weights_dtype)
         print(f"exported the drafter of step {start} (of {cfg.optim.total_steps}) to {path}", file=sys.stderr)
         return state
     train_step, eval_step = jit_steps(target.config, config, optimizer, state_sh, target_sh,
@@ -382,14 +383,14 @@ def train(cfg: DrafterTrainConfig, *, stop_after: int | None = None, export: boo
             ckpt.save(step + 1, state, force=step + 1 == last)
     ckpt.close()
     if export and last == cfg.optim.total_steps:
-        path = save_drafter(cfg, method, state)
+        path = save_drafter(cfg, method, state, weights_dtype)
         print(f"exported the drafter to {path}", file=sys.stderr)
     return state
 
 
-def save_drafter(cfg: DrafterTrainConfig, method: Any, state: dict) -> pathlib.Path:
+def save_drafter(cfg: DrafterTrainConfig, method: Any, state: dict, weights_dtype: str | None = None) -> pathlib.Path:
     save = drafter_io.save_eagle3 if cfg.kind == "eagle3" else drafter_io.save_specblock
-    return save(method, jax.device_get(state["params"]), cfg.export_dir)
+    return save(method, jax.device_get(state["params"]), cfg.export_dir, weights_dtype=weights_dtype)
 
 
 def log_record(step: int, metrics: Any, lr: float, seconds: float) -> dict[str, Any]:
@@ -409,6 +410,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--export-dir", help="override export_dir (the final drafter directory)")
     parser.add_argument("--export-only", action="store_true",
                         help="export the newest checkpoint as the drafter directory (also mid-run) and stop")
+    parser.add_argument("--weights-dtype", choices=("bfloat16", "float32"),
+                        help="dtype the exported weights are stored in (default: the drafter's)")
     parser.add_argument("--distributed", action="store_true",
                         help="multi-process run: call jax.distributed.initialize() first (on TPU pods and SLURM "
                              "it finds its peers itself; elsewhere give --coordinator, --num-processes, --process-id)")
@@ -423,7 +426,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--coordinator, --num-processes and --process-id need --distributed")
     cfg = load_yaml(DrafterTrainConfig, args.config)
     overrides = {k: v for k, v in (("output_dir", args.output_dir), ("export_dir", args.export_dir)) if v}
-    train(dataclasses.replace(cfg, **overrides), export_only=args.export_only)
+    train(dataclasses.replace(cfg, **overrides), export_only=args.export_only, weights_dtype=args.weights_dtype)
 
 
 if __name__ == "__main__":
