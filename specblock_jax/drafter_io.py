@@ -37,30 +37,22 @@ WEIGHTS = "model.safetensors"
 KINDS = ("eagle3", "specblock")  # kinds a directory can hold
 
 
-@dataclasses.dataclass(frozen=True)
-class Decoding:
-    """Tree shape a drafter decodes with unless the caller says otherwise (EAGLE-3 baseline: 60, 7, 10)."""
-
-    budget: int = 60
-    max_depth: int = 7
-    topk: int = 10
-
-    def __post_init__(self):
-        for name in ("budget", "max_depth", "topk"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"decoding {name} must be >= 1, got {getattr(self, name)}")
+METHODS = {"eagle3": Eagle3Method, "specblock": SpecBlockMethod}  # kind -> drafting method
 
 
-@dataclasses.dataclass(frozen=True)
-class SpecBlockDecoding:
-    """SpecBlock's tree knobs (`SpecBlockMethod`'s fields besides the config), saved with the drafter."""
+def make_method(kind: str, config: Any, decoding: dict[str, Any]) -> Any:
+    """The drafting method of `kind` for drafter `config`, with the tree knobs in `decoding` (the
+    method's own fields, e.g. budget / max_depth / topk for EAGLE-3); a bad knob is a ConfigError."""
+    try:
+        return from_dict(METHODS[kind], {**decoding, "config": to_dict(config)}, "decoding")
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"decoding: {e}") from None
 
-    budget: int = 32
-    max_blocks: int = 2
-    widths: tuple[int, ...] = (2, 4, 6, 4)
-    slot0_width: int = 6
-    topk: int = 4
-    expand: int = 4
+
+def decoding_of(method: Any) -> dict[str, Any]:
+    """The tree knobs of `method` (every field but its config), as plain data for drafter.json."""
+    return {f.name: list(v) if isinstance(v := getattr(method, f.name), tuple) else v
+            for f in dataclasses.fields(method) if f.name != "config"}
 
 
 def _expected_shapes(config: eagle3.Eagle3Config | specblock.SpecBlockConfig) -> dict[str, tuple[int, ...]]:
@@ -112,8 +104,7 @@ def save_eagle3(method: Eagle3Method, params: Any, out_dir: str | os.PathLike,
                          "save_eagle3")
     if mapping is not None:
         tensors[MAP_TENSOR] = mapping
-    meta = {"kind": "eagle3", "config": to_dict(method.config),
-            "decoding": {"budget": method.budget, "max_depth": method.max_depth, "topk": method.topk}}
+    meta = {"kind": "eagle3", "config": to_dict(method.config), "decoding": decoding_of(method)}
     return _write(tensors, meta, out_dir)
 
 
@@ -123,8 +114,7 @@ def save_specblock(method: SpecBlockMethod, params: Any, out_dir: str | os.PathL
     replacing it atomically, as `save_eagle3` does."""
     tensors = _tensors(params, weights_dtype)
     _check_tensors(method.config, tensors, "save_specblock")
-    decoding = {f.name: getattr(method, f.name) for f in dataclasses.fields(SpecBlockDecoding)}
-    meta = {"kind": "specblock", "config": to_dict(method.config), "decoding": to_dict(SpecBlockDecoding(**decoding))}
+    meta = {"kind": "specblock", "config": to_dict(method.config), "decoding": decoding_of(method)}
     return _write(tensors, meta, out_dir)
 
 
@@ -181,8 +171,8 @@ def load(path: str | os.PathLike, target: Any) -> tuple[Eagle3Method, dict[str, 
     try:
         config = from_dict(specblock.SpecBlockConfig if specblock_kind else eagle3.Eagle3Config, meta["config"],
                            "config")
-        decoding = from_dict(SpecBlockDecoding if specblock_kind else Decoding, meta["decoding"], "decoding")
         config.check_target(target.config)
+        method = make_method(meta["kind"], config, meta["decoding"])
     except ConfigError as e:
         raise ConfigError(f"{meta_path}: {e}") from None
     weights = path / WEIGHTS
@@ -193,12 +183,10 @@ def load(path: str | os.PathLike, target: Any) -> tuple[Eagle3Method, dict[str, 
         _check_tensors(config, tensors, str(weights))
         params = traverse_util.unflatten_dict({tuple(name.split(".")): np.asarray(x).astype(jnp.dtype(config.dtype))
                                                for name, x in tensors.items()})
-        return (SpecBlockMethod(config, **dataclasses.asdict(decoding)),
-                specblock_drafter_params(jax.device_put(params), target.params))
+        return method, specblock_drafter_params(jax.device_put(params), target.params)
     mapping = _check_map(config, tensors.pop(MAP_TENSOR, None), str(weights))
     _check_tensors(config, tensors, str(weights))
     dtype = jnp.dtype(config.dtype)
     params = traverse_util.unflatten_dict({tuple(name.split(".")): np.asarray(x).astype(dtype)
                                            for name, x in tensors.items()})
-    method = Eagle3Method(config, **dataclasses.asdict(decoding))
     return method, drafter_params(jax.device_put(params), target.params, mapping)

@@ -52,14 +52,8 @@ def target_config_path(target: str | None) -> pathlib.Path:
 
 def _scratch(train_drafter, cfg, drafter) -> int:
     """Cache slots the exported drafting method keeps past the target's length (EAGLE-3: its frontier
-    nodes), from the recipe's `decoding` section (a dict, or the older Decoding dataclass)."""
-    if hasattr(train_drafter, "drafting_method"):
-        method = train_drafter.drafting_method(cfg, drafter)
-    else:
-        from specblock_jax.eagle3_draft import Eagle3Method
-
-        method = Eagle3Method(drafter, **{k: getattr(cfg.decoding, k) for k in ("budget", "max_depth", "topk")})
-    return int(getattr(method, "scratch", 0))
+    nodes; SpecBlock: its expansion blocks), from the recipe's `decoding` section."""
+    return int(train_drafter.drafting_method(cfg, drafter).scratch)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -80,14 +74,13 @@ def main(argv: list[str] | None = None) -> None:
 
     from specblock_jax import hf, plan, sharding
     from specblock_jax.config import ConfigError, load_yaml
-    from specblock_jax.models import eagle3
     from train import train_drafter
 
     try:
         cfg = load_yaml(train_drafter.DrafterTrainConfig, args.config)
         target = hf.config_from_hf(json.loads(target_config_path(cfg.target).read_text()), args.dtype)
         drafter = train_drafter.drafter_config(cfg, target)
-        model = train_drafter.model_of(drafter) if hasattr(train_drafter, "model_of") else eagle3
+        model = train_drafter.model_of(drafter)
         mesh = sharding.make_mesh(cfg.mesh)
         result = plan.plan(target, drafter, mesh, train_batch=args.train_batch or cfg.batch_size,
                            seq_len=cfg.seq_len, decode_batch=args.batch, kv_len=args.kv_len, drafter_model=model,

@@ -41,10 +41,8 @@ from tqdm import tqdm
 
 from specblock_jax import drafter_io, losses, sharding
 from specblock_jax.checkpoint import Checkpointer
-from specblock_jax.config import ConfigError, ModelConfig, from_dict, load_yaml, to_dict
+from specblock_jax.config import ConfigError, ModelConfig, load_yaml, to_dict
 from specblock_jax.decode import PAD_ID
-from specblock_jax.eagle3_draft import Eagle3Method
-from specblock_jax.specblock_draft import SpecBlockMethod
 from specblock_jax.hf import load_target
 from specblock_jax.models import eagle3, specblock
 from specblock_jax.models import target as target_lib
@@ -53,8 +51,7 @@ from specblock_jax.sharding import MeshConfig
 from train import feature_cache
 from train.regenerate import read_parts
 
-METHODS = {"eagle3": Eagle3Method, "specblock": SpecBlockMethod}  # kind -> drafting method
-DRAFTER_KINDS = tuple(METHODS)
+DRAFTER_KINDS = tuple(drafter_io.METHODS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,10 +146,7 @@ def model_of(config: Any) -> Any:
 
 def drafting_method(cfg: DrafterTrainConfig, config: Any) -> Any:
     """The exported drafter's method: `config` with the `decoding` section's tree shape."""
-    try:
-        return from_dict(METHODS[cfg.kind], {**cfg.decoding, "config": to_dict(config)}, "decoding")
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"decoding: {e}") from None
+    return drafter_io.make_method(cfg.kind, config, cfg.decoding)
 
 
 # ---------------------------------------------------------------------------------------------

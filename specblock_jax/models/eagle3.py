@@ -50,6 +50,26 @@ def default_feature_layers(num_target_layers: int) -> tuple[int, int, int]:
     return (0, max(n // 2 - 1, 1), n - 1)
 
 
+def target_fields(target: ModelConfig) -> dict[str, Any]:
+    """What a drafter copies from its target (EAGLE-3 and SpecBlock alike): width, heads, MLP,
+    vocabulary, RoPE, norm epsilon, dtype, and EAGLE-3's feature layers for the target's depth."""
+    return dict(hidden_size=target.hidden_size, num_heads=target.num_heads, num_kv_heads=target.num_kv_heads,
+                head_dim=target.head_dim, intermediate_size=target.intermediate_size, vocab_size=target.vocab_size,
+                feature_layers=default_feature_layers(target.num_layers), rms_norm_eps=target.rms_norm_eps,
+                rope_theta=target.rope_theta, rope_scaling=target.rope_scaling, dtype=target.dtype)
+
+
+def check_against_target(name: str, config: Any, target: ModelConfig) -> None:
+    """A drafter must match its target's width, vocabulary and depth; say which value differs."""
+    for field in ("hidden_size", "vocab_size"):
+        if getattr(config, field) != getattr(target, field):
+            raise ConfigError(f"{name} drafter {field} {getattr(config, field)} does not match the target's "
+                              f"{getattr(target, field)}")
+    if max(config.feature_layers) >= target.num_layers:
+        raise ConfigError(f"{name} feature_layers {config.feature_layers} exceed the target's "
+                          f"{target.num_layers} layers")
+
+
 @dataclasses.dataclass(frozen=True)
 class Eagle3Config:
     """Shape of an EAGLE-3 drafter for one target (`vocab_size` is the target's vocabulary)."""
@@ -93,22 +113,11 @@ class Eagle3Config:
     def for_target(cls, target: ModelConfig, **overrides: Any) -> Eagle3Config:
         """The EAGLE-3 baseline shape for `target`: its width, heads, RoPE and vocabulary, and the
         default feature layers; `overrides` replace any field."""
-        fields = dict(hidden_size=target.hidden_size, num_heads=target.num_heads, num_kv_heads=target.num_kv_heads,
-                      head_dim=target.head_dim, intermediate_size=target.intermediate_size,
-                      vocab_size=target.vocab_size, feature_layers=default_feature_layers(target.num_layers),
-                      rms_norm_eps=target.rms_norm_eps, rope_theta=target.rope_theta,
-                      rope_scaling=target.rope_scaling, dtype=target.dtype)
-        return cls(**{**fields, **overrides})
+        return cls(**{**target_fields(target), **overrides})
 
     def check_target(self, target: ModelConfig) -> None:
         """A drafter must match its target's width, vocabulary and depth; say which value differs."""
-        for name in ("hidden_size", "vocab_size"):
-            if getattr(self, name) != getattr(target, name):
-                raise ConfigError(f"EAGLE-3 drafter {name} {getattr(self, name)} does not match the target's "
-                                  f"{getattr(target, name)}")
-        if max(self.feature_layers) >= target.num_layers:
-            raise ConfigError(f"EAGLE-3 feature_layers {self.feature_layers} exceed the target's "
-                              f"{target.num_layers} layers")
+        check_against_target("EAGLE-3", self, target)
 
     @property
     def draft_vocab(self) -> int:

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 from specblock_jax import losses
 from specblock_jax.config import DTYPES, ConfigError, ModelConfig, RopeScaling
-from specblock_jax.models.eagle3 import default_feature_layers
+from specblock_jax.models.eagle3 import check_against_target, target_fields
 from specblock_jax.models.layers import (
     MLP,
     NEG_INF,
@@ -110,22 +110,11 @@ class SpecBlockConfig:
     def for_target(cls, target: ModelConfig, **overrides: Any) -> SpecBlockConfig:
         """The drafter shape for `target`: its width, heads, MLP, RoPE and vocabulary, EAGLE-3's
         feature layers; `overrides` replace any field."""
-        fields = {"hidden_size": target.hidden_size, "num_heads": target.num_heads,
-                  "num_kv_heads": target.num_kv_heads, "head_dim": target.head_dim,
-                  "intermediate_size": target.intermediate_size, "vocab_size": target.vocab_size,
-                  "feature_layers": default_feature_layers(target.num_layers), "rms_norm_eps": target.rms_norm_eps,
-                  "rope_theta": target.rope_theta, "rope_scaling": target.rope_scaling, "dtype": target.dtype}
-        return cls(**{**fields, **overrides})
+        return cls(**{**target_fields(target), **overrides})
 
     def check_target(self, target: ModelConfig) -> None:
         """A drafter must match its target's width, vocabulary and depth; say which value differs."""
-        for name in ("hidden_size", "vocab_size"):
-            if getattr(self, name) != getattr(target, name):
-                raise ConfigError(f"SpecBlock drafter {name} {getattr(self, name)} does not match the target's "
-                                  f"{getattr(target, name)}")
-        if max(self.feature_layers) >= target.num_layers:
-            raise ConfigError(f"SpecBlock feature_layers {self.feature_layers} exceed the target's "
-                              f"{target.num_layers} layers")
+        check_against_target("SpecBlock", self, target)
 
     @property
     def feature_size(self) -> int:
