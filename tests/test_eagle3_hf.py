@@ -20,7 +20,7 @@ from safetensors.numpy import load_file, save_file
 from specblock_jax import decode, drafter_io, eagle3_hf, losses
 from specblock_jax.config import ConfigError, ModelConfig
 from specblock_jax.drafter import Drafter
-from specblock_jax.eagle3_draft import Eagle3Method, drafter_params
+from specblock_jax.eagle3_draft import Eagle3Method
 from specblock_jax.models import eagle3
 from specblock_jax.models import target as target_lib
 
