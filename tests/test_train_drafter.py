@@ -197,14 +197,38 @@ def test_fresh_lm_head_starts_as_the_targets_and_init_from_continues_a_drafter(t
     root, target = workdir
     cfg, params, _ = trained
     config = train_drafter.drafter_config(cfg, target.config)
-    fresh = train_drafter.initial_params(load_config(root, config_dict(root, "fresh")), config, target)
+    rows = np.zeros((4, 24), np.int32)
+    fresh, mapping = train_drafter.initial_params(load_config(root, config_dict(root, "fresh")), config, target, rows)
     np.testing.assert_array_equal(fresh["lm_head"]["kernel"], target.params["lm_head"]["kernel"])
-    random = train_drafter.initial_params(load_config(root, config_dict(root, "rnd", lm_head_from_target=False)),
-                                          config, target)
+    assert mapping is None
+    random, _ = train_drafter.initial_params(load_config(root, config_dict(root, "rnd", lm_head_from_target=False)),
+                                             config, target, rows)
     assert not np.allclose(random["lm_head"]["kernel"], target.params["lm_head"]["kernel"])
-    continued = train_drafter.initial_params(load_config(root, config_dict(root, "ft", init_from=cfg.export_dir)),
-                                             config, target)
+    continued, _ = train_drafter.initial_params(load_config(root, config_dict(root, "ft", init_from=cfg.export_dir)),
+                                                config, target, rows)
     jax.tree.map(np.testing.assert_array_equal, continued, params)
+
+
+def test_reduced_draft_vocabulary_trains_on_the_most_frequent_tokens_and_decodes_losslessly(workdir):
+    root, target = workdir
+    cfg = load_config(root, config_dict(root, "vocab", eagle3={"ttt_steps": 2, "draft_vocab_size": 24}))
+    train_drafter.train(cfg, progress=False)
+    log = [json.loads(line) for line in (root / "vocab" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["val_loss"] < log[0]["val_loss"]
+    drafter = load_drafter(cfg.export_dir, target)
+    ids = np.asarray(drafter.params["draft_to_target"])
+    assert ids.shape == (24,) and len(set(ids.tolist())) == 24
+    train_rows, _ = train_drafter.split_rows(np.load(root / "regen" / "part-code-greedy-00000.npz")["tokens"], cfg,
+                                             TARGET.vocab_size)
+    example = train_drafter.to_example(train_rows)
+    trained_on = example["tokens"][:, 1:][example["loss_mask"][:, :-1] > 0]  # loss_mask[p] covers x_{p+1}
+    counts = np.bincount(trained_on, minlength=TARGET.vocab_size)
+    assert counts[ids].min() >= np.delete(counts, ids).max()  # the 24 most frequent trained-on tokens
+    np.testing.assert_array_equal(np.asarray(drafter.params["drafter"]["lm_head"]["kernel"]).shape, (32, 24))
+    prompts = [[3, 17, 5], [40, 2, 9, 11, 30, 1]]
+    plain = decode.generate(target, prompts, max_new_tokens=10, stop_on_eos=False)
+    spec = decode.generate(target, prompts, max_new_tokens=10, stop_on_eos=False, drafter=drafter)
+    assert spec.token_ids == plain.token_ids
 
 
 def test_mismatched_init_from_and_unsplittable_batches_fail_before_training(trained, workdir, tmp_path):

@@ -61,6 +61,7 @@ class Eagle3Overrides:
     ttt_steps: int = 7
     feature_layers: tuple[int, ...] | None = None
     intermediate_size: int | None = None
+    draft_vocab_size: int | None = None  # a reduced draft vocabulary: the most frequent trained-on tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,9 +212,10 @@ def target_outputs(target_params: Any, target_config: ModelConfig, layers: tuple
 
 
 def drafter_metrics(params: Any, target_params: Any, target_config: ModelConfig, config: Any,
-                    batch: dict[str, jax.Array], key: jax.Array) -> Any:
+                    batch: dict[str, jax.Array], key: jax.Array, draft_to_target: Any = None) -> Any:
     """The drafter's training loss and metrics on a batch (TTTLoss or SpecBlockLoss; both carry `loss`,
-    `step_loss_K` and `step_acc_K`). `key` draws SpecBlock's inheritance slots; EAGLE-3 ignores it."""
+    `step_loss_K` and `step_acc_K`). `key` draws SpecBlock's inheritance slots; EAGLE-3 ignores it.
+    With a reduced draft vocabulary (`draft_to_target`), the teacher is the target over that vocabulary."""
     if "features" in batch:  # offline mode: the target's outputs come with the batch
         features_BxTxF = batch["features"]
         logits_BxTxV = feature_cache.dense_logits(batch["topk_logits"], batch["topk_ids"], target_config.vocab_size)
@@ -225,17 +227,21 @@ def drafter_metrics(params: Any, target_params: Any, target_config: ModelConfig,
         return specblock.train_metrics(params, config, table_VxH, features_BxTxF, batch["tokens"],
                                        batch["loss_mask"], logits_BxTxV, key)
     draft_KxBxTxV = eagle3.ttt_forward(params, config, table_VxH, features_BxTxF, batch["tokens"])
-    return losses.ttt_loss(draft_KxBxTxV, logits_BxTxV, batch["loss_mask"])
+    loss_mask_BxT = batch["loss_mask"]
+    if draft_to_target is not None:
+        logits_BxTxV, loss_mask_BxT = losses.restrict_to_draft_vocab(logits_BxTxV, loss_mask_BxT, draft_to_target)
+    return losses.ttt_loss(draft_KxBxTxV, logits_BxTxV, loss_mask_BxT)
 
 
-def make_train_step(target_config: ModelConfig, config: Any, optimizer: optax.GradientTransformation, seed: int = 0):
+def make_train_step(target_config: ModelConfig, config: Any, optimizer: optax.GradientTransformation, seed: int = 0,
+                    draft_to_target: Any = None):
     """step(state, target_params, batch, step) -> (state, metrics): the optimizer sees the drafter only;
     the step number (an int32 scalar) picks the step's random draws, so a resumed run repeats them."""
     def step(state, target_params, batch, step_number):
         key = jax.random.fold_in(jax.random.key(seed), step_number)
 
         def loss_fn(params):
-            metrics = drafter_metrics(params, target_params, target_config, config, batch, key)
+            metrics = drafter_metrics(params, target_params, target_config, config, batch, key, draft_to_target)
             return metrics.loss, metrics
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -245,16 +251,18 @@ def make_train_step(target_config: ModelConfig, config: Any, optimizer: optax.Gr
     return step
 
 
-def jit_steps(target_config: ModelConfig, config: Any, optimizer, state_sh, target_sh, batch_sh, seed: int = 0):
+def jit_steps(target_config: ModelConfig, config: Any, optimizer, state_sh, target_sh, batch_sh, seed: int = 0,
+              draft_to_target: Any = None):
     """The train and eval steps jitted over the mesh. The target's params are an argument (never a
     traced constant, never in the state): laid out once, read every step, not donated or updated.
     Evaluation draws with one fixed key, so its figures are comparable from log line to log line."""
     replicated = NamedSharding(batch_sh.mesh, PartitionSpec())
-    train_step = jax.jit(make_train_step(target_config, config, optimizer, seed),
+    train_step = jax.jit(make_train_step(target_config, config, optimizer, seed, draft_to_target),
                          in_shardings=(state_sh, target_sh, batch_sh, replicated),
                          out_shardings=(state_sh, replicated), donate_argnums=0)
     eval_key = jax.random.key(seed + 1)
-    eval_step = jax.jit(lambda p, tp, batch: drafter_metrics(p, tp, target_config, config, batch, eval_key),
+    eval_step = jax.jit(lambda p, tp, batch: drafter_metrics(p, tp, target_config, config, batch, eval_key,
+                                                             draft_to_target),
                         in_shardings=(state_sh["params"], target_sh, batch_sh), out_shardings=replicated)
     return train_step, eval_step
 
@@ -274,9 +282,12 @@ def evaluate(eval_step, params, target_params, val_batches: list[dict[str, np.nd
             "val_acceptance_length": chain_acceptance(acc_K)}
 
 
-def initial_params(cfg: DrafterTrainConfig, config: Any, target: Any) -> Any:
-    """Host params to start from: a trained drafter directory (checked against the target and this
-    run's drafter shape), or a fresh init whose LM head may copy the target's.
+def initial_params(cfg: DrafterTrainConfig, config: Any, target: Any, train_rows: np.ndarray
+                   ) -> tuple[Any, np.ndarray | None]:
+    """(host params to start from, draft -> target id map or None): a trained drafter directory
+    (checked against the target and this run's drafter shape, its map kept), or a fresh init whose LM
+    head may copy the target's (its draft-vocabulary columns), with a reduced draft vocabulary's map
+    built from the training rows' most frequent trained-on tokens.
 
     Starting from the target's LM head is a head start, not a tie: the drafter's final hidden learns
     to look like the target's last hidden, which a short run on a small budget reaches far sooner."""
@@ -285,11 +296,18 @@ def initial_params(cfg: DrafterTrainConfig, config: Any, target: Any) -> Any:
         if method.config != config:
             raise ConfigError(f"init_from {cfg.init_from}: its drafter config {to_dict(method.config)} differs "
                               f"from this run's {to_dict(config)}")
-        return jax.device_get(params["drafter"])
+        mapping = params.get("draft_to_target")
+        return jax.device_get(params["drafter"]), None if mapping is None else np.asarray(mapping)
+    mapping = None
+    if getattr(config, "draft_vocab_size", None) is not None:
+        example = to_example(train_rows)
+        mapping = eagle3.build_vocab_mapping(example["tokens"], target.config.vocab_size, config.draft_vocab_size,
+                                             example["loss_mask"])
     params = jax.device_get(model_of(config).init_params(config, jax.random.key(cfg.seed)))
     if cfg.lm_head_from_target and "lm_head" in target.params:
-        params = {**params, "lm_head": {"kernel": np.asarray(target.params["lm_head"]["kernel"])}}
-    return params
+        kernel = np.asarray(target.params["lm_head"]["kernel"])
+        params = {**params, "lm_head": {"kernel": kernel if mapping is None else kernel[:, mapping]}}
+    return params, mapping
 
 
 def check_batch_split(cfg: DrafterTrainConfig, mesh) -> None:
@@ -326,8 +344,8 @@ def train(cfg: DrafterTrainConfig, *, stop_after: int | None = None, export: boo
     method = drafting_method(cfg, config)
     mesh = sharding.make_mesh(cfg.mesh)
     check_batch_split(cfg, mesh)
-    host_params = initial_params(cfg, config, target)
     train_rows, val_rows = split_rows(read_parts(cfg.data_dir)["tokens"], cfg, target.config.vocab_size)
+    host_params, draft_to_target = initial_params(cfg, config, target, train_rows)
     if cfg.feature_cache is None:
         train_ds = train_dataset(train_rows, cfg)
         val_batches = [to_example(rows) for rows in np.split(val_rows, cfg.val_batches)]
@@ -352,11 +370,11 @@ def train(cfg: DrafterTrainConfig, *, stop_after: int | None = None, export: boo
         if restored is None:
             raise FileNotFoundError(f"--export-only: no checkpoint in {ckpt.directory}")
         ckpt.close()
-        path = save_drafter(cfg, method, state, weights_dtype)
+        path = save_drafter(cfg, method, state, draft_to_target, weights_dtype)
         print(f"exported the drafter of step {start} (of {cfg.optim.total_steps}) to {path}", file=sys.stderr)
         return state
     train_step, eval_step = jit_steps(target.config, config, optimizer, state_sh, target_sh,
-                                      sharding.batch_sharding(mesh), cfg.seed)
+                                      sharding.batch_sharding(mesh), cfg.seed, draft_to_target)
     last = cfg.optim.total_steps if stop_after is None else min(stop_after, cfg.optim.total_steps)
     lr_schedule = schedule(cfg.optim)
     with open(out / "log.jsonl", "a") as log, tqdm(total=cfg.optim.total_steps, initial=start, disable=not progress,
@@ -377,14 +395,17 @@ def train(cfg: DrafterTrainConfig, *, stop_after: int | None = None, export: boo
             ckpt.save(step + 1, state, force=step + 1 == last)
     ckpt.close()
     if export and last == cfg.optim.total_steps:
-        path = save_drafter(cfg, method, state, weights_dtype)
+        path = save_drafter(cfg, method, state, draft_to_target, weights_dtype)
         print(f"exported the drafter to {path}", file=sys.stderr)
     return state
 
 
-def save_drafter(cfg: DrafterTrainConfig, method: Any, state: dict, weights_dtype: str | None = None) -> pathlib.Path:
-    save = drafter_io.save_eagle3 if cfg.kind == "eagle3" else drafter_io.save_specblock
-    return save(method, jax.device_get(state["params"]), cfg.export_dir, weights_dtype=weights_dtype)
+def save_drafter(cfg: DrafterTrainConfig, method: Any, state: dict, draft_to_target: Any = None,
+                 weights_dtype: str | None = None) -> pathlib.Path:
+    params = jax.device_get(state["params"])
+    if cfg.kind == "eagle3":
+        return drafter_io.save_eagle3(method, params, cfg.export_dir, draft_to_target, weights_dtype=weights_dtype)
+    return drafter_io.save_specblock(method, params, cfg.export_dir, weights_dtype=weights_dtype)
 
 
 def log_record(step: int, metrics: Any, lr: float, seconds: float) -> dict[str, Any]:
