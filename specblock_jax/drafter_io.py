@@ -15,8 +15,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import shutil
-import uuid
 from typing import Any
 
 import jax
@@ -27,7 +25,7 @@ from safetensors.numpy import load_file, save_file
 
 from specblock_jax.config import ConfigError, from_dict, to_dict
 from specblock_jax.eagle3_draft import Eagle3Method, drafter_params
-from specblock_jax.hf import replace_dir
+from specblock_jax.hf import atomic_dir
 from specblock_jax.models import eagle3, specblock
 from specblock_jax.specblock_draft import SpecBlockMethod
 from specblock_jax.specblock_draft import drafter_params as specblock_drafter_params
@@ -127,18 +125,10 @@ def _tensors(params: Any, weights_dtype: str | None) -> dict[str, np.ndarray]:
 
 def _write(tensors: dict[str, np.ndarray], meta: dict[str, Any], out_dir: str | os.PathLike) -> pathlib.Path:
     """Weights and drafter.json into a hidden sibling of `out_dir`, renamed into place when complete."""
-    out_dir = pathlib.Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
+    with atomic_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "flax"})
         (tmp / DRAFTER_JSON).write_text(json.dumps(meta, indent=1) + "\n")
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return pathlib.Path(out_dir)
 
 
 def _is_published_eagle3(path: pathlib.Path) -> bool:

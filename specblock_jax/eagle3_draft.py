@@ -29,6 +29,16 @@ from specblock_jax.tree import Tree
 from specblock_jax.verify import Acceptance
 
 
+def commit_pending(state: Any, acceptance: Acceptance, features_BxN1xF: jax.Array) -> Any:
+    """`state` (any drafter state with pending_features_BxPxF / pending_tokens_BxP / pending_count_B)
+    with the accepted path as its pending rows: (feature of path node i, emitted token i) for
+    i = 0 .. length; the drafter's next forward caches them with their true target features."""
+    features_BxD1xF = jnp.take_along_axis(features_BxN1xF, acceptance.path_BxD1[..., None], axis=1)
+    return state._replace(pending_features_BxPxF=features_BxD1xF.astype(state.pending_features_BxPxF.dtype),
+                          pending_tokens_BxP=jnp.maximum(acceptance.tokens_BxD1, 0),
+                          pending_count_B=acceptance.length_B + 1)
+
+
 class Eagle3State(NamedTuple):
     k_BxSxKxD: jax.Array  # drafter keys: slots [0, max_len) pairs by position, then the draft's scratch
     v_BxSxKxD: jax.Array
@@ -173,7 +183,4 @@ class Eagle3Method:
                features_BxN1xF: jax.Array, lengths_B: jax.Array) -> Eagle3State:
         """The accepted path's pairs become pending: (feature of path node i, emitted token i) for
         i = 0 .. length, the last being the new root pair (feature of the last accepted node, bonus)."""
-        features_BxD1xF = jnp.take_along_axis(features_BxN1xF, acceptance.path_BxD1[..., None], axis=1)
-        return state._replace(pending_features_BxPxF=features_BxD1xF.astype(state.pending_features_BxPxF.dtype),
-                              pending_tokens_BxP=jnp.maximum(acceptance.tokens_BxD1, 0),
-                              pending_count_B=acceptance.length_B + 1)
+        return commit_pending(state, acceptance, features_BxN1xF)

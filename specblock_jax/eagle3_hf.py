@@ -51,8 +51,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import shutil
-import uuid
 from typing import Any
 
 import jax
@@ -308,16 +306,9 @@ def export_eagle3_hf(config: eagle3.Eagle3Config, params: Any, out_dir: str | os
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
     tensors = params_to_safetensors(config, params, draft_to_target, embed_table)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
+    with hf.atomic_dir(out_dir) as tmp:
         (tmp / "config.json").write_text(json.dumps(config_to_hf(config, target), indent=2) + "\n")
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        hf.replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -7,6 +7,7 @@ come back as host numpy arrays, so the caller decides where they live (one devic
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -297,15 +298,8 @@ def export_hf(config: ModelConfig, params: Any, out_dir: str | os.PathLike, toke
     out_dir = pathlib.Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
+    with atomic_dir(out_dir) as tmp:
         _write_model(config, params, tmp, tokenizer)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -318,6 +312,22 @@ def _write_model(config: ModelConfig, params: Any, directory: pathlib.Path, toke
     save_file(params_to_safetensors(config, params), str(directory / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | os.PathLike) -> Iterator[pathlib.Path]:
+    """A hidden sibling of `out_dir` to write into: renamed into place (replacing `out_dir`) when the
+    block ends, deleted when it raises, so a crash never leaves a half-written directory behind."""
+    out_dir = pathlib.Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def replace_dir(new: pathlib.Path, out_dir: pathlib.Path) -> None:

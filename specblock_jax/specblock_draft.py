@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from specblock_jax import tree as tree_lib
+from specblock_jax.eagle3_draft import commit_pending
 from specblock_jax.models import layers, specblock
 from specblock_jax.tree import Tree
 from specblock_jax.verify import Acceptance
@@ -272,10 +273,7 @@ class SpecBlockMethod:
                features_BxN1xF: jax.Array, lengths_B: jax.Array) -> SpecBlockState:
         """The accepted path's rows become pending: (feature of path node i, emitted token i) for
         i = 0 .. length, the last being the new query row (feature of the last accepted node, bonus)."""
-        features_BxD1xF = jnp.take_along_axis(features_BxN1xF, acceptance.path_BxD1[..., None], axis=1)
-        return state._replace(pending_features_BxPxF=features_BxD1xF.astype(state.pending_features_BxPxF.dtype),
-                              pending_tokens_BxP=jnp.maximum(acceptance.tokens_BxD1, 0),
-                              pending_count_B=acceptance.length_B + 1)
+        return commit_pending(state, acceptance, features_BxN1xF)
 
 
 def merge_duplicates(tree: Tree, max_depth: int) -> Tree:

@@ -23,8 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import pathlib
-import shutil
-import uuid
 from typing import Any
 
 import grain
@@ -34,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from specblock_jax.config import ConfigError, ModelConfig, to_dict
-from specblock_jax.hf import replace_dir
+from specblock_jax.hf import atomic_dir
 from specblock_jax.models import target as target_lib
 
 SPLITS = ("train", "val")
@@ -79,10 +77,7 @@ def build(path: str | pathlib.Path, target: Any, layers: tuple[int, ...], rows: 
         top_logits, top_ids = jax.lax.top_k(out.logits.reshape(b * t, -1), topk)
         return out.features.astype(dtype), top_logits.reshape(b, t, topk), top_ids.reshape(b, t, topk)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
+    with atomic_dir(path) as tmp:
         for split in SPLITS:
             n, t = rows[split].shape
             example = to_example(rows[split])
@@ -102,10 +97,6 @@ def build(path: str | pathlib.Path, target: Any, layers: tuple[int, ...], rows: 
                 array.flush()
             del arrays
         (tmp / CACHE_JSON).write_text(json.dumps(described, indent=1) + "\n")
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
