@@ -172,6 +172,7 @@ class SpecState(NamedTuple):
     rng: jax.Array
     iterations: jax.Array
     stats: SpecStats
+    feedback: Any = None  # the `collect` buffer of `spec_loop` (None when not collecting)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "method", "max_new_tokens", "max_len", "sampling", "eos_ids"))
@@ -214,10 +215,14 @@ def root_forward(params: Any, config: ModelConfig, cache: KVCache, tree: Tree, *
     return pad(out.logits), None if out.features is None else pad(out.features), out.cache
 
 
-@functools.partial(jax.jit, static_argnames=("config", "method", "sampling", "eos_ids"))
+@functools.partial(jax.jit, static_argnames=("config", "method", "sampling", "eos_ids", "collect"))
 def spec_loop(params: Any, config: ModelConfig, drafter_params: Any, state: SpecState, *, method: Any,
-              sampling: SamplingParams, eos_ids: tuple[int, ...]) -> SpecState:
-    """Draft -> verify -> accept -> commit, one target forward per step, until every row has stopped."""
+              sampling: SamplingParams, eos_ids: tuple[int, ...], collect: Any = None) -> SpecState:
+    """Draft -> verify -> accept -> commit, one target forward per step, until every row has stopped.
+
+    With `collect`, every step also folds the verifier's free feedback into `state.feedback`:
+    `collect(feedback, drafter_state, acceptance, logits_BxN1xV, emitted_B, running_B)`, where
+    `drafter_state` is the state the step's draft returned (see `specblock_jax.adapt`)."""
     b = state.tokens_BxN.shape[0]
     feature_layers = tuple(method.feature_layers)
     verify_tree = functools.partial(verify_forward, params, config, max_depth=method.max_depth,
@@ -239,6 +244,8 @@ def spec_loop(params: Any, config: ModelConfig, drafter_params: Any, state: Spec
             s.tokens_BxN, s.num_generated_B, s.done_B, acceptance.tokens_BxD1, acceptance.length_B + 1, eos_ids)
         # Drafts past a cut (EOS, max_new_tokens) are not committed: lengths stay prompt + generated - 1.
         cache = kvcache.commit(cache, acceptance.path_BxD1, emitted_B - 1, running_B)
+        feedback = s.feedback if collect is None else collect(
+            s.feedback, drafter_state, acceptance, logits_BxN1xV, emitted_B, running_B)
         drafter_state = method.commit(drafter_params, drafter_state, tree, acceptance, features_BxN1xF, lengths_B)
         drafter_state = _keep_rows(running_B, drafter_state, s.drafter_state)
         stats = SpecStats(
@@ -250,7 +257,7 @@ def spec_loop(params: Any, config: ModelConfig, drafter_params: Any, state: Spec
         return SpecState(cache=cache, drafter_state=drafter_state,
                          root_B=jnp.where(running_B, acceptance.bonus_B, s.root_B), tokens_BxN=tokens_BxN,
                          num_generated_B=num_generated_B, done_B=done_B, rng=rng, iterations=s.iterations + 1,
-                         stats=stats)
+                         stats=stats, feedback=feedback)
 
     return jax.lax.while_loop(lambda s: ~jnp.all(s.done_B), step, state)
 
@@ -310,12 +317,13 @@ class GenerateOutput:
     token_ids: list[list[int]]  # generated ids per prompt, up to and including EOS
     texts: list[str] | None  # decoded (special tokens skipped) when the target has a tokenizer
     stats: dict[str, Any]
+    feedback: Any = None  # the filled `feedback` buffer when `collect` was given
 
 
 def generate(target: target_lib.Target, prompts: Sequence[str] | Sequence[Sequence[int]], *,
              max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              seed: int = 0, drafter: Drafter | str | None = None, max_len: int | None = None,
-             stop_on_eos: bool = True) -> GenerateOutput:
+             stop_on_eos: bool = True, collect: Any = None, feedback: Any = None) -> GenerateOutput:
     """Generate continuations of a batch of prompts (strings, or token-id lists).
 
     With a `drafter` (a `Drafter`, or a kind / directory for `load_drafter`) decoding is speculative
@@ -329,6 +337,8 @@ def generate(target: target_lib.Target, prompts: Sequence[str] | Sequence[Sequen
     apart (`stats["compile_s"]`), so `prefill_s`, `decode_s` and `tokens_per_s` (all new tokens over
     prefill + decode time) measure execution only. Greedy rows decode exactly as they would alone;
     sampled rows share one rng stream, so a row's samples depend on the batch it is in.
+    With `collect` and a `feedback` buffer (`specblock_jax.adapt`) the loop also collects the
+    verifier's feedback into the buffer (`spec_loop`); the filled one is `output.feedback`.
     """
     sampling = SamplingParams(temperature, top_k, top_p)
     config = target.config
@@ -339,6 +349,8 @@ def generate(target: target_lib.Target, prompts: Sequence[str] | Sequence[Sequen
         drafter = load_drafter(drafter, target)
     if drafter is not None:
         _check_drafter(drafter, config)
+    if (collect is None) != (feedback is None) or (collect is not None and drafter is None):
+        raise ValueError("collect and feedback go together, and need a drafter")
     scratch = 0 if drafter is None else drafter.method.budget + 1
     max_len = _resolve_max_len(config, [len(p) for p in prompt_ids], max_new_tokens, max_len, scratch)
     width = min(_round_up(max(len(p) for p in prompt_ids), MAX_LEN_MULTIPLE), max_len)
@@ -352,15 +364,22 @@ def generate(target: target_lib.Target, prompts: Sequence[str] | Sequence[Sequen
     else:
         init_jit, loop_jit, weights = spec_init, spec_loop, (target.params, drafter.params)
         static["method"] = drafter.method
+    loop_static = static if collect is None else {**static, "collect": collect}
     rng = jax.random.key(seed)
 
     start = time.perf_counter()
     init_lowered = init_jit.lower(weights[0], config, *weights[1:], prompt_BxT, prompt_lens_B, rng,
                                   max_new_tokens=max_new_tokens, max_len=max_len, **static)
     init_fn = init_lowered.compile()
-    loop_fn = loop_jit.lower(weights[0], config, *weights[1:], init_lowered.out_info, **static).compile()
+    state_info = init_lowered.out_info
+    if collect is not None:
+        state_info = state_info._replace(feedback=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                                                feedback))
+    loop_fn = loop_jit.lower(weights[0], config, *weights[1:], state_info, **loop_static).compile()
     compiled = time.perf_counter()
     state = jax.block_until_ready(init_fn(*weights, prompt_BxT, prompt_lens_B, rng))
+    if collect is not None:
+        state = state._replace(feedback=feedback)
     prefilled = time.perf_counter()
     state = jax.block_until_ready(loop_fn(*weights, state))
     done = time.perf_counter()
@@ -377,7 +396,8 @@ def generate(target: target_lib.Target, prompts: Sequence[str] | Sequence[Sequen
                  tokens_per_s=float(num_B.sum()) / total_s)
     if drafter is not None:
         stats.update(_spec_stats(jax.device_get(state.stats), int(result.iterations), config.vocab_size))
-    return GenerateOutput(token_ids=token_ids, texts=texts, stats=stats)
+    return GenerateOutput(token_ids=token_ids, texts=texts, stats=stats,
+                          feedback=None if collect is None else state.feedback)
 
 
 def _check_drafter(drafter: Any, config: ModelConfig) -> None:

@@ -42,6 +42,7 @@ class SpecBlockState(NamedTuple):
     pending_features_BxPxF: jax.Array  # P = max_depth + 1 rows not yet cached, oldest first
     pending_tokens_BxP: jax.Array  # int32; the last pending row's token is the root
     pending_count_B: jax.Array  # int32 in [1, P]
+    query_hidden_BxKxH: jax.Array  # the last draft's block-1 slot hiddens (what `adapt` learns from)
 
 
 class _Level(NamedTuple):
@@ -132,7 +133,7 @@ class SpecBlockMethod:
         pending_features = jnp.zeros((b, p, features_BxTxF.shape[-1]), features_BxTxF.dtype)
         pending_tokens = jnp.zeros((b, p), jnp.int32).at[:, 0].set(root_B.astype(jnp.int32))
         return SpecBlockState(*kv, pending_features.at[:, 0].set(root_features_BxF), pending_tokens,
-                              jnp.ones((b,), jnp.int32))
+                              jnp.ones((b,), jnp.int32), jnp.zeros((b, c.block_size, c.hidden_size), jnp.dtype(c.dtype)))
 
     def _cache_rows(self, params, kv, tokens_BxR, rows_BxR, valid_BxR, features_BxRxF, max_len, head_rows_BxN):
         """Block 1 over committed rows, written at their cache slots (invalid rows dropped): a slot
@@ -209,7 +210,8 @@ class SpecBlockMethod:
         scores = jnp.concatenate([root(0.0, jnp.float32)] + [flat(lv.scores_BxRxKxW) for lv in levels], 1)
         valid = jnp.concatenate([root(True, bool)] + [flat(lv.valid_BxRxKxW) for lv in levels], 1)
         tree = Tree(tokens=tokens, parents=parents, depth=jnp.zeros_like(tokens), valid=valid, scores=scores)
-        return tree, state._replace(k_BxLxSxGxD=kv[0], v_BxLxSxGxD=kv[1])
+        query_hidden_BxKxH = out.hidden[:, 0].astype(state.query_hidden_BxKxH.dtype)
+        return tree, state._replace(k_BxLxSxGxD=kv[0], v_BxLxSxGxD=kv[1], query_hidden_BxKxH=query_hidden_BxKxH)
 
     def _level(self, *, seen_BxRxS, slots_BxRxK, logits_BxRxKxV, hidden_BxRxKxH, rank_BxRxKxC, parent_scores_BxR,
                parent_valid_BxR, parent_index_BxR, first_index: int, first_block: bool) -> _Level:

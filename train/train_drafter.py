@@ -88,6 +88,7 @@ class DrafterTrainConfig:
     kind: str = "eagle3"
     target: str | None = None  # HF directory; None: the embedded target
     data_dir: str = "runs/regen"  # regenerated parts (part-*.npz)
+    domains: tuple[str, ...] | None = None  # train on these domains' parts only (part-<domain>-*); None: all
     init_from: str | None = None  # a trained drafter directory to start from (fine-tuning); None: fresh
     lm_head_from_target: bool = True  # a fresh drafter's LM head starts as the target's (untied targets)
     feature_cache: str | None = None  # offline mode: cache of the target's outputs (built on first use)
@@ -160,6 +161,17 @@ def fit_width(tokens_NxW: np.ndarray, seq_len: int) -> np.ndarray:
     width = min(seq_len, tokens_NxW.shape[1])
     out[:, :width] = tokens_NxW[:, :width]
     return out
+
+
+def domain_rows(parts: dict[str, np.ndarray], cfg: DrafterTrainConfig) -> np.ndarray:
+    """The regenerated token rows of `cfg.domains` (all rows when None), told apart by part name."""
+    if cfg.domains is None:
+        return parts["tokens"]
+    domain_N = np.array([name.split("-")[1] for name in parts["part"]])
+    if missing := sorted(set(cfg.domains) - set(domain_N)):
+        raise ValueError(f"no regenerated parts of domain(s) {missing} in {cfg.data_dir}; it holds "
+                         f"{sorted(set(domain_N))}")
+    return parts["tokens"][np.isin(domain_N, cfg.domains)]
 
 
 def split_rows(tokens_NxW: np.ndarray, cfg: DrafterTrainConfig, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -344,7 +356,7 @@ def train(cfg: DrafterTrainConfig, *, stop_after: int | None = None, export: boo
     method = drafting_method(cfg, config)
     mesh = sharding.make_mesh(cfg.mesh)
     check_batch_split(cfg, mesh)
-    train_rows, val_rows = split_rows(read_parts(cfg.data_dir)["tokens"], cfg, target.config.vocab_size)
+    train_rows, val_rows = split_rows(domain_rows(read_parts(cfg.data_dir), cfg), cfg, target.config.vocab_size)
     host_params, draft_to_target = initial_params(cfg, config, target, train_rows)
     if cfg.feature_cache is None:
         train_ds = train_dataset(train_rows, cfg)

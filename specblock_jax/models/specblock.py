@@ -248,15 +248,43 @@ class SpecBlockDrafter(nn.Module):
         hidden = x.reshape(b, r, k_slots, h)
         if head_rows_BxN is not None:
             hidden = jnp.take_along_axis(hidden, head_rows_BxN[:, :, None, None], axis=1)
-        normed = RMSNorm(eps, dtype, name="norm")(hidden)
-        logits = dense(c.vocab_size, ("embed", "vocab"), "lm_head", dtype)(normed).astype(jnp.float32)
-        rank_logits = None
-        if c.rank_head:  # detached inputs: the rank loss never trains the drafter
-            rank_in = jnp.concatenate([jax.lax.stop_gradient(normed).astype(jnp.float32),
-                                       rank_features(jax.lax.stop_gradient(logits), c.rank_topk)], axis=-1)
-            z = dense(c.rank_hidden, (None, None), "rank_in", jnp.float32)(rank_in)
-            rank_logits = dense(c.rank_classes, (None, None), "rank_out", jnp.float32)(nn.silu(z))
+        logits, rank_logits = _heads(c, hidden)
         return BlockOutput(logits, hidden, rank_logits, tuple(aux))
+
+
+def _heads(c: SpecBlockConfig, hidden_xH: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """The output heads of a slot's pre-norm hidden, defined in the calling module's scope (so the
+    drafter and `SpecBlockHeads` name their parameters alike): float32 logits and rank logits."""
+    dtype = jnp.dtype(c.dtype)
+    normed = RMSNorm(c.rms_norm_eps, dtype, name="norm")(hidden_xH)
+    logits = dense(c.vocab_size, ("embed", "vocab"), "lm_head", dtype)(normed).astype(jnp.float32)
+    rank_logits = None
+    if c.rank_head:  # detached inputs: the rank loss never trains the drafter
+        rank_in = jnp.concatenate([jax.lax.stop_gradient(normed).astype(jnp.float32),
+                                   rank_features(jax.lax.stop_gradient(logits), c.rank_topk)], axis=-1)
+        z = dense(c.rank_hidden, (None, None), "rank_in", jnp.float32)(rank_in)
+        rank_logits = dense(c.rank_classes, (None, None), "rank_out", jnp.float32)(nn.silu(z))
+    return logits, rank_logits
+
+
+class SpecBlockHeads(nn.Module):
+    """The drafter's output heads alone, over its own parameters `HEAD_PARAMS`."""
+
+    config: SpecBlockConfig
+
+    @nn.compact
+    def __call__(self, hidden_xH):
+        return _heads(self.config, hidden_xH)
+
+
+HEAD_PARAMS = ("norm", "lm_head", "rank_in", "rank_out")  # the drafter's parameters `heads` reads
+
+
+def heads(params: Any, config: SpecBlockConfig, hidden_xH: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """(logits, rank logits) of pre-norm hiddens (`BlockOutput.hidden`), exactly as the drafter's forward
+    computes them: the heads read nothing else, so buffered hiddens replay the drafter's outputs."""
+    own = {name: params[name] for name in HEAD_PARAMS if name in params}
+    return SpecBlockHeads(config).apply({"params": own}, hidden_xH)
 
 
 def _init_args(config: SpecBlockConfig):

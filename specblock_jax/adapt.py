@@ -1,0 +1,413 @@
+"""Cost-aware bandit adaptation: the SpecBlock drafter keeps learning from the verifier's free
+feedback while it serves, and updates only when the expected throughput gain beats the update's cost.
+
+Feedback (inside the jitted decode loop, no extra target forward). Slot k of block 1 proposes depth
+k + 1; the verify forward already holds the target's distribution at the accepted path's node k, so
+for k <= the accepted length (the accepted slots and the first rejected one; past it the draft was
+conditioned on a wrong token) `collect` writes the slot's pre-norm hidden (the drafter's input to
+its heads), the target's top-`teacher_topk` distribution there and the emitted token into a
+fixed-size ring buffer (`Feedback`, one record of K slots per running row and step, all rows).
+
+Update. What is trained is the drafter's output side, chosen by `AdaptConfig.params`: a low-rank
+adapter on the LM head (`lora`, merged into it for drafting) or the LM head and final norm
+(`head`), plus the rank head (`rank_head`). These read nothing but the buffered hiddens, so a buffer
+replays the drafter's outputs exactly, and an update never invalidates the drafter's KV cache. The
+loss is the drafter's own: soft cross-entropy to the target's distribution per slot with the
+valid-prefix mask and position weights, plus the rank loss.
+
+Bandit. After every `Adapter.generate` call (a window) it chooses between two arms, update or not.
+Its reward model is in accepted tokens per step: after an update, the next window's records (unseen
+by the update, labelled by the target whatever the drafter proposed) give a paired measurement of
+its gain, the greedy-chain length under the new heads minus under the old ones. Gains are kept as
+discounted statistics (discount `discount` per measurement, `idle_discount` per window without one,
+so an old verdict fades). The arm is chosen optimistically (discounted UCB): the gain estimate is
+the mean plus `ucb_beta` spreads over sqrt(weight), and with no evidence the largest plausible gain
+(every remaining depth accepted). That gain turns into time through the measured costs: over the
+`horizon_tokens` the drafter will still serve, a step costs `step_s` and emits tau tokens, so the
+update saves horizon * step_s * (1 / tau - 1 / (tau + gain)) seconds; it runs only when that beats
+the measured update time. An update whose measured gain is negative is rolled back (the next window
+is served by it once). A drop of the recent accepted length below its long-run average by
+`drift` is read as a shift: the gain statistics are forgotten, so the bandit explores again.
+Updates touch only the drafter: decoding stays lossless.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from specblock_jax import decode, losses
+from specblock_jax.config import ConfigError
+from specblock_jax.drafter import Drafter
+from specblock_jax.models import layers, specblock
+from specblock_jax.specblock_draft import SpecBlockMethod
+from specblock_jax.verify import Acceptance
+
+PARAM_SETS = ("lora", "head")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptConfig:
+    """What adapts, how it learns, and when the bandit lets it."""
+
+    params: str = "lora"  # "lora": rank-`lora_rank` adapter on the LM head; "head": LM head + final norm
+    lora_rank: int = 16
+    rank_head: bool = True  # also train the rank head (rank loss), when the drafter has one
+    buffer_size: int = 256  # records kept (K slots each); the oldest are overwritten
+    teacher_topk: int = 8  # target probabilities kept per slot (renormalised)
+    learning_rate: float = 3e-3
+    steps: int = 4  # optimizer steps per update
+    batch_records: int = 64  # records per optimizer step (drawn from the buffer) and per gain measurement
+    horizon_tokens: int = 2048  # tokens an update is expected to serve: its cost is amortised over them
+    min_records: int = 32  # fresh records (since the last update) before an update is considered
+    ucb_beta: float = 1.0  # optimism: spreads added to the mean measured gain
+    gain_floor: float = 0.02  # the smallest spread assumed for a measured gain (tokens per step)
+    discount: float = 0.5  # weight kept by older gain measurements at each new one
+    idle_discount: float = 0.97  # weight kept per window without a measurement (slow re-exploration)
+    drift: float = 0.2  # a recent accepted length this fraction below the long-run one means a shift
+    tau_fast: float = 0.5  # EMA weight of the newest window in the recent accepted length
+    tau_slow: float = 0.1  # ... in the long-run one
+
+    def __post_init__(self):
+        if self.params not in PARAM_SETS:
+            raise ConfigError(f"AdaptConfig params={self.params!r} is not one of {PARAM_SETS}")
+        for name in ("lora_rank", "buffer_size", "teacher_topk", "steps", "batch_records", "horizon_tokens",
+                     "min_records"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"AdaptConfig {name} must be an integer >= 1, got {value!r}")
+        for name, low, high in (("learning_rate", 0, math.inf), ("ucb_beta", -1e-12, math.inf),
+                                ("gain_floor", 0, math.inf), ("discount", 0, 1), ("idle_discount", 0, 1),
+                                ("drift", 0, 1), ("tau_fast", 0, 1), ("tau_slow", 0, 1)):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not low < value <= high:
+                raise ConfigError(f"AdaptConfig {name} must be a number in ({max(low, 0)}, {high}], got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Feedback: collected inside the decode loop.
+
+class Feedback(NamedTuple):
+    """A ring buffer of records: one per (running row, decode step), K slots each."""
+
+    hidden_CxKxH: jax.Array  # block-1 slot hiddens (pre-norm) the drafter computed
+    teacher_ids_CxKxT: jax.Array  # int32 the target's top tokens at the slot's position
+    teacher_probs_CxKxT: jax.Array  # float32, renormalised over them
+    labels_CxK: jax.Array  # int32 the emitted token (the target's)
+    valid_CxK: jax.Array  # bool: the slot's position was reached (slot k <= accepted length)
+    window_C: jax.Array  # int32 the window each record was collected in; -1: never written
+    written: jax.Array  # [] int32 records written so far; the next goes to written % C
+    window: jax.Array  # [] int32 the window new records belong to
+
+
+def take(feedback: Feedback, index_M: jax.Array) -> Feedback:
+    """The records at ring positions `index_M`."""
+    per_record = {name: value[index_M] for name, value in feedback._asdict().items() if name.endswith(
+        ("_CxKxH", "_CxKxT", "_CxK", "_C"))}
+    return feedback._replace(**per_record)
+
+
+def empty_feedback(config: specblock.SpecBlockConfig, size: int, teacher_topk: int) -> Feedback:
+    k, h = config.block_size, config.hidden_size
+    return Feedback(hidden_CxKxH=jnp.zeros((size, k, h), jnp.dtype(config.dtype)),
+                    teacher_ids_CxKxT=jnp.zeros((size, k, teacher_topk), jnp.int32),
+                    teacher_probs_CxKxT=jnp.zeros((size, k, teacher_topk), jnp.float32),
+                    labels_CxK=jnp.zeros((size, k), jnp.int32), valid_CxK=jnp.zeros((size, k), bool),
+                    window_C=jnp.full((size,), -1, jnp.int32), written=jnp.zeros((), jnp.int32),
+                    window=jnp.zeros((), jnp.int32))
+
+
+def collect(feedback: Feedback, drafter_state: Any, acceptance: Acceptance, logits_BxN1xV: jax.Array,
+            emitted_B: jax.Array, running_B: jax.Array) -> Feedback:
+    """Fold one verified step into the buffer (the `collect` of `decode.spec_loop`): for each running row,
+    its block-1 slots with the target's distribution at the accepted path's node k, valid for the
+    slots whose position the emitted tokens reached."""
+    hidden_BxKxH = drafter_state.query_hidden_BxKxH
+    b, k = hidden_BxKxH.shape[:2]
+    size, t = feedback.window_C.shape[0], feedback.teacher_ids_CxKxT.shape[-1]
+    logits_BxKxV = jnp.take_along_axis(logits_BxN1xV, acceptance.path_BxD1[:, :k, None], axis=1)
+    top_BxKxT, ids_BxKxT = layers.top_k(logits_BxKxV.astype(jnp.float32), t)
+    valid_BxK = (jnp.arange(k) < emitted_B[:, None]) & running_B[:, None]
+    keep_B = valid_BxK[:, 0]
+    slot_B = jnp.where(keep_B, (feedback.written + jnp.cumsum(keep_B) - 1) % size, size)  # size: dropped
+
+    def put(buffer, rows):
+        return buffer.at[slot_B].set(rows.astype(buffer.dtype), mode="drop")
+
+    return Feedback(hidden_CxKxH=put(feedback.hidden_CxKxH, hidden_BxKxH),
+                    teacher_ids_CxKxT=put(feedback.teacher_ids_CxKxT, ids_BxKxT),
+                    teacher_probs_CxKxT=put(feedback.teacher_probs_CxKxT, jax.nn.softmax(top_BxKxT, axis=-1)),
+                    labels_CxK=put(feedback.labels_CxK, acceptance.tokens_BxD1[:, :k]),
+                    valid_CxK=put(feedback.valid_CxK, valid_BxK),
+                    window_C=put(feedback.window_C, jnp.broadcast_to(feedback.window, (b,))),
+                    written=feedback.written + jnp.sum(keep_B, dtype=jnp.int32), window=feedback.window)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The update: the drafter's heads trained on the buffer.
+
+def init_trainable(cfg: AdaptConfig, config: specblock.SpecBlockConfig, base: Any, key: jax.Array) -> dict:
+    """The adapted parameters: a fresh adapter (B = 0: the drafter is unchanged) or copies of the head's."""
+    if cfg.params == "lora":
+        h, r = config.hidden_size, cfg.lora_rank
+        trainable = {"lora_a": jax.random.normal(key, (h, r), jnp.float32) / math.sqrt(h),
+                     "lora_b": jnp.zeros((r, config.vocab_size), jnp.float32)}
+    else:
+        trainable = {"norm": base["norm"], "lm_head": base["lm_head"]}
+    if cfg.rank_head and config.rank_head:
+        trainable.update(rank_in=base["rank_in"], rank_out=base["rank_out"])
+    return trainable
+
+
+def merge(base: Any, trainable: dict) -> Any:
+    """The drafter's params with the adapted ones in place (the adapter folded into the LM head)."""
+    params = {**base, **{k: v for k, v in trainable.items() if not k.startswith("lora_")}}
+    if "lora_a" in trainable:
+        kernel = base["lm_head"]["kernel"]
+        delta = trainable["lora_a"] @ trainable["lora_b"]
+        params["lm_head"] = {**base["lm_head"], "kernel": (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)}
+    return params
+
+
+def feedback_loss(trainable: dict, base: Any, feedback: Feedback, config: specblock.SpecBlockConfig) -> jax.Array:
+    """The drafter's loss on the buffer: per-slot soft cross-entropy to the target's (top-T) distribution
+    under the valid-prefix mask, weighted w**k, plus the rank loss when the rank head adapts."""
+    logits_CxKxV, rank_logits_CxKxC = specblock.heads(merge(base, trainable), config, feedback.hidden_CxKxH)
+    logp_CxKxV = jax.nn.log_softmax(logits_CxKxV, axis=-1)
+    ce_CxK = -jnp.sum(feedback.teacher_probs_CxKxT * jnp.take_along_axis(logp_CxKxV, feedback.teacher_ids_CxKxT,
+                                                                          axis=-1), axis=-1)
+    hit_CxK = jnp.argmax(logits_CxKxV, axis=-1) == feedback.labels_CxK
+    mask_CxK = (losses.valid_prefix_mask(hit_CxK, feedback.valid_CxK) if config.valid_prefix
+                else feedback.valid_CxK.astype(jnp.float32))
+    per_slot_K = jnp.sum(ce_CxK * mask_CxK, axis=0) / jnp.maximum(jnp.sum(mask_CxK, axis=0), 1.0)
+    loss = jnp.sum(config.position_loss_weight ** jnp.arange(config.block_size) * per_slot_K)
+    if "rank_in" in trainable:
+        labels_CxK = losses.rank_labels(jax.lax.stop_gradient(logits_CxKxV), feedback.labels_CxK, config.rank_bounds)
+        loss = loss + config.rank_loss_weight * losses.rank_loss(rank_logits_CxKxC, labels_CxK, feedback.valid_CxK)
+    return loss
+
+
+def _optimizer(cfg: AdaptConfig) -> optax.GradientTransformation:
+    return optax.adam(cfg.learning_rate)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "config"))
+def update(trainable: dict, opt_state: Any, base: Any, feedback: Feedback, key: jax.Array, *, cfg: AdaptConfig,
+           config: specblock.SpecBlockConfig) -> tuple[dict, Any, jax.Array]:
+    """`cfg.steps` Adam steps, each on `batch_records` records drawn from the filled part of the buffer:
+    (trainable, optimizer state, mean loss of the steps)."""
+    loss_and_grad = jax.value_and_grad(feedback_loss)
+    optimizer = _optimizer(cfg)
+    filled = jnp.maximum(jnp.minimum(feedback.written, feedback.window_C.shape[0]), 1)
+
+    def step(i, carry):
+        params, state, total = carry
+        index_M = jax.random.randint(jax.random.fold_in(key, i), (cfg.batch_records,), 0, filled)
+        loss, grads = loss_and_grad(params, base, take(feedback, index_M), config)
+        updates, state = optimizer.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, total + loss
+
+    trainable, opt_state, total = jax.lax.fori_loop(0, cfg.steps, step, (trainable, opt_state, jnp.zeros(())))
+    return trainable, opt_state, total / cfg.steps
+
+
+@functools.partial(jax.jit, static_argnames=("config", "records"))
+def chain_gain(old: Any, new: Any, feedback: Feedback, window: jax.Array, *, config: specblock.SpecBlockConfig,
+               records: int) -> tuple[jax.Array, jax.Array]:
+    """(mean greedy-chain length under `new` heads minus under `old`, records used) over the newest
+    `records` records that belong to `window`: a paired estimate of an update's gain in accepted
+    tokens per step. A chain counts the leading block-1 slots whose greedy token is the target's,
+    within the slots the target reached."""
+    newest = take(feedback, (feedback.written - 1 - jnp.arange(records)) % feedback.window_C.shape[0])
+
+    def chain_M(params):
+        logits_MxKxV, _ = specblock.heads(params, config, newest.hidden_CxKxH)
+        hit_MxK = (jnp.argmax(logits_MxKxV, axis=-1) == newest.labels_CxK) & newest.valid_CxK
+        return jnp.sum(jnp.cumprod(hit_MxK, axis=-1), axis=-1)
+
+    mine_M = (newest.window_C == window) & (jnp.arange(records) < feedback.written)
+    count = jnp.sum(mine_M)
+    diff = jnp.sum(jnp.where(mine_M, chain_M(new) - chain_M(old), 0))
+    return diff / jnp.maximum(count, 1), count
+
+
+# ---------------------------------------------------------------------------------------------------
+# The bandit: host-side, a few floats.
+
+class Decision(NamedTuple):
+    update: bool
+    gain: float  # optimistic gain used, accepted tokens per step (nan when not estimated)
+    saving_s: float  # predicted seconds saved over the horizon
+    cost_s: float  # predicted seconds the update costs
+    reason: str
+
+
+@dataclasses.dataclass
+class Bandit:
+    """Update or not, from measured gains and costs (see the module docstring)."""
+
+    config: AdaptConfig
+    max_depth: int  # deepest accepted draft: a step emits at most max_depth + 1 tokens
+    update_s: float  # seconds an update costs (measured)
+    tau: float | None = None  # long-run accepted tokens per row-step (EMA), bonus included
+    tau_recent: float | None = None
+    step_s: float | None = None  # seconds per row-step (EMA)
+    gain_weight: float = 0.0  # discounted number of gain measurements
+    gain_sum: float = 0.0
+    gain_sq: float = 0.0
+    shifts: int = 0  # shifts detected
+
+    def observe_window(self, tau: float, step_s: float) -> None:
+        """A window's accepted tokens per row-step and seconds per row-step."""
+        c = self.config
+        if self.tau is None:
+            self.tau = self.tau_recent = tau
+            self.step_s = step_s
+            return
+        self.tau = (1 - c.tau_slow) * self.tau + c.tau_slow * tau
+        self.tau_recent = (1 - c.tau_fast) * self.tau_recent + c.tau_fast * tau
+        self.step_s = (1 - c.tau_fast) * self.step_s + c.tau_fast * step_s
+        self._fade(c.idle_discount)
+        if self.tau_recent < (1 - c.drift) * self.tau:  # a shift: old verdicts no longer hold
+            self.gain_weight = self.gain_sum = self.gain_sq = 0.0
+            self.tau = self.tau_recent
+            self.shifts += 1
+
+    def observe_gain(self, gain: float) -> None:
+        """The measured gain (accepted tokens per step) of the latest update."""
+        self._fade(self.config.discount)
+        self.gain_weight += 1.0
+        self.gain_sum += gain
+        self.gain_sq += gain * gain
+
+    def observe_update(self, seconds: float) -> None:
+        self.update_s = 0.5 * (self.update_s + seconds)
+
+    def _fade(self, keep: float) -> None:
+        self.gain_weight *= keep
+        self.gain_sum *= keep
+        self.gain_sq *= keep
+
+    def decide(self, fresh_records: int) -> Decision:
+        """Update iff the optimistic gain, over the horizon, saves more time than the update costs."""
+        c = self.config
+        if self.tau is None:
+            return Decision(False, math.nan, 0.0, self.update_s, "nothing observed yet")
+        if fresh_records < c.min_records:
+            return Decision(False, math.nan, 0.0, self.update_s,
+                            f"{fresh_records} fresh records < min_records {c.min_records}")
+        bound = max(self.max_depth + 1 - self.tau, 0.0)  # no update accepts more than every depth
+        if self.gain_weight > 1e-6:
+            mean = self.gain_sum / self.gain_weight
+            spread = max(math.sqrt(max(self.gain_sq / self.gain_weight - mean * mean, 0.0)), c.gain_floor)
+            gain = min(max(mean + c.ucb_beta * spread / math.sqrt(self.gain_weight), 0.0), bound)
+            why = f"measured gain {mean:+.3f} (weight {self.gain_weight:.2f})"
+        else:
+            gain = bound
+            why = "no measured gain: the largest plausible"
+        saving = c.horizon_tokens * self.step_s * (1.0 / self.tau - 1.0 / (self.tau + gain))
+        update = saving > self.update_s
+        return Decision(update, gain, saving, self.update_s,
+                        f"{why}; optimistic gain {gain:.3f} saves {saving * 1e3:.0f} ms "
+                        f"{'>' if update else '<='} update {self.update_s * 1e3:.0f} ms")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Serving with adaptation.
+
+class Adapter:
+    """A SpecBlock drafter that adapts while it serves. Each `generate` call decodes with the current
+    drafter, collecting feedback in the loop, then measures the latest update's gain, lets the bandit
+    decide, and updates when told. `history` holds one record per call.
+
+        adapter = Adapter(target, load_drafter("specblock", target))
+        for batch in stream:
+            out = adapter.generate(batch, max_new_tokens=128)   # out.stats["adapt"]: this window's record
+    """
+
+    def __init__(self, target: Any, drafter: Drafter, config: AdaptConfig = AdaptConfig(), seed: int = 0):
+        if not isinstance(drafter.method, SpecBlockMethod):
+            raise ValueError(f"adaptation needs a SpecBlock drafter, got {type(drafter.method).__name__}")
+        if not isinstance(config, AdaptConfig):
+            raise ValueError(f"config must be an AdaptConfig, got {type(config).__name__}")
+        self.target, self.method, self.config = target, drafter.method, config
+        self.base, self.embed = drafter.params["drafter"], drafter.params["embed"]
+        self.key, init_key = jax.random.split(jax.random.key(seed))
+        self.trainable = init_trainable(config, drafter.method.config, self.base, init_key)
+        self.opt_state = _optimizer(config).init(self.trainable)
+        self.feedback = empty_feedback(drafter.method.config, config.buffer_size, config.teacher_topk)
+        self.window = 0
+        self.written_at_update = 0
+        self.before_update: tuple | None = None  # (trainable, optimizer state) before the latest update,
+        #   kept until its gain is measured: an update that measures worse is rolled back
+        self.history: list[dict] = []
+        self.bandit = Bandit(config, drafter.method.max_depth, update_s=self._time_update())
+
+    @property
+    def drafter(self) -> Drafter:
+        """The drafter as it serves now."""
+        return Drafter(self.method, {"drafter": merge(self.base, self.trainable), "embed": self.embed})
+
+    def _update(self) -> tuple[dict, Any, float]:
+        trainable, opt_state, loss = update(self.trainable, self.opt_state, self.base, self.feedback,
+                                            jax.random.fold_in(self.key, self.window), cfg=self.config,
+                                            config=self.method.config)
+        return jax.block_until_ready(trainable), opt_state, float(loss)
+
+    def _time_update(self) -> float:
+        """Compile the update, then time one on the (empty) buffer; nothing is kept."""
+        self._update()
+        start = time.perf_counter()
+        self._update()
+        return time.perf_counter() - start
+
+    def generate(self, prompts: Any, **kwargs: Any) -> decode.GenerateOutput:
+        """`decode.generate` with the current drafter (same keyword arguments, `drafter` excluded),
+        followed by this window's bandit step. Adaptation seconds land in stats["adapt"]["adapt_s"]."""
+        if len(prompts) > self.config.buffer_size:
+            raise ValueError(f"{len(prompts)} prompts in one call exceed AdaptConfig buffer_size "
+                             f"{self.config.buffer_size}: one step writes a record per row")
+        out = decode.generate(self.target, prompts, drafter=self.drafter, collect=collect,
+                              feedback=self.feedback._replace(window=jnp.asarray(self.window, jnp.int32)), **kwargs)
+        self.feedback = out.feedback
+        stats = out.stats
+        start = time.perf_counter()
+        self.bandit.observe_window(stats["tau"], stats["decode_s"] / max(stats["iterations"], 1) / len(prompts))
+        measured = None
+        if self.before_update is not None:
+            gain, count = chain_gain(merge(self.base, self.before_update[0]), merge(self.base, self.trainable),
+                                     self.feedback, jnp.asarray(self.window, jnp.int32), config=self.method.config,
+                                     records=min(self.config.batch_records, self.config.buffer_size))
+            if int(count):  # else measured on the next window's records
+                measured = float(gain)
+                self.bandit.observe_gain(measured)
+                if measured < 0:
+                    self.trainable, self.opt_state = self.before_update
+                self.before_update = None
+        written = int(self.feedback.written)
+        decision = self.bandit.decide(written - self.written_at_update)
+        loss = None
+        if decision.update:
+            before = (self.trainable, self.opt_state)
+            update_start = time.perf_counter()
+            self.trainable, self.opt_state, loss = self._update()
+            self.bandit.observe_update(time.perf_counter() - update_start)
+            self.before_update, self.written_at_update = before, written
+        record = dict(window=self.window, tau=stats["tau"], new_tokens=int(np.sum(stats["new_tokens"])),
+                      seconds=stats["prefill_s"] + stats["decode_s"], adapt_s=time.perf_counter() - start,
+                      updated=decision.update, predicted_gain=decision.gain, saving_s=decision.saving_s,
+                      cost_s=decision.cost_s, reason=decision.reason, measured_gain=measured,
+                      rolled_back=measured is not None and measured < 0,
+                      loss=loss, shifts=self.bandit.shifts)
+        self.history.append(record)
+        stats["adapt"] = record
+        self.window += 1
+        return out

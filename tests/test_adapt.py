@@ -1,0 +1,233 @@
+"""Adaptation (`adapt`): the bandit on synthetic reward streams (declines what cannot pay, takes large
+gains, stops when gains vanish, explores again after a shift); the feedback buffer (fixed size, the
+newest records, the target's tokens as labels); an update lowers the drafter's loss on the buffer;
+decoding with adaptation stays identical to plain greedy decoding, batch > 1 included."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from specblock_jax import adapt, decode
+from specblock_jax.config import ConfigError, ModelConfig
+from specblock_jax.drafter import Drafter
+from specblock_jax.models import specblock as sb
+from specblock_jax.ngram import NgramMethod
+from specblock_jax.specblock_draft import SpecBlockMethod, drafter_params
+
+TARGET = ModelConfig(vocab_size=64, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8,
+                     intermediate_size=64, max_position_embeddings=256)
+CONFIG = sb.SpecBlockConfig.for_target(TARGET, rank_hidden=8)
+PROMPTS = [[5, 9, 2], [7, 1, 33, 60, 12, 8, 41], [17, 3, 22, 50, 9, 14, 1, 6, 30, 11], [40, 2, 8, 8, 19]]
+N_NEW, MAX_LEN = 24, 64
+
+
+@pytest.fixture(scope="module")
+def target(peaked_target):
+    return peaked_target(TARGET)
+
+
+@pytest.fixture(scope="module")
+def drafter(target):
+    params = sb.init_params(CONFIG, jax.random.key(3))
+    params = {n: (p if n.startswith("shift") else jax.tree.map(lambda x: x * 10 if x.ndim == 2 else x, p))
+              for n, p in params.items()}
+    return Drafter(SpecBlockMethod(CONFIG, budget=8, max_blocks=1, widths=(1, 2, 2, 1), slot0_width=2),
+                   drafter_params(params, target.params))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The bandit, on synthetic streams.
+
+def _bandit(update_s, **overrides):
+    cfg = adapt.AdaptConfig(**{"min_records": 1, **overrides})
+    return adapt.Bandit(cfg, max_depth=4, update_s=update_s)
+
+
+def test_bandit_declines_an_update_that_no_plausible_gain_pays_for():
+    """Even with no evidence (the optimistic gain is every remaining depth accepted), an update that
+    costs more than the whole horizon could save is declined."""
+    bandit = _bandit(update_s=60.0, horizon_tokens=4096)
+    bandit.observe_window(tau=2.0, step_s=0.01)  # the horizon takes 20 s in all
+    decision = bandit.decide(fresh_records=1000)
+    assert not decision.update and decision.gain == pytest.approx(3.0) and decision.saving_s < 60.0
+
+
+def test_bandit_waits_for_fresh_records():
+    bandit = _bandit(update_s=0.001, min_records=50)
+    bandit.observe_window(tau=2.0, step_s=0.01)
+    assert not bandit.decide(fresh_records=49).update
+    assert bandit.decide(fresh_records=50).update
+
+
+def _stream(bandit, gain_of_update, tau_of_window, windows, rng):
+    """Simulate serving: each window reports its tau; after an update the next window reports the
+    update's gain (with noise). Returns the windows in which the bandit updated."""
+    updates, pending = [], None
+    for w in range(windows):
+        bandit.observe_window(tau=tau_of_window(w), step_s=0.01)
+        if pending is not None:
+            bandit.observe_gain(pending + rng.normal(0, 0.02))
+            pending = None
+        if bandit.decide(fresh_records=100).update:
+            updates.append(w)
+            pending = gain_of_update(w, len(updates))
+    return updates
+
+
+def test_bandit_updates_while_gains_are_large_and_stops_when_they_vanish():
+    """Gains 0.6, 0.3, 0.15, ... (diminishing returns) against an update costing 0.2 s: the first
+    updates pay and are taken back to back; once gains are small the bandit stops."""
+    rng = np.random.default_rng(0)
+    bandit = _bandit(update_s=0.2, horizon_tokens=4096)
+    updates = _stream(bandit, lambda w, n: 0.6 * 0.5 ** (n - 1), lambda w: 2.0, 60, rng)
+    assert updates[:3] == [0, 1, 2]
+    assert len(updates) <= 15 and len([w for w in updates if w >= 15]) <= 2  # then rare re-exploration
+
+
+def test_bandit_never_takes_updates_that_measure_no_gain_for_long():
+    """A stream where updates never help: after the one optimistic try, updates are rare (slow
+    re-exploration, about one in 30 windows)."""
+    rng = np.random.default_rng(1)
+    bandit = _bandit(update_s=0.2)
+    updates = _stream(bandit, lambda w, n: 0.0, lambda w: 2.0, 100, rng)
+    assert updates[0] == 0 and len(updates) <= 5 and all(b - a >= 15 for a, b in zip(updates, updates[1:]))
+
+
+def test_bandit_explores_again_after_a_shift():
+    """Updates stop on a stable stream; when the accepted length drops by a third (a new domain) the
+    gain statistics are forgotten and the bandit updates again at once."""
+    rng = np.random.default_rng(2)
+    bandit = _bandit(update_s=0.2)
+    shift_at = 40
+    updates = _stream(bandit, lambda w, n: 0.5 if w >= shift_at and n <= 4 else 0.0,
+                      lambda w: 2.1 if w < shift_at else 1.4, 60, rng)
+    assert len([w for w in updates if 5 <= w < shift_at]) <= 1  # settled before the shift
+    assert bandit.shifts >= 1
+    assert any(shift_at <= w <= shift_at + 3 for w in updates)  # detected within a few windows
+
+
+def test_adapt_config_is_strict():
+    with pytest.raises(ConfigError, match="params"):
+        adapt.AdaptConfig(params="last_layer")
+    with pytest.raises(ConfigError, match="buffer_size"):
+        adapt.AdaptConfig(buffer_size=0)
+    with pytest.raises(ConfigError, match="discount"):
+        adapt.AdaptConfig(discount=1.5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The feedback buffer and the update, on real decoding.
+
+def _collect(target, drafter, prompts, size, window=0, feedback=None):
+    feedback = adapt.empty_feedback(CONFIG, size, 4) if feedback is None else feedback
+    return decode.generate(target, prompts, max_new_tokens=N_NEW, max_len=MAX_LEN, stop_on_eos=False,
+                           drafter=drafter, collect=adapt.collect,
+                           feedback=feedback._replace(window=jnp.asarray(window, jnp.int32)))
+
+
+def test_feedback_records_hold_the_targets_tokens_and_never_outgrow_the_buffer(target, drafter):
+    out = _collect(target, drafter, PROMPTS[:1], size=256)
+    fb = out.feedback
+    steps = out.stats["iterations"]
+    assert int(fb.written) == steps  # one record per step of the single row
+    valid = np.asarray(fb.valid_CxK)[:steps]
+    labels = np.asarray(fb.labels_CxK)[:steps]
+    # A step that emitted n tokens reached min(n, K) slot positions; valid slots form a prefix.
+    steps_by_tokens = np.asarray(out.stats["steps_by_tokens"][0])
+    assert valid.sum() == sum(count * min(n, CONFIG.block_size) for n, count in enumerate(steps_by_tokens))
+    assert valid[:, 0].all() and (np.diff(valid.astype(int), axis=1) <= 0).all()
+    # Greedy: the target's top token at a slot's position is the token it emitted there.
+    top1 = np.asarray(fb.teacher_ids_CxKxT)[:steps, :, 0]
+    np.testing.assert_array_equal(top1[valid], labels[valid])
+    probs = np.asarray(fb.teacher_probs_CxKxT)[:steps]
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+    # Slot-0 labels are the first token each step emitted: the generated tokens, in order, at the
+    # steps' starts.
+    emitted = np.asarray(out.token_ids[0])
+    assert labels[0, 0] == emitted[1]
+    assert set(np.asarray(fb.window_C)[:steps]) == {0} and (np.asarray(fb.window_C)[steps:] == -1).all()
+
+    # A buffer of 8 records after two calls: the shapes never change, the count goes on, and the ring
+    # holds the newest records (the last 8 of the second call, window 1).
+    small = _collect(target, drafter, PROMPTS[:1], size=8).feedback
+    again = _collect(target, drafter, PROMPTS[1:2], size=8, window=1, feedback=small)
+    fb2 = again.feedback
+    assert jax.tree.map(jnp.shape, fb2) == jax.tree.map(jnp.shape, adapt.empty_feedback(CONFIG, 8, 4))
+    assert int(fb2.written) == steps + again.stats["iterations"]
+    assert (np.asarray(fb2.window_C) == 1).all()
+    full = _collect(target, drafter, PROMPTS[1:2], size=256, window=1).feedback
+    n = again.stats["iterations"]
+    order = (int(fb2.written) - n + np.arange(n - 8, n)) % 8  # ring slots of the last 8 records
+    np.testing.assert_array_equal(np.asarray(fb2.labels_CxK)[order], np.asarray(full.labels_CxK)[n - 8:n])
+    np.testing.assert_allclose(np.asarray(fb2.hidden_CxKxH)[order], np.asarray(full.hidden_CxKxH)[n - 8:n],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_buffered_hiddens_replay_the_drafters_logits(target, drafter):
+    """The first record's hiddens are the first draft's block-1 slots, and the heads over them give
+    the candidates the drafter proposed: slot k's top-W tokens."""
+    fb = _collect(target, drafter, PROMPTS[:1], size=64).feedback
+    method = drafter.method
+    ids = np.asarray(PROMPTS[0])[None]
+    state = decode.spec_init(target.params, TARGET, drafter.params, jnp.asarray(ids, jnp.int32),
+                             jnp.asarray([ids.shape[1]], jnp.int32), jax.random.key(0), method=method,
+                             max_new_tokens=N_NEW, max_len=MAX_LEN, sampling=decode.SamplingParams(0.0), eos_ids=())
+    tree, drafted_state = method.candidates(drafter.params, state.drafter_state, state.root_B, state.cache.lengths)
+    np.testing.assert_allclose(np.asarray(drafted_state.query_hidden_BxKxH[0]), np.asarray(fb.hidden_CxKxH[0]),
+                               rtol=1e-5, atol=1e-5)
+    logits, rank = sb.heads(drafter.params["drafter"], CONFIG, fb.hidden_CxKxH[0])
+    assert logits.shape == (CONFIG.block_size, CONFIG.vocab_size) and rank.shape[-1] == CONFIG.rank_classes
+    w = method.width
+    proposed_KxW = np.asarray(tree.tokens[0, 1:1 + CONFIG.block_size * w]).reshape(CONFIG.block_size, w)
+    np.testing.assert_array_equal(proposed_KxW, np.argsort(-np.asarray(logits), axis=-1, kind="stable")[:, :w])
+
+
+def test_an_update_lowers_the_drafters_loss_on_the_buffer(target, drafter):
+    fb = _collect(target, drafter, PROMPTS, size=128).feedback
+    base = drafter.params["drafter"]
+    for params in adapt.PARAM_SETS:
+        cfg = adapt.AdaptConfig(params=params, steps=30, batch_records=32, learning_rate=1e-2)
+        trainable = adapt.init_trainable(cfg, CONFIG, base, jax.random.key(0))
+        assert float(adapt.feedback_loss(trainable, base, fb, CONFIG)) == pytest.approx(
+            float(adapt.feedback_loss(adapt.init_trainable(
+                dataclasses.replace(cfg, params="head"), CONFIG, base, jax.random.key(0)), base, fb, CONFIG)),
+            rel=1e-5)  # a fresh adapter changes nothing
+        before = float(adapt.feedback_loss(trainable, base, fb, CONFIG))
+        opt_state = adapt._optimizer(cfg).init(trainable)
+        trainable, _, _ = adapt.update(trainable, opt_state, base, fb, jax.random.key(1), cfg=cfg, config=CONFIG)
+        after = float(adapt.feedback_loss(trainable, base, fb, CONFIG))
+        assert after < 0.8 * before, (params, before, after)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Serving with adaptation stays lossless.
+
+def test_adaptive_decoding_is_identical_to_plain_greedy_decoding(target, drafter):
+    """Every window updates (the bandit is told any gain pays), so the drafter changes between calls,
+    with batch 1 and batch 3; every output equals plain decoding's."""
+    cfg = adapt.AdaptConfig(min_records=1, horizon_tokens=10 ** 9, ucb_beta=100.0, learning_rate=5e-2,
+                            buffer_size=32, batch_records=16)
+    adapter = adapt.Adapter(target, drafter, cfg)
+    plain = decode.generate(target, PROMPTS, max_new_tokens=N_NEW, max_len=MAX_LEN, stop_on_eos=False).token_ids
+    calls = [[0], [1, 2, 3], [2], [0, 3, 1]]
+    row_steps = 0
+    for rows in calls:
+        out = adapter.generate([PROMPTS[r] for r in rows], max_new_tokens=N_NEW, max_len=MAX_LEN, stop_on_eos=False)
+        assert out.token_ids == [plain[r] for r in rows]
+        row_steps += int(np.sum(out.stats["steps_by_tokens"]))
+    history = adapter.history
+    assert [h["window"] for h in history] == list(range(len(calls)))
+    assert sum(h["updated"] for h in history) >= 3
+    assert all(h["measured_gain"] is not None for h in history[1:])  # each update measured by the next window
+    merged = adapter.drafter.params["drafter"]["lm_head"]["kernel"]
+    assert not np.allclose(merged, drafter.params["drafter"]["lm_head"]["kernel"])  # the drafter did change
+    assert int(adapter.feedback.written) == row_steps  # a record per step of every row, batch > 1 included
+
+
+def test_adapter_needs_a_specblock_drafter(target):
+    with pytest.raises(ValueError, match="SpecBlock"):
+        adapt.Adapter(target, Drafter(NgramMethod()))
