@@ -7,7 +7,10 @@
 Methods: `ar` (plain decoding, the reference), `ngram` (prompt lookup, no training), `eagle3` and
 `specblock` (trained drafters: the ones shipped for the embedded target under
 specblock_jax/assets/drafters/<kind>/, or `--drafter KIND=DIR`; a bare `--drafter DIR` takes its kind
-from DIR/drafter.json). The default is every method whose drafter is available.
+from DIR/drafter.json), and `specblock+adapt` (the SpecBlock drafter adapting as it serves,
+specblock_jax.adapt: it starts from the trained drafter at every repeat and serves the batches in
+order; its time includes the bandit's steps and updates). The default is every method but
+`specblock+adapt` whose drafter is available (infer/adapt_bench.py is adaptation's own benchmark).
 
 Protocol: every input is checked and every method is compiled and warmed up on the first prompt batch
 before timing starts (`generate` also compiles ahead and times execution only). Then, for each repeat
@@ -41,13 +44,14 @@ from typing import Any
 import jax
 from tqdm import tqdm
 
-from specblock_jax import Drafter, data, generate, hf, load_drafter, load_target
+from specblock_jax import Drafter, adapt, data, generate, hf, load_drafter, load_target
 from specblock_jax.drafter import SHIPPED_DRAFTERS_DIR
 
 from infer import timing
 
-METHODS = ("ar", "ngram", "eagle3", "specblock")
-TRAINED = ("eagle3", "specblock")  # methods that need a trained drafter directory
+METHODS = ("ar", "ngram", "eagle3", "specblock", "specblock+adapt")
+TRAINED = ("eagle3", "specblock")  # drafter kinds trained into a drafter directory
+ADAPTING = {"specblock+adapt": "specblock"}  # method -> the kind of drafter it adapts
 DOMAINS = ("code", "prose", "all")
 
 
@@ -106,12 +110,18 @@ def drafter_kind(path: str | os.PathLike) -> str:
     return kind
 
 
+def kind_of(method: str) -> str:
+    """The drafter kind a method runs (ar and ngram: themselves)."""
+    return ADAPTING.get(method, method)
+
+
 def parse_drafter_specs(specs: list[str]) -> dict[str, pathlib.Path]:
     """`--drafter` values ("KIND=DIR" or "DIR") -> {kind: directory}, each checked to hold that kind."""
     dirs: dict[str, pathlib.Path] = {}
     for spec in specs:
         kind, sep, rest = spec.partition("=")
         if sep and kind in METHODS:
+            kind = kind_of(kind)
             if kind not in TRAINED:
                 raise ValueError(f"--drafter {spec}: method {kind!r} takes no drafter directory; "
                                  f"give one for {' or '.join(TRAINED)}")
@@ -143,14 +153,14 @@ def select_methods(requested: list[str] | None, drafter_dirs: dict[str, pathlib.
     if requested is None:
         methods = ["ar", "ngram"] + [k for k in TRAINED if available(k)]
     else:
-        missing = [k for k in requested if k in TRAINED and not available(k)]
+        missing = [k for k in requested if kind_of(k) in TRAINED and not available(kind_of(k))]
         if missing:
             where = (f"none is shipped at {SHIPPED_DRAFTERS_DIR}/<kind>" if embedded_target
                      else "shipped drafters serve only the embedded target")
             raise ValueError(f"method(s) {', '.join(missing)} need a trained drafter: {where}; "
                              f"give --drafter {missing[0]}=DIR")
         methods = list(dict.fromkeys(["ar"] + requested))  # ar: the reference for speedups and mismatches
-    unused = sorted(set(drafter_dirs) - set(methods))
+    unused = sorted(set(drafter_dirs) - {kind_of(m) for m in methods})
     if unused:
         raise ValueError(f"--drafter given for {', '.join(unused)}, which is not among --methods {','.join(methods)}")
     return methods
@@ -188,7 +198,7 @@ def resolve_drafters(methods: list[str], drafter_dirs: dict[str, pathlib.Path], 
         if method == "ar":
             drafters[method] = None
             continue
-        source = str(drafter_dirs.get(method, method))
+        source = str(drafter_dirs.get(kind_of(method), kind_of(method)))
         try:
             drafters[method] = with_tree(load_drafter(source, target), args)
         except (ValueError, FileNotFoundError) as e:
@@ -251,20 +261,28 @@ def run(args: argparse.Namespace, target: Any, prompts: list[str], drafters: dic
     batches = [prompts[i:i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
     runs: dict[str, list] = {m: [] for m in methods}  # method -> [(repeat, batch index, GenerateOutput)]
     phases: dict[str, dict] = {}
+    adapters: dict[str, adapt.Adapter] = {}
+
+    def restart_adapters():
+        adapters.update({m: adapt.Adapter(target, drafters[m]) for m in methods if m in ADAPTING})
 
     def decode(method, batch):
-        return generate(target, batch, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        seed=0, drafter=drafters[method])
+        kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=0)
+        if method in adapters:
+            return adapters[method].generate(batch, **kwargs)
+        return generate(target, batch, drafter=drafters[method], **kwargs)
 
     def report(complete: bool, interrupted: str | None = None) -> dict:
         out = summarize(args, runs, phases, args.batch_size)
         return {**header, "complete": complete, "interrupted": interrupted, "finished_utc": _now(), **out}
 
     try:
+        restart_adapters()
         for method in tqdm(methods, desc="compile + warm-up", unit="method"):
             decode(method, batches[0])
         with tqdm(total=args.repeats * len(batches) * len(methods), desc="timed runs", unit="run") as bar:
             for repeat in range(args.repeats):
+                restart_adapters()  # each repeat adapts from the trained drafter
                 for b, batch in enumerate(batches):
                     for method in methods:
                         runs[method].append((repeat, b, decode(method, batch)))
@@ -274,7 +292,8 @@ def run(args: argparse.Namespace, target: Any, prompts: list[str], drafters: dic
             fns = {method: timing.phase_calls(target, drafters[method], batches[0], max_new_tokens=args.max_new_tokens,
                                               max_len=runs[method][0][2].stats["max_len"],
                                               temperature=args.temperature, calls=args.timing_calls)
-                   for method in tqdm(methods, desc="phase timing: compile", unit="method")}
+                   for method in tqdm([m for m in methods if m not in ADAPTING], desc="phase timing: compile",
+                                      unit="method")}
             phases.update(timing.time_phases(fns))
     except BaseException as e:
         reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
@@ -288,15 +307,19 @@ def run(args: argparse.Namespace, target: Any, prompts: list[str], drafters: dic
     return final
 
 
+def _seconds(out) -> float:
+    """A run's prefill + decode seconds, and an adapting method's bandit step and update."""
+    return out.stats["prefill_s"] + out.stats["decode_s"] + out.stats.get("adapt", {}).get("adapt_s", 0.0)
+
+
 def _rate(out) -> float:
-    return sum(out.stats["new_tokens"]) / (out.stats["prefill_s"] + out.stats["decode_s"])
+    return sum(out.stats["new_tokens"]) / _seconds(out)
 
 
 def _total_rate(outs) -> float:
-    """All new tokens over all prefill + decode seconds of these runs."""
+    """All new tokens over all seconds of these runs."""
     outs = list(outs)
-    return (sum(sum(o.stats["new_tokens"]) for o in outs)
-            / sum(o.stats["prefill_s"] + o.stats["decode_s"] for o in outs))
+    return sum(sum(o.stats["new_tokens"]) for o in outs) / sum(_seconds(o) for o in outs)
 
 
 def _histogram(out) -> list[int]:

@@ -5,8 +5,9 @@
     python -m infer.generate --prompt "ROMEO." --method eagle3 --drafter runs/eagle3   # or the shipped one
 
 Methods: ar (plain decoding), ngram (prompt lookup), eagle3 and specblock (a trained drafter: the one
-shipped for the embedded target, or --drafter DIR). Every method gives the same greedy text; the
-speculative ones only change how fast it comes. Completions go to stdout, statistics to stderr.
+shipped for the embedded target, or --drafter DIR), specblock+adapt (the SpecBlock drafter adapting
+as it serves the prompts one by one, specblock_jax.adapt). Every method gives the same greedy text;
+the speculative ones only change how fast it comes. Completions go to stdout, statistics to stderr.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import argparse
 import json
 import sys
 
-from specblock_jax import data, generate, load_drafter, load_target
+from specblock_jax import adapt, data, generate, load_drafter, load_target
 
 from infer import bench
 
@@ -39,8 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of text")
     args = p.parse_args(argv)
-    if args.drafter and args.method not in bench.TRAINED:
-        p.error(f"--drafter is for --method {' or '.join(bench.TRAINED)}, not {args.method}")
+    if args.drafter and bench.kind_of(args.method) not in bench.TRAINED:
+        p.error(f"--drafter is for --method {' or '.join(bench.TRAINED)} (and their +adapt), not {args.method}")
     return args
 
 
@@ -48,23 +49,34 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:  # every input checked before any compute
         prompts = args.prompt or data.read_prompts_jsonl(args.prompt_file)
+        kind = bench.kind_of(args.method)
         if args.drafter:
-            bench.parse_drafter_specs([f"{args.method}={args.drafter}"])  # the directory holds this kind
-        elif args.method in bench.TRAINED:
+            bench.parse_drafter_specs([f"{kind}={args.drafter}"])  # the directory holds this kind
+        elif kind in bench.TRAINED:
             bench.select_methods([args.method], {}, embedded_target=args.target is None)
         target = load_target(args.target)
-        drafter = None if args.method == "ar" else load_drafter(args.drafter or args.method, target)
-        out = generate(target, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, drafter=drafter)
+        drafter = None if args.method == "ar" else load_drafter(args.drafter or kind, target)
+        sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, seed=args.seed)
+        if args.method in bench.ADAPTING:  # one call (window) per prompt, the drafter adapting in between
+            adapter = adapt.Adapter(target, drafter)
+            outs = [adapter.generate([prompt], **sampling) for prompt in prompts]
+            texts = [o.texts[0] if o.texts else None for o in outs]
+            token_ids = [o.token_ids[0] for o in outs]
+            stats = {"updates": sum(h["updated"] for h in adapter.history),
+                     "tau": [round(o.stats["tau"], 3) for o in outs]}
+        else:
+            out = generate(target, prompts, drafter=drafter, **sampling)
+            texts, token_ids = out.texts or [None] * len(prompts), out.token_ids
+            stats = {k: out.stats[k] for k in ("iterations", "tokens_per_s", "tau", "compile_s") if k in out.stats}
     except (FileNotFoundError, ValueError) as e:
         print(f"infer.generate: error: {e}", file=sys.stderr)
         return 2
-    for prompt, text, ids in zip(prompts, out.texts or [None] * len(prompts), out.token_ids):
+    for prompt, text, ids in zip(prompts, texts, token_ids):
         if args.json:
             print(json.dumps({"prompt": prompt, "completion": text, "token_ids": ids}))
         else:
             print(f"{prompt}\033[1m{text}\033[0m\n{'-' * 60}")
-    stats = {k: out.stats[k] for k in ("iterations", "tokens_per_s", "tau", "compile_s") if k in out.stats}
     print(json.dumps({"method": args.method, **stats}), file=sys.stderr)
     return 0
 

@@ -1,5 +1,6 @@
 """PNG plots of a benchmark report (infer/bench.py): speedup and tau per method, the time of one
-decoding iteration split into draft / verify / other, and the acceptance-length histogram."""
+decoding iteration split into draft / verify / other, and the acceptance-length histogram; and of an
+adaptation report (infer/adapt_bench.py): tau and throughput over each stream, static and adapting."""
 
 from __future__ import annotations
 
@@ -97,3 +98,49 @@ def write_plots(report: dict, stem: str | pathlib.Path) -> list[pathlib.Path]:
     return [speedup_tau(report, stem.with_name(stem.name + "_speedup_tau.png")),
             time_breakdown(report, stem.with_name(stem.name + "_time_breakdown.png")),
             acceptance(report, stem.with_name(stem.name + "_acceptance.png"))]
+
+
+def _rolling(values: list[float], width: int) -> list[float]:
+    return [sum(values[max(0, i - width + 1):i + 1]) / len(values[max(0, i - width + 1):i + 1])
+            for i in range(len(values))]
+
+
+def adaptation(report: dict, path: pathlib.Path, window: int = 6) -> pathlib.Path:
+    """Per stream (first pass): tau per prompt (rolling mean) with the updates marked, and tokens served
+    against wall time (the adapting method's update time included)."""
+    streams = report["streams"]
+    fig, axes = plt.subplots(2, len(streams), figsize=(5.5 * len(streams), 7), squeeze=False)
+    colors = {"static": "tab:blue", "adapt": "tab:red"}
+    for col, (name, stream) in enumerate(streams.items()):
+        records = stream["passes"][0]["records"]
+        top, bottom = axes[0, col], axes[1, col]
+        for method, rows in records.items():
+            top.plot(_rolling([r["tau"] for r in rows], window), color=colors[method], label=method)
+            seconds, tokens, elapsed, served = [0.0], [0], 0.0, 0
+            for r in rows:
+                elapsed += r["seconds"] + r["adapt_s"]
+                served += r["new_tokens"]
+                seconds.append(elapsed)
+                tokens.append(served)
+            bottom.plot(seconds, tokens, color=colors[method], label=method)
+        for r in records["adapt"]:
+            if r["kept"]:
+                top.axvline(r["prompt"], color="tab:red", alpha=0.15, linewidth=2)
+        summary = stream["summary"]
+        top.set_title(f"{name}: adapt / static {summary['speedup_adapt_vs_static']:.2f}x tokens/s")
+        top.set_xlabel("prompt (kept updates shaded)")
+        top.set_ylabel(f"tau (rolling mean of {window})")
+        top.legend()
+        bottom.set_xlabel("seconds (decoding + adapting)")
+        bottom.set_ylabel("tokens served")
+        bottom.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_adaptation_plots(report: dict, stem: str | pathlib.Path) -> list[pathlib.Path]:
+    stem = pathlib.Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    return [adaptation(report, stem.with_name(f"{stem.name}_adaptation.png"))]

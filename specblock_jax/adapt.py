@@ -8,27 +8,32 @@ conditioned on a wrong token) `collect` writes the slot's pre-norm hidden (the d
 its heads), the target's top-`teacher_topk` distribution there and the emitted token into a
 fixed-size ring buffer (`Feedback`, one record of K slots per running row and step, all rows).
 
-Update. What is trained is the drafter's output side, chosen by `AdaptConfig.params`: a low-rank
-adapter on the LM head (`lora`, merged into it for drafting) or the LM head and final norm
-(`head`), plus the rank head (`rank_head`). These read nothing but the buffered hiddens, so a buffer
-replays the drafter's outputs exactly, and an update never invalidates the drafter's KV cache. The
-loss is the drafter's own: soft cross-entropy to the target's distribution per slot with the
-valid-prefix mask and position weights, plus the rank loss.
+Update. What is trained is the drafter's output side, chosen by `AdaptConfig.params`: the LM head
+(`head`) or a low-rank adapter on it (`lora`, merged into it for drafting), plus the rank head
+(`rank_head`). These read nothing but the buffered hiddens, so a buffer replays the drafter's
+outputs exactly, and an update never invalidates the drafter's KV cache. The loss is the drafter's
+own: soft cross-entropy to the target's distribution per slot with the valid-prefix mask and
+position weights, plus the rank loss.
 
-Bandit. After every `Adapter.generate` call (a window) it chooses between two arms, update or not.
-Its reward model is in accepted tokens per step: after an update, the next window's records (unseen
-by the update, labelled by the target whatever the drafter proposed) give a paired measurement of
-its gain, the greedy-chain length under the new heads minus under the old ones. Gains are kept as
-discounted statistics (discount `discount` per measurement, `idle_discount` per window without one,
+Validation. An update at the end of a window (an `Adapter.generate` call) trains on the records of
+earlier windows only, and is measured on the window's own records, which it has not seen: the
+greedy-chain length (leading block-1 slots whose greedy token is the target's) under the new heads
+minus under the old ones, per record, gives the gain in accepted tokens per step and its standard
+error. The records were drafted by the old heads, so the new heads' chains can be cut short where
+the old drafts stopped: the estimate errs against the update. An update that does not gain is
+discarded at once; the drafter never serves it.
+
+Bandit. At the end of every window it chooses between two arms, update or not. Measured gains are
+kept as discounted statistics (`discount` per measurement, `idle_discount` per window without one,
 so an old verdict fades). The arm is chosen optimistically (discounted UCB): the gain estimate is
-the mean plus `ucb_beta` spreads over sqrt(weight), and with no evidence the largest plausible gain
-(every remaining depth accepted). That gain turns into time through the measured costs: over the
-`horizon_tokens` the drafter will still serve, a step costs `step_s` and emits tau tokens, so the
-update saves horizon * step_s * (1 / tau - 1 / (tau + gain)) seconds; it runs only when that beats
-the measured update time. An update whose measured gain is negative is rolled back (the next window
-is served by it once). A drop of the recent accepted length below its long-run average by
-`drift` is read as a shift: the gain statistics are forgotten, so the bandit explores again.
-Updates touch only the drafter: decoding stays lossless.
+the mean plus `ucb_beta` spreads (between-update spread and measurement error together) over
+sqrt(weight), and with no evidence the largest plausible gain (every remaining depth accepted). The
+gain becomes time through measured costs: over the `horizon_tokens` the drafter will still serve, a
+row-step costs `step_s` and emits tau tokens, so the update saves horizon * step_s * (1 / tau -
+1 / (tau + gain)) seconds; it runs only when that beats the measured update time. A recent accepted
+length (EMA weight `tau_fast`) below the long-run one (`tau_slow`) by the fraction `drift` is read
+as a shift: the gain statistics are forgotten, so the bandit explores again. Updates touch only the
+drafter: decoding stays lossless.
 """
 
 from __future__ import annotations
@@ -58,23 +63,23 @@ PARAM_SETS = ("lora", "head")
 class AdaptConfig:
     """What adapts, how it learns, and when the bandit lets it."""
 
-    params: str = "lora"  # "lora": rank-`lora_rank` adapter on the LM head; "head": LM head + final norm
+    params: str = "head"  # "head": the LM head; "lora": a rank-`lora_rank` adapter on it
     lora_rank: int = 16
-    rank_head: bool = True  # also train the rank head (rank loss), when the drafter has one
-    buffer_size: int = 256  # records kept (K slots each); the oldest are overwritten
+    rank_head: bool = False  # also train the rank head (rank loss), when the drafter has one
+    buffer_size: int = 1024  # records kept (K slots each); the oldest are overwritten
     teacher_topk: int = 8  # target probabilities kept per slot (renormalised)
-    learning_rate: float = 3e-3
-    steps: int = 4  # optimizer steps per update
+    learning_rate: float = 1e-3
+    steps: int = 8  # optimizer steps per update
     batch_records: int = 64  # records per optimizer step (drawn from the buffer) and per gain measurement
     horizon_tokens: int = 2048  # tokens an update is expected to serve: its cost is amortised over them
-    min_records: int = 32  # fresh records (since the last update) before an update is considered
+    min_records: int = 64  # records of earlier windows an update needs to train on
     ucb_beta: float = 1.0  # optimism: spreads added to the mean measured gain
     gain_floor: float = 0.02  # the smallest spread assumed for a measured gain (tokens per step)
     discount: float = 0.5  # weight kept by older gain measurements at each new one
     idle_discount: float = 0.97  # weight kept per window without a measurement (slow re-exploration)
-    drift: float = 0.2  # a recent accepted length this fraction below the long-run one means a shift
-    tau_fast: float = 0.5  # EMA weight of the newest window in the recent accepted length
-    tau_slow: float = 0.1  # ... in the long-run one
+    drift: float = 0.3  # a recent accepted length this fraction below the long-run one means a shift
+    tau_fast: float = 0.3  # EMA weight of the newest window in the recent accepted length
+    tau_slow: float = 0.05  # ... in the long-run one
 
     def __post_init__(self):
         if self.params not in PARAM_SETS:
@@ -161,7 +166,7 @@ def init_trainable(cfg: AdaptConfig, config: specblock.SpecBlockConfig, base: An
         trainable = {"lora_a": jax.random.normal(key, (h, r), jnp.float32) / math.sqrt(h),
                      "lora_b": jnp.zeros((r, config.vocab_size), jnp.float32)}
     else:
-        trainable = {"norm": base["norm"], "lm_head": base["lm_head"]}
+        trainable = {"lm_head": base["lm_head"]}
     if cfg.rank_head and config.rank_head:
         trainable.update(rank_in=base["rank_in"], rank_out=base["rank_out"])
     return trainable
@@ -200,17 +205,19 @@ def _optimizer(cfg: AdaptConfig) -> optax.GradientTransformation:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "config"))
-def update(trainable: dict, opt_state: Any, base: Any, feedback: Feedback, key: jax.Array, *, cfg: AdaptConfig,
-           config: specblock.SpecBlockConfig) -> tuple[dict, Any, jax.Array]:
-    """`cfg.steps` Adam steps, each on `batch_records` records drawn from the filled part of the buffer:
-    (trainable, optimizer state, mean loss of the steps)."""
+def update(trainable: dict, opt_state: Any, base: Any, feedback: Feedback, key: jax.Array, held_out: jax.Array, *,
+           cfg: AdaptConfig, config: specblock.SpecBlockConfig) -> tuple[dict, Any, jax.Array]:
+    """`cfg.steps` Adam steps, each on `batch_records` records drawn from the buffer but for its newest
+    `held_out` (kept for validation): (trainable, optimizer state, mean loss of the steps)."""
     loss_and_grad = jax.value_and_grad(feedback_loss)
     optimizer = _optimizer(cfg)
-    filled = jnp.maximum(jnp.minimum(feedback.written, feedback.window_C.shape[0]), 1)
+    size = feedback.window_C.shape[0]
+    older = jnp.maximum(jnp.minimum(feedback.written, size) - held_out, 1)
 
     def step(i, carry):
         params, state, total = carry
-        index_M = jax.random.randint(jax.random.fold_in(key, i), (cfg.batch_records,), 0, filled)
+        age_M = jax.random.randint(jax.random.fold_in(key, i), (cfg.batch_records,), 0, older)
+        index_M = (feedback.written - 1 - held_out - age_M) % size
         loss, grads = loss_and_grad(params, base, take(feedback, index_M), config)
         updates, state = optimizer.update(grads, state, params)
         return optax.apply_updates(params, updates), state, total + loss
@@ -221,11 +228,11 @@ def update(trainable: dict, opt_state: Any, base: Any, feedback: Feedback, key: 
 
 @functools.partial(jax.jit, static_argnames=("config", "records"))
 def chain_gain(old: Any, new: Any, feedback: Feedback, window: jax.Array, *, config: specblock.SpecBlockConfig,
-               records: int) -> tuple[jax.Array, jax.Array]:
-    """(mean greedy-chain length under `new` heads minus under `old`, records used) over the newest
-    `records` records that belong to `window`: a paired estimate of an update's gain in accepted
-    tokens per step. A chain counts the leading block-1 slots whose greedy token is the target's,
-    within the slots the target reached."""
+               records: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(mean, standard error, count) of the greedy-chain length under `new` heads minus under `old`,
+    over the newest `records` records that belong to `window`: a paired estimate of an update's gain
+    in accepted tokens per step. A chain counts the leading block-1 slots whose greedy token is the
+    target's, within the slots the target reached."""
     newest = take(feedback, (feedback.written - 1 - jnp.arange(records)) % feedback.window_C.shape[0])
 
     def chain_M(params):
@@ -235,8 +242,11 @@ def chain_gain(old: Any, new: Any, feedback: Feedback, window: jax.Array, *, con
 
     mine_M = (newest.window_C == window) & (jnp.arange(records) < feedback.written)
     count = jnp.sum(mine_M)
-    diff = jnp.sum(jnp.where(mine_M, chain_M(new) - chain_M(old), 0))
-    return diff / jnp.maximum(count, 1), count
+    n = jnp.maximum(count, 1)
+    diff_M = jnp.where(mine_M, chain_M(new) - chain_M(old), 0).astype(jnp.float32)
+    mean = jnp.sum(diff_M) / n
+    var = jnp.sum(jnp.where(mine_M, (diff_M - mean) ** 2, 0.0)) / jnp.maximum(count - 1, 1)
+    return mean, jnp.sqrt(var / n), count
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -244,7 +254,7 @@ def chain_gain(old: Any, new: Any, feedback: Feedback, window: jax.Array, *, con
 
 class Decision(NamedTuple):
     update: bool
-    gain: float  # optimistic gain used, accepted tokens per step (nan when not estimated)
+    gain: float | None  # optimistic gain used, accepted tokens per step (None when not estimated)
     saving_s: float  # predicted seconds saved over the horizon
     cost_s: float  # predicted seconds the update costs
     reason: str
@@ -263,6 +273,7 @@ class Bandit:
     gain_weight: float = 0.0  # discounted number of gain measurements
     gain_sum: float = 0.0
     gain_sq: float = 0.0
+    error_sq: float = 0.0  # discounted sum of the measurements' squared standard errors
     shifts: int = 0  # shifts detected
 
     def observe_window(self, tau: float, step_s: float) -> None:
@@ -277,16 +288,17 @@ class Bandit:
         self.step_s = (1 - c.tau_fast) * self.step_s + c.tau_fast * step_s
         self._fade(c.idle_discount)
         if self.tau_recent < (1 - c.drift) * self.tau:  # a shift: old verdicts no longer hold
-            self.gain_weight = self.gain_sum = self.gain_sq = 0.0
+            self.gain_weight = self.gain_sum = self.gain_sq = self.error_sq = 0.0
             self.tau = self.tau_recent
             self.shifts += 1
 
-    def observe_gain(self, gain: float) -> None:
-        """The measured gain (accepted tokens per step) of the latest update."""
+    def observe_gain(self, gain: float, stderr: float = 0.0) -> None:
+        """The measured gain (accepted tokens per step) of the latest update, and its standard error."""
         self._fade(self.config.discount)
         self.gain_weight += 1.0
         self.gain_sum += gain
         self.gain_sq += gain * gain
+        self.error_sq += stderr * stderr
 
     def observe_update(self, seconds: float) -> None:
         self.update_s = 0.5 * (self.update_s + seconds)
@@ -295,19 +307,21 @@ class Bandit:
         self.gain_weight *= keep
         self.gain_sum *= keep
         self.gain_sq *= keep
+        self.error_sq *= keep
 
-    def decide(self, fresh_records: int) -> Decision:
+    def decide(self, records: int) -> Decision:
         """Update iff the optimistic gain, over the horizon, saves more time than the update costs."""
         c = self.config
         if self.tau is None:
-            return Decision(False, math.nan, 0.0, self.update_s, "nothing observed yet")
-        if fresh_records < c.min_records:
-            return Decision(False, math.nan, 0.0, self.update_s,
-                            f"{fresh_records} fresh records < min_records {c.min_records}")
+            return Decision(False, None, 0.0, self.update_s, "nothing observed yet")
+        if records < c.min_records:
+            return Decision(False, None, 0.0, self.update_s,
+                            f"{records} records to train on < min_records {c.min_records}")
         bound = max(self.max_depth + 1 - self.tau, 0.0)  # no update accepts more than every depth
         if self.gain_weight > 1e-6:
             mean = self.gain_sum / self.gain_weight
-            spread = max(math.sqrt(max(self.gain_sq / self.gain_weight - mean * mean, 0.0)), c.gain_floor)
+            variance = max(self.gain_sq / self.gain_weight - mean * mean, 0.0) + self.error_sq / self.gain_weight
+            spread = max(math.sqrt(variance), c.gain_floor)
             gain = min(max(mean + c.ucb_beta * spread / math.sqrt(self.gain_weight), 0.0), bound)
             why = f"measured gain {mean:+.3f} (weight {self.gain_weight:.2f})"
         else:
@@ -324,9 +338,10 @@ class Bandit:
 # Serving with adaptation.
 
 class Adapter:
-    """A SpecBlock drafter that adapts while it serves. Each `generate` call decodes with the current
-    drafter, collecting feedback in the loop, then measures the latest update's gain, lets the bandit
-    decide, and updates when told. `history` holds one record per call.
+    """A SpecBlock drafter that adapts while it serves. Each `generate` call (a window) decodes with the
+    current drafter, collecting feedback in the loop; then the bandit decides, and an update it asks
+    for is trained on earlier windows, validated on this one and kept only if it gains. `history`
+    holds one record per call.
 
         adapter = Adapter(target, load_drafter("specblock", target))
         for batch in stream:
@@ -345,9 +360,6 @@ class Adapter:
         self.opt_state = _optimizer(config).init(self.trainable)
         self.feedback = empty_feedback(drafter.method.config, config.buffer_size, config.teacher_topk)
         self.window = 0
-        self.written_at_update = 0
-        self.before_update: tuple | None = None  # (trainable, optimizer state) before the latest update,
-        #   kept until its gain is measured: an update that measures worse is rolled back
         self.history: list[dict] = []
         self.bandit = Bandit(config, drafter.method.max_depth, update_s=self._time_update())
 
@@ -356,17 +368,26 @@ class Adapter:
         """The drafter as it serves now."""
         return Drafter(self.method, {"drafter": merge(self.base, self.trainable), "embed": self.embed})
 
-    def _update(self) -> tuple[dict, Any, float]:
+    @property
+    def _gain_records(self) -> int:
+        return min(self.config.batch_records, self.config.buffer_size)
+
+    def _update(self, held_out: int) -> tuple[dict, Any, float, float, float]:
+        """Train on all but the newest `held_out` records, measure on those: (trainable, optimizer
+        state, mean loss, gain, its standard error)."""
+        config = self.method.config
         trainable, opt_state, loss = update(self.trainable, self.opt_state, self.base, self.feedback,
-                                            jax.random.fold_in(self.key, self.window), cfg=self.config,
-                                            config=self.method.config)
-        return jax.block_until_ready(trainable), opt_state, float(loss)
+                                            jax.random.fold_in(self.key, self.window),
+                                            jnp.asarray(held_out, jnp.int32), cfg=self.config, config=config)
+        gain, stderr, _ = chain_gain(merge(self.base, self.trainable), merge(self.base, trainable), self.feedback,
+                                     jnp.asarray(self.window, jnp.int32), config=config, records=self._gain_records)
+        return trainable, opt_state, float(loss), float(gain), float(stderr)
 
     def _time_update(self) -> float:
-        """Compile the update, then time one on the (empty) buffer; nothing is kept."""
-        self._update()
+        """Compile the update and its measurement, then time one on the (empty) buffer; nothing is kept."""
+        self._update(0)
         start = time.perf_counter()
-        self._update()
+        self._update(0)
         return time.perf_counter() - start
 
     def generate(self, prompts: Any, **kwargs: Any) -> decode.GenerateOutput:
@@ -375,38 +396,30 @@ class Adapter:
         if len(prompts) > self.config.buffer_size:
             raise ValueError(f"{len(prompts)} prompts in one call exceed AdaptConfig buffer_size "
                              f"{self.config.buffer_size}: one step writes a record per row")
+        written_before = int(self.feedback.written)
         out = decode.generate(self.target, prompts, drafter=self.drafter, collect=collect,
                               feedback=self.feedback._replace(window=jnp.asarray(self.window, jnp.int32)), **kwargs)
         self.feedback = out.feedback
         stats = out.stats
         start = time.perf_counter()
         self.bandit.observe_window(stats["tau"], stats["decode_s"] / max(stats["iterations"], 1) / len(prompts))
-        measured = None
-        if self.before_update is not None:
-            gain, count = chain_gain(merge(self.base, self.before_update[0]), merge(self.base, self.trainable),
-                                     self.feedback, jnp.asarray(self.window, jnp.int32), config=self.method.config,
-                                     records=min(self.config.batch_records, self.config.buffer_size))
-            if int(count):  # else measured on the next window's records
-                measured = float(gain)
-                self.bandit.observe_gain(measured)
-                if measured < 0:
-                    self.trainable, self.opt_state = self.before_update
-                self.before_update = None
-        written = int(self.feedback.written)
-        decision = self.bandit.decide(written - self.written_at_update)
-        loss = None
-        if decision.update:
-            before = (self.trainable, self.opt_state)
-            update_start = time.perf_counter()
-            self.trainable, self.opt_state, loss = self._update()
-            self.bandit.observe_update(time.perf_counter() - update_start)
-            self.before_update, self.written_at_update = before, written
+        fresh = int(self.feedback.written) - written_before
+        older = min(written_before, self.config.buffer_size - fresh)  # earlier windows' records still held
+        decision = self.bandit.decide(older)
+        loss = gain = None
+        kept = False
+        if decision.update and fresh:
+            trainable, opt_state, loss, gain, stderr = self._update(fresh)
+            self.bandit.observe_gain(gain, stderr)
+            kept = gain > 0
+            if kept:
+                self.trainable, self.opt_state = trainable, opt_state
+            self.bandit.observe_update(time.perf_counter() - start)
         record = dict(window=self.window, tau=stats["tau"], new_tokens=int(np.sum(stats["new_tokens"])),
                       seconds=stats["prefill_s"] + stats["decode_s"], adapt_s=time.perf_counter() - start,
-                      updated=decision.update, predicted_gain=decision.gain, saving_s=decision.saving_s,
-                      cost_s=decision.cost_s, reason=decision.reason, measured_gain=measured,
-                      rolled_back=measured is not None and measured < 0,
-                      loss=loss, shifts=self.bandit.shifts)
+                      updated=decision.update and bool(fresh), kept=kept, measured_gain=gain, loss=loss,
+                      predicted_gain=decision.gain, saving_s=decision.saving_s, cost_s=decision.cost_s,
+                      reason=decision.reason, shifts=self.bandit.shifts)
         self.history.append(record)
         stats["adapt"] = record
         self.window += 1
