@@ -6,7 +6,8 @@ table from there, so a drafter directory stays small and cannot drift from the t
 Tensors keep the Flax layout (kernels are [in, out]) under dotted paths, e.g. `self_attn.q_proj.kernel`.
 A drafter with a reduced vocabulary (`draft_vocab_size`) also stores its draft -> target id map as the
 int32 tensor `draft_to_target` [draft_vocab_size]. (`eagle3_hf` reads and writes the published
-EAGLE-3 format that SGLang and vLLM serve.)
+EAGLE-3 format that SGLang and vLLM serve; `specblock_hf` the SpecBlock authors' released format. `load`
+recognises both by their config.json.)
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def _check_tensors(config: eagle3.Eagle3Config | specblock.SpecBlockConfig, tens
 MAP_TENSOR = "draft_to_target"  # [draft_vocab_size] int32, only for a reduced draft vocabulary
 
 
-def _check_map(config: eagle3.Eagle3Config, draft_to_target: Any, where: str) -> np.ndarray | None:
+def _check_map(config: eagle3.Eagle3Config | specblock.SpecBlockConfig, draft_to_target: Any, where: str) -> np.ndarray | None:
     """The draft -> target id map is present exactly when the vocabulary is reduced, and fits it."""
     if not config.reduced_vocab:
         if draft_to_target is not None:
@@ -107,11 +108,16 @@ def save_eagle3(method: Eagle3Method, params: Any, out_dir: str | os.PathLike,
 
 
 def save_specblock(method: SpecBlockMethod, params: Any, out_dir: str | os.PathLike,
-                   weights_dtype: str | None = None) -> pathlib.Path:
+                   weights_dtype: str | None = None, draft_to_target: Any = None) -> pathlib.Path:
     """Write a SpecBlock drafter's own `params` and `method` (config and tree knobs) to `out_dir`,
-    replacing it atomically, as `save_eagle3` does."""
+    replacing it atomically, as `save_eagle3` does (`draft_to_target` likewise: exactly when the
+    draft vocabulary is reduced)."""
     tensors = _tensors(params, weights_dtype)
     _check_tensors(method.config, tensors, "save_specblock")
+    mapping = _check_map(method.config, None if draft_to_target is None else jax.device_get(draft_to_target),
+                         "save_specblock")
+    if mapping is not None:
+        tensors[MAP_TENSOR] = mapping
     meta = {"kind": "specblock", "config": to_dict(method.config), "decoding": decoding_of(method)}
     return _write(tensors, meta, out_dir)
 
@@ -131,24 +137,33 @@ def _write(tensors: dict[str, np.ndarray], meta: dict[str, Any], out_dir: str | 
     return pathlib.Path(out_dir)
 
 
-def _is_published_eagle3(path: pathlib.Path) -> bool:
+def _published_architectures(path: pathlib.Path) -> tuple[str, ...]:
+    """The `architectures` of a Hugging Face style config.json at `path` (none without one)."""
     config = path / "config.json"
     if not config.is_file():
-        return False
-    return "LlamaForCausalLMEagle3" in (json.loads(config.read_text()).get("architectures") or ())
+        return ()
+    return tuple(json.loads(config.read_text()).get("architectures") or ())
 
 
-def load(path: str | os.PathLike, target: Any) -> tuple[Eagle3Method, dict[str, Any]]:
+def load(path: str | os.PathLike, target: Any) -> tuple[Eagle3Method | SpecBlockMethod, dict[str, Any]]:
     """(method, method params) of the drafter directory at `path` for `target` (a `Target`); every
     mismatch with the target is an error naming both values, before any array is placed. A published
     EAGLE-3 checkpoint directory (config.json of `LlamaForCausalLMEagle3`) loads through `eagle3_hf`
-    with EAGLE-3's default tree (60 nodes, depth 7, top-10)."""
+    with EAGLE-3's default tree (60 nodes, depth 7, top-10); a released SpecBlock drafter (config.json
+    of `LlamaForCausalLMSpecBlock` / `...Shift`) through `specblock_hf` with `SpecBlockMethod`'s
+    default tree."""
     path = pathlib.Path(path)
     meta_path = path / DRAFTER_JSON
-    if not meta_path.is_file() and _is_published_eagle3(path):
-        from specblock_jax import eagle3_hf  # a published EAGLE-3 checkpoint (SGLang / vLLM format)
+    if not meta_path.is_file():
+        architectures = _published_architectures(path)
+        if "LlamaForCausalLMEagle3" in architectures:
+            from specblock_jax import eagle3_hf  # a published EAGLE-3 checkpoint (SGLang / vLLM format)
 
-        return eagle3_hf.load_eagle3_hf(path, target)
+            return eagle3_hf.load_eagle3_hf(path, target)
+        from specblock_jax import specblock_hf  # imports this module: keep the cycle out of import time
+
+        if set(architectures) & set(specblock_hf.ARCHITECTURES):
+            return specblock_hf.load_specblock_hf(path, target)
     if not meta_path.is_file():
         raise FileNotFoundError(f"{path} is not a trained drafter directory: {meta_path} does not exist")
     meta = json.loads(meta_path.read_text())
@@ -169,13 +184,12 @@ def load(path: str | os.PathLike, target: Any) -> tuple[Eagle3Method, dict[str, 
     if not weights.is_file():
         raise FileNotFoundError(f"drafter directory {path} has no {WEIGHTS}")
     tensors = load_file(str(weights))
-    if specblock_kind:
-        _check_tensors(config, tensors, str(weights))
-        params = traverse_util.unflatten_dict({tuple(name.split(".")): np.asarray(x).astype(jnp.dtype(config.dtype))
-                                               for name, x in tensors.items()})
-        return method, specblock_drafter_params(jax.device_put(params), target.params)
     mapping = _check_map(config, tensors.pop(MAP_TENSOR, None), str(weights))
     _check_tensors(config, tensors, str(weights))
+    if specblock_kind:
+        params = traverse_util.unflatten_dict({tuple(name.split(".")): np.asarray(x).astype(jnp.dtype(config.dtype))
+                                               for name, x in tensors.items()})
+        return method, specblock_drafter_params(jax.device_put(params), target.params, mapping)
     dtype = jnp.dtype(config.dtype)
     params = traverse_util.unflatten_dict({tuple(name.split(".")): np.asarray(x).astype(dtype)
                                            for name, x in tensors.items()})

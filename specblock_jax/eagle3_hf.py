@@ -97,14 +97,7 @@ def config_from_hf(cfg: dict, target: ModelConfig | None = None, dtype: str = "f
     theta, scaling = hf._rope_from_hf(cfg)
     vocab = _required(cfg, "vocab_size")
     draft_vocab = cfg.get("draft_vocab_size")
-    aux = (cfg.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
-    if aux is not None:
-        layers = tuple(int(i) for i in aux)
-    elif target is not None:
-        layers = eagle3.default_feature_layers(target.num_layers)
-    else:
-        raise ValueError("config.json has no eagle_config.eagle_aux_hidden_state_layer_ids: give the target's "
-                         "config so EAGLE-3's default feature layers can be derived from its depth")
+    layers = feature_layers_from_hf(cfg, target)
     try:
         return eagle3.Eagle3Config(
             hidden_size=h, num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads,
@@ -158,6 +151,22 @@ def _required(cfg: dict, key: str) -> Any:
     return cfg[key]
 
 
+required = _required  # shared with `specblock_hf`
+
+
+def feature_layers_from_hf(cfg: dict, target: ModelConfig | None) -> tuple[int, ...]:
+    """The target feature layers of a drafter config.json (EAGLE-3's and SpecBlock's alike):
+    `eagle_config.eagle_aux_hidden_state_layer_ids` (0-indexed layer outputs) or, absent, EAGLE-3's
+    default for `target`'s depth (then `target` is required)."""
+    aux = (cfg.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
+    if aux is not None:
+        return tuple(int(i) for i in aux)
+    if target is not None:
+        return eagle3.default_feature_layers(target.num_layers)
+    raise ValueError("config.json has no eagle_config.eagle_aux_hidden_state_layer_ids: give the target's "
+                     "config so EAGLE-3's default feature layers can be derived from its depth")
+
+
 # ---------------------------------------------------------------------------------------------
 # tensors
 
@@ -201,14 +210,14 @@ def params_from_safetensors(config: eagle3.Eagle3Config, tensors: Any, dtype: st
             raise ValueError(f"tensor {name!r} has shape {array.shape}, expected {shape}")
         flat[path] = np.ascontiguousarray(array.T if path[-1] == "kernel" else array, dtype=dtype)
     if "embed_tokens.weight" in names:  # not imported (the target's table is used): check its shape only
-        shape = _shape(tensors, "embed_tokens.weight")
+        shape = tensor_shape(tensors, "embed_tokens.weight")
         if shape != (config.vocab_size, config.hidden_size):
             raise ValueError(f"tensor 'embed_tokens.weight' has shape {shape}, expected "
                              f"{(config.vocab_size, config.hidden_size)}")
-    return traverse_util.unflatten_dict(flat), _read_map(config, tensors)
+    return traverse_util.unflatten_dict(flat), read_vocab_map(config, tensors)
 
 
-def _shape(tensors: Any, name: str) -> tuple[int, ...]:
+def tensor_shape(tensors: Any, name: str) -> tuple[int, ...]:
     """A tensor's shape without reading it when the mapping is a lazy safetensors reader."""
     where = getattr(tensors, "_where", None)
     if where is not None:
@@ -216,9 +225,10 @@ def _shape(tensors: Any, name: str) -> tuple[int, ...]:
     return tuple(np.shape(tensors[name]))
 
 
-def _read_map(config: eagle3.Eagle3Config, tensors: Any) -> np.ndarray | None:
+def read_vocab_map(config: Any, tensors: Any) -> np.ndarray | None:
     """draft_to_target from `d2t`, checked against `t2d`; a full-vocabulary checkpoint may carry an
-    identity map (then it is dropped)."""
+    identity map (then it is dropped). `config` is any drafter config with `reduced_vocab`,
+    `draft_vocab` and `vocab_size` (EAGLE-3's or SpecBlock's)."""
     if not config.reduced_vocab:
         if "d2t" in tensors and np.any(np.asarray(tensors["d2t"]) != 0):
             raise ValueError("tensor 'd2t' is not all zeros, but draft_vocab_size equals vocab_size")
@@ -251,20 +261,28 @@ def params_to_safetensors(config: eagle3.Eagle3Config, params: Any, draft_to_tar
         if array.shape != shape:
             raise ValueError(f"param {'.'.join(path)} gives {name!r} of shape {array.shape}, expected {shape}")
         tensors[name] = np.ascontiguousarray(array)
+    map_tensors = vocab_map_tensors(config, draft_to_target)
     if config.reduced_vocab:
-        if draft_to_target is None:
-            raise ValueError(f"draft_vocab_size is {config.draft_vocab_size}: the draft_to_target map is required")
-        ids = eagle3.check_vocab_mapping(jax.device_get(draft_to_target), config)
-        tensors["d2t"] = eagle3.d2t_offsets(ids)
-        tensors["t2d"] = eagle3.t2d_mask(ids, config.vocab_size)
-    elif draft_to_target is not None:
-        raise ValueError("a draft_to_target map was given but draft_vocab_size is None (full vocabulary)")
+        tensors.update(map_tensors)
     if embed_table is not None:
         table = np.asarray(jax.device_get(embed_table))
         if table.shape != (config.vocab_size, config.hidden_size):
             raise ValueError(f"embed_table has shape {table.shape}, expected {(config.vocab_size, config.hidden_size)}")
         tensors["embed_tokens.weight"] = np.ascontiguousarray(table)
     return tensors
+
+
+def vocab_map_tensors(config: Any, draft_to_target: Any) -> dict[str, np.ndarray]:
+    """`d2t` [Vd] int64 offsets and `t2d` [V] bool of `draft_to_target`, which is required exactly when
+    `config`'s vocabulary is reduced; a full vocabulary gives the identity (zero offsets, all True)."""
+    if config.reduced_vocab:
+        if draft_to_target is None:
+            raise ValueError(f"draft_vocab_size is {config.draft_vocab_size}: the draft_to_target map is required")
+        ids = eagle3.check_vocab_mapping(jax.device_get(draft_to_target), config)
+        return {"d2t": eagle3.d2t_offsets(ids), "t2d": eagle3.t2d_mask(ids, config.vocab_size)}
+    if draft_to_target is not None:
+        raise ValueError("a draft_to_target map was given but draft_vocab_size is None (full vocabulary)")
+    return {"d2t": np.zeros((config.vocab_size,), np.int64), "t2d": np.ones((config.vocab_size,), bool)}
 
 
 # ---------------------------------------------------------------------------------------------

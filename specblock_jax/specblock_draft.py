@@ -17,7 +17,9 @@ positions, attending to the committed rows, its ancestors' blocks up to the inhe
 own block causally (scratch slots). Its K slots become a chain with alternatives under u. Siblings
 with one token are merged (`merge_duplicates`), then the candidates are pruned to the `budget` best
 by cumulative log-prob (`tree.prune`, ancestor-closed).
-A draft costs `max_blocks` drafter forwards, whatever the budget.
+A draft costs `max_blocks` drafter forwards, whatever the budget. With a reduced draft vocabulary the
+top tokens of a slot are draft ids, mapped to target ids at once (`draft_to_target` in the params):
+the tree, the expansions' token embeddings, duplicate merging and verification see target ids only.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ import jax.numpy as jnp
 
 from specblock_jax import tree as tree_lib
 from specblock_jax.eagle3_draft import commit_pending
-from specblock_jax.models import layers, specblock
+from specblock_jax.eagle3_draft import drafter_params as _drafter_params
+from specblock_jax.models import eagle3, layers, specblock
 from specblock_jax.tree import Tree
 from specblock_jax.verify import Acceptance
 
@@ -58,9 +61,10 @@ class _Level(NamedTuple):
     first_index: int  # node index of candidate (0, 0, 0); the others follow row-major
 
 
-def drafter_params(drafter: Any, target_params: Any) -> dict[str, Any]:
-    """The method's params: the trained drafter and a reference (not a copy) to the target's table."""
-    return {"drafter": drafter, "embed": target_params["embed_tokens"]["embedding"]}
+def drafter_params(drafter: Any, target_params: Any, draft_to_target: Any = None) -> dict[str, Any]:
+    """The method's params: the trained drafter, a reference (not a copy) to the target's table and,
+    for a reduced draft vocabulary, the [Vd] int32 draft -> target id map (EAGLE-3's layout)."""
+    return _drafter_params(drafter, target_params, draft_to_target)
 
 
 def _positive_int(owner: str, name: str, value: Any) -> None:
@@ -91,11 +95,21 @@ class SpecBlockMethod:
                              f"({self.config.rank_classes})")
         for w in self.widths:
             _positive_int("SpecBlockMethod", "widths entry", w)
-        if self.width > self.config.vocab_size:
-            raise ValueError(f"SpecBlockMethod width {self.width} exceeds the vocabulary {self.config.vocab_size}")
+        if self.width > self.config.draft_vocab:
+            raise ValueError(f"SpecBlockMethod width {self.width} exceeds the draft vocabulary {self.config.draft_vocab}")
         if self.expand > self.config.block_size * self.width:
             raise ValueError(f"SpecBlockMethod expand {self.expand} exceeds the {self.config.block_size * self.width} "
                              "candidates of a block")
+
+    def _to_target(self, params: Any, draft_ids: jax.Array) -> jax.Array:
+        """Top ids of the drafter's LM head -> target ids (trees and embeddings use target ids only)."""
+        if not self.config.reduced_vocab:
+            return draft_ids.astype(jnp.int32)
+        if "draft_to_target" not in params:
+            raise ValueError(f"the drafter has a reduced vocabulary (draft_vocab_size "
+                             f"{self.config.draft_vocab_size}) but its params have no 'draft_to_target' map; "
+                             "pass it to drafter_params")
+        return eagle3.to_target_ids(draft_ids, params["draft_to_target"]).astype(jnp.int32)
 
     @property
     def max_depth(self) -> int:
@@ -193,7 +207,7 @@ class SpecBlockMethod:
         query_row_B = lengths_B - 1
         s_S = jnp.arange(kv[0].shape[2])
         level = self._level(
-            seen_BxRxS=(((s_S // k_slots) < query_row_B[:, None]) & (s_S < max_len * k_slots))[:, None],
+            params, seen_BxRxS=(((s_S // k_slots) < query_row_B[:, None]) & (s_S < max_len * k_slots))[:, None],
             slots_BxRxK=(query_row_B[:, None] * k_slots + jnp.arange(k_slots))[:, None],
             logits_BxRxKxV=out.logits, hidden_BxRxKxH=out.hidden, rank_BxRxKxC=out.rank_logits,
             parent_scores_BxR=jnp.zeros((b, 1)), parent_valid_BxR=jnp.ones((b, 1), bool),
@@ -213,10 +227,11 @@ class SpecBlockMethod:
         query_hidden_BxKxH = out.hidden[:, 0].astype(state.query_hidden_BxKxH.dtype)
         return tree, state._replace(k_BxLxSxGxD=kv[0], v_BxLxSxGxD=kv[1], query_hidden_BxKxH=query_hidden_BxKxH)
 
-    def _level(self, *, seen_BxRxS, slots_BxRxK, logits_BxRxKxV, hidden_BxRxKxH, rank_BxRxKxC, parent_scores_BxR,
+    def _level(self, params, *, seen_BxRxS, slots_BxRxK, logits_BxRxKxV, hidden_BxRxKxH, rank_BxRxKxC, parent_scores_BxR,
                parent_valid_BxR, parent_index_BxR, first_index: int, first_block: bool) -> _Level:
-        """Candidates of R rows: per slot its top-W tokens, the greedy one chaining the row's block and
-        the others its siblings; slot k keeps its width's worth; scores are cumulative log-probs."""
+        """Candidates of R rows: per slot its top-W tokens (as target ids), the greedy one chaining the
+        row's block and the others its siblings; slot k keeps its width's worth; scores are cumulative
+        log-probs."""
         c = self.config
         k_slots, w = c.block_size, self.width
         b, r = parent_scores_BxR.shape
@@ -233,7 +248,7 @@ class SpecBlockMethod:
         greedy_index_BxRxK = jnp.broadcast_to(greedy_index_RxK, (b, r, k_slots))
         parent_BxRxK = jnp.concatenate([parent_index_BxR[..., None], greedy_index_BxRxK[..., :-1]], axis=-1)
         valid = parent_valid_BxR[..., None, None] & (jnp.arange(w) < width_BxRxK[..., None])
-        return _Level(seen_BxRxS, slots_BxRxK, hidden_BxRxKxH, top_tok_BxRxKxW.astype(jnp.int32),
+        return _Level(seen_BxRxS, slots_BxRxK, hidden_BxRxKxH, self._to_target(params, top_tok_BxRxKxW),
                       jnp.where(valid, above_BxRxK[..., None] + top_lp_BxRxKxW, -jnp.inf), valid,
                       jnp.broadcast_to(parent_BxRxK[..., None], valid.shape).astype(jnp.int32), first_index)
 
@@ -265,7 +280,7 @@ class SpecBlockMethod:
         out = specblock.forward(params["drafter"], c, params["embed"], token_BxE,
                                 jnp.broadcast_to(query_row_B[:, None], (b, e)),
                                 _cache_attend(kv, own_BxExK.reshape(b, e * k_slots), mask_BxQxS), **condition)
-        level = self._level(seen_BxRxS=seen_BxExS, slots_BxRxK=own_BxExK, logits_BxRxKxV=out.logits,
+        level = self._level(params, seen_BxRxS=seen_BxExS, slots_BxRxK=own_BxExK, logits_BxRxKxV=out.logits,
                             hidden_BxRxKxH=out.hidden, rank_BxRxKxC=out.rank_logits, parent_scores_BxR=score_BxE,
                             parent_valid_BxR=valid_BxE, parent_index_BxR=level.first_index + pick_BxE,
                             first_index=level.first_index + r * k_slots * w, first_block=False)

@@ -22,6 +22,11 @@ Attention is one callable per forward (`attend(layer, q, k, v) -> (out, aux)`), 
 serve training (block-1 keys of earlier rows plus same-row keys of earlier blocks, never materialised
 as one big mask) and drafting (a KV cache with an explicit mask). The target's embedding table is an
 input, never a drafter parameter.
+
+With `draft_vocab_size` set, the LM head (and so the rank features) covers only a subset of the target
+vocabulary, as in the authors' released drafters (32000 of 128256 / 151936 ids): logits are over draft
+ids, which drafting maps to target ids through a `draft_to_target` map (EAGLE-3's `d2t`, see
+`models.eagle3`), and training restricts the target's teacher to the same ids.
 """
 
 from __future__ import annotations
@@ -80,6 +85,7 @@ class SpecBlockConfig:
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
     dtype: str = "float32"
+    draft_vocab_size: int | None = None  # LM-head width; None: the target's whole vocabulary (see `draft_vocab`)
 
     def __post_init__(self):
         for name in ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size", "vocab_size",
@@ -87,6 +93,10 @@ class SpecBlockConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"SpecBlockConfig {name} must be an integer >= 1, got {value!r}")
+        d = self.draft_vocab_size
+        if d is not None and (not isinstance(d, int) or isinstance(d, bool) or not 1 <= d <= self.vocab_size):
+            raise ConfigError(f"SpecBlockConfig draft_vocab_size must be None or an integer in [1, vocab_size = "
+                              f"{self.vocab_size}], got {d!r}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"SpecBlockConfig num_heads ({self.num_heads}) must be a multiple of "
                               f"num_kv_heads ({self.num_kv_heads})")
@@ -100,8 +110,8 @@ class SpecBlockConfig:
                 or any(a >= b for a, b in itertools.pairwise(bounds))):
             raise ConfigError(f"SpecBlockConfig rank_bounds {bounds!r} must be rank_classes - 1 = "
                               f"{self.rank_classes - 1} increasing ranks >= 1")
-        if not 10 <= self.rank_topk <= self.vocab_size:
-            raise ConfigError(f"SpecBlockConfig rank_topk must be in [10, vocab_size {self.vocab_size}], "
+        if not 10 <= self.rank_topk <= self.draft_vocab:
+            raise ConfigError(f"SpecBlockConfig rank_topk must be in [10, draft vocabulary {self.draft_vocab}], "
                               f"got {self.rank_topk}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"SpecBlockConfig dtype={self.dtype!r} is not one of {DTYPES}")
@@ -115,6 +125,17 @@ class SpecBlockConfig:
     def check_target(self, target: ModelConfig) -> None:
         """A drafter must match its target's width, vocabulary and depth; say which value differs."""
         check_against_target("SpecBlock", self, target)
+
+    @property
+    def draft_vocab(self) -> int:
+        """Width of the drafter's LM head: `draft_vocab_size`, or the whole target vocabulary."""
+        return self.vocab_size if self.draft_vocab_size is None else self.draft_vocab_size
+
+    @property
+    def reduced_vocab(self) -> bool:
+        """True when the LM head covers a subset of the target vocabulary (as the authors' released
+        drafters do), so drafted ids go through a draft -> target id map before they enter a tree."""
+        return self.draft_vocab_size is not None
 
     @property
     def feature_size(self) -> int:
@@ -131,7 +152,7 @@ class SpecBlockConfig:
     @property
     def num_params(self) -> int:
         """Trainable parameters (the target embedding excluded)."""
-        h, f, v, k = self.hidden_size, self.intermediate_size, self.vocab_size, self.block_size
+        h, f, v, k = self.hidden_size, self.intermediate_size, self.draft_vocab, self.block_size
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         inputs = self.feature_size * h + 3 * h * h + k * h + 3 * h  # condition, fuse, queries, 3 norms
         layer = 2 * h * q + 2 * h * kv + 3 * h * f + 2 * h
@@ -141,7 +162,7 @@ class SpecBlockConfig:
 
 
 class BlockOutput(NamedTuple):
-    logits: jax.Array  # [B, R, K, V] float32
+    logits: jax.Array  # [B, R, K, Vd] float32 over the draft vocabulary (Vd = config.draft_vocab)
     hidden: jax.Array  # [B, R, K, H] pre-norm last-layer output: what a child block inherits
     rank_logits: jax.Array | None  # [B, R, K, C] float32 (None without a rank head)
     aux: tuple[Any, ...]  # one entry per layer, whatever the `attend` callable returned
@@ -257,7 +278,7 @@ def _heads(c: SpecBlockConfig, hidden_xH: jax.Array) -> tuple[jax.Array, jax.Arr
     drafter and `SpecBlockHeads` name their parameters alike): float32 logits and rank logits."""
     dtype = jnp.dtype(c.dtype)
     normed = RMSNorm(c.rms_norm_eps, dtype, name="norm")(hidden_xH)
-    logits = dense(c.vocab_size, ("embed", "vocab"), "lm_head", dtype)(normed).astype(jnp.float32)
+    logits = dense(c.draft_vocab, ("embed", "vocab"), "lm_head", dtype)(normed).astype(jnp.float32)
     rank_logits = None
     if c.rank_head:  # detached inputs: the rank loss never trains the drafter
         rank_in = jnp.concatenate([jax.lax.stop_gradient(normed).astype(jnp.float32),
@@ -443,14 +464,24 @@ def block_metrics(out: BlockOutput, offset_BxT: jax.Array, target_probs_BxTxV: j
 
 def train_metrics(params: Any, config: SpecBlockConfig, table_VxH: jax.Array, features_BxTxF: jax.Array,
                   tokens_BxT: jax.Array, loss_mask_BxT: jax.Array, target_logits_BxTxV: jax.Array,
-                  key: jax.Array, inherit_BxTxN1: jax.Array | None = None) -> losses.SpecBlockLoss:
+                  key: jax.Array, inherit_BxTxN1: jax.Array | None = None,
+                  draft_to_target_Vd: jax.Array | None = None) -> losses.SpecBlockLoss:
     """SpecBlock's training loss over a packed batch: `ttt_forward` with inheritance slots drawn from
     `key` per anchor row (or given), then sum_k w**k sum_b L_{b,k} + rank weight * sum_b R_b. The
-    target's logits at p are its distribution of x_{p+1}; `loss_mask[p]` says x_{p+1} is trained on."""
+    target's logits at p are its distribution of x_{p+1}; `loss_mask[p]` says x_{p+1} is trained on.
+    A reduced-vocabulary drafter needs `draft_to_target_Vd`: its teacher is the target renormalised
+    over the draft vocabulary, positions whose target argmax lies outside it dropped (as EAGLE-3's)."""
     c = config
+    if c.reduced_vocab != (draft_to_target_Vd is not None):
+        raise ValueError(f"draft_vocab_size is {c.draft_vocab_size}: pass draft_to_target_Vd exactly when the "
+                         "draft vocabulary is reduced")
     if inherit_BxTxN1 is None:
         inherit_BxTxN1 = sample_inherit(c, key, tokens_BxT.shape)
     target_logits_BxTxV = jax.lax.stop_gradient(target_logits_BxTxV).astype(jnp.float32)
+    loss_mask_BxT = loss_mask_BxT.astype(jnp.float32)
+    if draft_to_target_Vd is not None:  # from here on V is the draft vocabulary
+        target_logits_BxTxV, loss_mask_BxT = losses.restrict_to_draft_vocab(target_logits_BxTxV, loss_mask_BxT,
+                                                                            draft_to_target_Vd)
     blocks = ttt_forward(params, c, table_VxH, features_BxTxF, tokens_BxT, inherit_BxTxN1)
     target_probs_BxTxV = jax.nn.softmax(target_logits_BxTxV, axis=-1)
     target_argmax_BxT = jnp.argmax(target_logits_BxTxV, axis=-1)
