@@ -13,8 +13,9 @@ import pytest
 from infer import bench, plots, timing
 from specblock_jax import Drafter, drafter_io, load_target, verify
 from specblock_jax.eagle3_draft import Eagle3Method
-from specblock_jax.models import eagle3
+from specblock_jax.models import eagle3, specblock
 from specblock_jax.ngram import NgramMethod
+from specblock_jax.specblock_draft import SpecBlockMethod
 
 PROMPTS = ["def add(a, b):\n    return a", "ROMEO.\nBut soft, what light"]  # short: one compile per method
 METHOD_KEYS = {"tau", "tokens_per_s", "speedup_vs_ar", "speedup_vs_ar_total", "draft_ms_per_iter",
@@ -92,6 +93,25 @@ def test_end_to_end_schema_and_no_mismatch(small, tmp_path, target, capsys):
     for suffix in ("speedup_tau", "time_breakdown", "acceptance"):
         png = tmp_path / f"results_{suffix}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", suffix
+
+
+def test_specblock_adapt_runs_beside_specblock_and_stays_lossless(small, tmp_path, target):
+    """`specblock+adapt` takes the specblock drafter directory, restarts from it at every repeat, has no
+    phase timing (its loop collects feedback) and matches ar's greedy output."""
+    config = specblock.SpecBlockConfig.for_target(target.config, num_layers=1, rank_hidden=8)
+    method = SpecBlockMethod(config, budget=4, max_blocks=1, widths=(1, 2, 2, 1), slot0_width=2)
+    drafter_dir = drafter_io.save_specblock(method, specblock.init_params(config, jax.random.key(0)), tmp_path / "sb")
+    out = tmp_path / "results.json"
+    rc = bench.main(small + ["--methods", "specblock,specblock+adapt", "--drafter", f"specblock={drafter_dir}",
+                             "--repeats", "2", "--timing-calls", "2", "--out", str(out), "--plots-dir", "none"])
+    assert rc == 0
+    report = read(out)
+    assert report["config"]["methods"] == ["ar", "specblock", "specblock+adapt"]
+    sb, adapting = report["methods"]["specblock"], report["methods"]["specblock+adapt"]
+    assert adapting["runs"] == 4 and adapting["mismatches_vs_ar"] == 0 and sb["mismatches_vs_ar"] == 0
+    assert adapting["acceptance_histogram"] == sb["acceptance_histogram"]  # no update this short: same drafts
+    assert adapting["phase_ms"] is None and sb["phase_ms"] is not None
+    assert bench.parse_drafter_specs([f"specblock+adapt={drafter_dir}"]) == {"specblock": drafter_dir}
 
 
 class CorruptingNgram(NgramMethod):

@@ -3,12 +3,15 @@ whatever the method, and clear errors for bad input."""
 
 import json
 
+import jax
 import pytest
 
 from infer import bench
 from infer import generate as cli
 from specblock_jax import drafter as drafter_lib
-from specblock_jax import load_target
+from specblock_jax import drafter_io, load_target
+from specblock_jax.models import specblock
+from specblock_jax.specblock_draft import SpecBlockMethod
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +42,21 @@ def test_every_method_gives_the_same_greedy_tokens(tmp_path, capsys):
     assert [r["prompt"] for r in rows["ar"]] == ["def add(a, b):\n    return a", "ROMEO.\nBut soft"]
     assert all(len(r["token_ids"]) == 8 and isinstance(r["completion"], str) for r in rows["ar"])
     assert [r["token_ids"] for r in rows["ngram"]] == [r["token_ids"] for r in rows["ar"]]
+
+
+def test_specblock_adapt_serves_the_prompts_in_turn_with_the_same_tokens(tmp_path, capsys, target):
+    config = specblock.SpecBlockConfig.for_target(target.config, num_layers=1, rank_hidden=8)
+    method = SpecBlockMethod(config, budget=4, max_blocks=1, widths=(1, 2, 2, 1), slot0_width=2)
+    sb = drafter_io.save_specblock(method, specblock.init_params(config, jax.random.key(0)), tmp_path / "sb")
+    args = ["--prompt", "def add(a, b):\n", "--prompt", "ROMEO.\n", "--max-new-tokens", "6", "--json"]
+    rows = {}
+    for extra in (["--method", "ar"], ["--method", "specblock+adapt", "--drafter", str(sb)]):
+        assert cli.main(args + extra) == 0
+        captured = capsys.readouterr()
+        rows[extra[1]] = [json.loads(line)["token_ids"] for line in captured.out.splitlines()]
+    assert rows["specblock+adapt"] == rows["ar"]
+    stats = json.loads(captured.err.strip().splitlines()[-1])
+    assert stats["method"] == "specblock+adapt" and len(stats["tau"]) == 2 and stats["updates"] == 0
 
 
 def test_text_output(capsys):
