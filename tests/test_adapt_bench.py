@@ -1,0 +1,63 @@
+"""The domain-shift benchmark (infer/adapt_bench.py) at micro scale: the report per stream, per method
+and per prompt, the plot, no mismatch between adapting and static outputs, and clear errors."""
+
+import json
+
+import jax
+import pytest
+
+from infer import adapt_bench
+from specblock_jax import drafter_io, load_target
+from specblock_jax.eagle3_draft import Eagle3Method
+from specblock_jax.models import eagle3, specblock
+from specblock_jax.specblock_draft import SpecBlockMethod
+
+
+@pytest.fixture(scope="module")
+def target():
+    return load_target()
+
+
+@pytest.fixture(autouse=True)
+def one_target(monkeypatch, target):
+    monkeypatch.setattr(adapt_bench, "load_target", lambda path=None: target)
+
+
+def test_micro_run_reports_every_stream_and_prompt(tmp_path, target, capsys):
+    config = specblock.SpecBlockConfig.for_target(target.config, num_layers=1, rank_hidden=8)
+    method = SpecBlockMethod(config, budget=4, max_blocks=1, widths=(1, 2, 2, 1), slot0_width=2)
+    sb = drafter_io.save_specblock(method, specblock.init_params(config, jax.random.key(0)), tmp_path / "sb")
+    out = tmp_path / "adapt.json"
+    rc = adapt_bench.main(["--drafter", str(sb), "--streams", "code,prose+code", "--max-prompts", "2",
+                           "--max-new-tokens", "8", "--adapt", '{"min_records": 1}', "--out", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["complete"] and report["config"]["adapt_config"]["min_records"] == 1
+    assert set(report["streams"]) == {"code", "prose+code"}
+    mixed = report["streams"]["prose+code"]
+    assert mixed["prompts"] == 4 and len(mixed["passes"]) == 1
+    records = mixed["passes"][0]["records"]
+    assert [r["prompt"] for r in records["adapt"]] == [0, 1, 2, 3] == [r["prompt"] for r in records["static"]]
+    assert records["adapt"][0]["updated"] is False  # nothing older to train on yet
+    assert any(r["updated"] for r in records["adapt"])  # min_records 1: later windows try updates
+    summary = mixed["summary"]
+    assert summary["mismatches"] == 0 and summary["speedup_adapt_vs_static"] > 0
+    assert summary["adapt"]["updates"] == sum(r["updated"] for r in records["adapt"])
+    assert 0 < summary["adapt"]["adapt_time_share"] < 1
+    assert "| prose+code |" in capsys.readouterr().out
+    assert (tmp_path / "adapt_adaptation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_input_is_a_clear_error(tmp_path, target, capsys):
+    e3_config = eagle3.Eagle3Config.for_target(target.config)
+    e3 = drafter_io.save_eagle3(Eagle3Method(e3_config, budget=4, max_depth=2, topk=2),
+                                eagle3.init_params(e3_config, jax.random.key(0)), tmp_path / "e3")
+    assert adapt_bench.main(["--drafter", str(e3), "--out", str(tmp_path / "r.json")]) == 2
+    assert "not a SpecBlock drafter" in capsys.readouterr().err
+    for argv, message in ((["--streams", "code+maths"], "unknown domain"),
+                          (["--adapt", '{"params": "everything"}'], "params"),
+                          (["--adapt", "[1]"], "not a JSON object"),
+                          (["--repeats", "0"], "--repeats must be >= 1")):
+        with pytest.raises(SystemExit):
+            adapt_bench.main(["--drafter", "specblock"] + argv)
+        assert message in capsys.readouterr().err
