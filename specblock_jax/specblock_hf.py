@@ -10,13 +10,15 @@ what their HF harness and SGLang fork load: the one of `weijiezz/SpecBlock-Llama
 `intermediate_size` F, `num_attention_heads` N, `num_key_value_heads` G, `num_hidden_layers` L (2 in the
 releases), `rms_norm_eps` (absent: LlamaConfig's 1e-6), `rope_theta` (absent: 10000, as the Llama-3.1
 drafter has) and `rope_scaling` (none, or llama3), `vocab_size` V (the target's), `draft_vocab_size` Vd
-(32000 in the releases; absent or V: full vocabulary), `diffspec_draft_token_num` K (slots per block;
-absent: their default 7), `rank_classes` (4), `num_ttt_blocks` (training only, written by their
+(32000 in the releases; equal to V: full vocabulary. Their trainer always writes it; absent, we read a
+full vocabulary where their model class assumes 32000, so a 32000-wide head then fails the shape check
+naming `lm_head.weight`), `diffspec_draft_token_num` K (slots per block; absent: their default 7), `rank_classes` (4), `num_ttt_blocks` (training only, written by their
 trainer), and optionally `eagle_config.eagle_aux_hidden_state_layer_ids`, read as in `eagle3_hf`
 (absent: EAGLE-3's default layers for the target's depth, which is what their harness hard-codes).
 
 `model.safetensors` (or a sharded index): the drafter's state dict minus every key containing "embed"
-(the frozen target embedding), in the training dtype (bf16 in the releases; any float dtype is read).
+(the frozen target embedding), in the training dtype (their trainer builds the drafter in bf16; any
+float dtype is read).
 Torch layout: a Linear weight is [out, in]; our kernels are [in, out].
 
     checkpoint tensor                              shape            project parameter (drafter tree)
