@@ -20,8 +20,9 @@ earlier windows only, and is measured on the window's own records, which it has 
 greedy-chain length (leading block-1 slots whose greedy token is the target's) under the new heads
 minus under the old ones, per record, gives the gain in accepted tokens per step and its standard
 error. The records were drafted by the old heads, so the new heads' chains can be cut short where
-the old drafts stopped: the estimate errs against the update. An update that does not gain is
-discarded at once; the drafter never serves it.
+the old drafts stopped: the estimate errs against the update. An update that measures worse is
+discarded at once (the drafter never serves it); one too small to change any chain is kept, so
+small steps can add up.
 
 Bandit. At the end of every window it chooses between two arms, update or not. Measured gains are
 kept as discounted statistics (`discount` per measurement, `idle_discount` per window without one,
@@ -351,6 +352,9 @@ class Adapter:
     def __init__(self, target: Any, drafter: Drafter, config: AdaptConfig = AdaptConfig(), seed: int = 0):
         if not isinstance(drafter.method, SpecBlockMethod):
             raise ValueError(f"adaptation needs a SpecBlock drafter, got {type(drafter.method).__name__}")
+        if drafter.method.config.draft_vocab_size is not None:
+            raise ValueError("adaptation of a reduced-vocabulary SpecBlock drafter is not supported: its labels "
+                             "would need mapping to draft ids")
         if not isinstance(config, AdaptConfig):
             raise ValueError(f"config must be an AdaptConfig, got {type(config).__name__}")
         self.target, self.method, self.config = target, drafter.method, config
@@ -411,7 +415,7 @@ class Adapter:
         if decision.update and fresh:
             trainable, opt_state, loss, gain, stderr = self._update(fresh)
             self.bandit.observe_gain(gain, stderr)
-            kept = gain > 0
+            kept = gain >= 0  # a change too small to move any chain is kept: small steps add up
             if kept:
                 self.trainable, self.opt_state = trainable, opt_state
             self.bandit.observe_update(time.perf_counter() - start)
