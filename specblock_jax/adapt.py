@@ -90,12 +90,13 @@ class AdaptConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"AdaptConfig {name} must be an integer >= 1, got {value!r}")
-        for name, low, high in (("learning_rate", 0, math.inf), ("ucb_beta", -1e-12, math.inf),
-                                ("gain_floor", 0, math.inf), ("discount", 0, 1), ("idle_discount", 0, 1),
-                                ("drift", 0, 1), ("tau_fast", 0, 1), ("tau_slow", 0, 1)):
+        for name, low, high in (("learning_rate", "(0", math.inf), ("ucb_beta", "[0", math.inf),
+                                ("gain_floor", "(0", math.inf), ("discount", "(0", 1), ("idle_discount", "(0", 1),
+                                ("drift", "(0", 1), ("tau_fast", "(0", 1), ("tau_slow", "(0", 1)):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not low < value <= high:
-                raise ConfigError(f"AdaptConfig {name} must be a number in ({max(low, 0)}, {high}], got {value!r}")
+            above = value >= 0 if low == "[0" else value > 0
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not (above and value <= high):
+                raise ConfigError(f"AdaptConfig {name} must be a number in {low}, {high}], got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------------
