@@ -37,7 +37,8 @@ DOMAINS = ("code", "prose")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="infer.adapt_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--drafter", required=True, help="trained SpecBlock drafter directory (or 'specblock': the shipped one)")
+    p.add_argument("--drafter", required=True,
+                   help="trained SpecBlock drafter directory (or 'specblock': the shipped one)")
     p.add_argument("--streams", default="code,prose",
                    help="comma-separated streams, each a domain or domains joined with '+' (default: code,prose)")
     p.add_argument("--max-prompts", type=int, default=48, help="prompts per domain")

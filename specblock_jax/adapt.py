@@ -342,8 +342,8 @@ class Bandit:
 class Adapter:
     """A SpecBlock drafter that adapts while it serves. Each `generate` call (a window) decodes with the
     current drafter, collecting feedback in the loop; then the bandit decides, and an update it asks
-    for is trained on earlier windows, validated on this one and kept only if it gains. `history`
-    holds one record per call.
+    for is trained on earlier windows, validated on this one and kept unless it measures worse.
+    `history` holds one record per call.
 
         adapter = Adapter(target, load_drafter("specblock", target))
         for batch in stream:

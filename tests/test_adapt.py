@@ -242,8 +242,8 @@ def test_an_update_is_validated_on_the_records_it_did_not_train_on(target, draft
     base = drafter.params["drafter"]
     trainable = adapt.init_trainable(cfg, CONFIG, base, jax.random.key(0))
     opt_state = adapt._optimizer(cfg).init(trainable)
-    runs = [adapt.update(trainable, opt_state, base, f, jax.random.key(1), jnp.int32(held_out), cfg=cfg, config=CONFIG)[0]
-            for f in (fb, junk)]
+    runs = [adapt.update(trainable, opt_state, base, f, jax.random.key(1), jnp.int32(held_out), cfg=cfg,
+                         config=CONFIG)[0] for f in (fb, junk)]
     jax.tree.map(np.testing.assert_array_equal, *runs)
     changed = adapt.update(trainable, opt_state, base, junk, jax.random.key(1), jnp.int32(0), cfg=cfg, config=CONFIG)[0]
     assert not np.allclose(changed["lm_head"]["kernel"], runs[0]["lm_head"]["kernel"])  # not held out: seen
