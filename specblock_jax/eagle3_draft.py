@@ -39,6 +39,17 @@ def commit_pending(state: Any, acceptance: Acceptance, features_BxN1xF: jax.Arra
                           pending_count_B=acceptance.length_B + 1)
 
 
+def target_ids(config: Any, params: Any, draft_ids: jax.Array) -> jax.Array:
+    """Ids from a drafter's LM head -> target ids (trees and embeddings hold target ids only), through
+    the method params' `draft_to_target` map when `config` has a reduced vocabulary."""
+    if not config.reduced_vocab:
+        return draft_ids.astype(jnp.int32)
+    if "draft_to_target" not in params:
+        raise ValueError(f"the drafter has a reduced vocabulary (draft_vocab_size {config.draft_vocab_size}) but "
+                         "its params have no 'draft_to_target' map; pass it to drafter_params")
+    return eagle3.to_target_ids(draft_ids, params["draft_to_target"]).astype(jnp.int32)
+
+
 class Eagle3State(NamedTuple):
     k_BxSxKxD: jax.Array  # drafter keys: slots [0, max_len) pairs by position, then the draft's scratch
     v_BxSxKxD: jax.Array
@@ -73,16 +84,6 @@ class Eagle3Method:
                 raise ValueError(f"Eagle3Method {name} must be an integer >= 1, got {value!r}")
         if self.topk > self.config.draft_vocab:
             raise ValueError(f"Eagle3Method topk {self.topk} exceeds the draft vocabulary {self.config.draft_vocab}")
-
-    def _to_target(self, params: Any, draft_ids: jax.Array) -> jax.Array:
-        """Top-k ids of the drafter's LM head -> target ids (trees hold target ids only)."""
-        if not self.config.reduced_vocab:
-            return draft_ids.astype(jnp.int32)
-        if "draft_to_target" not in params:
-            raise ValueError(f"the drafter has a reduced vocabulary (draft_vocab_size "
-                             f"{self.config.draft_vocab_size}) but its params have no 'draft_to_target' map; "
-                             "pass it to drafter_params")
-        return eagle3.to_target_ids(draft_ids, params["draft_to_target"]).astype(jnp.int32)
 
     @property
     def feature_layers(self) -> tuple[int, ...]:
@@ -121,7 +122,7 @@ class Eagle3Method:
         max_len = state.k_BxSxKxD.shape[1] - self.scratch
         kv, hidden_BxH, logits_BxV = self._cache_pending(params, state, lengths_B, max_len)
         lp1_Bxk, tok1_Bxk = jax.lax.top_k(jax.nn.log_softmax(logits_BxV, axis=-1), k)
-        tok1_Bxk = self._to_target(params, tok1_Bxk)
+        tok1_Bxk = target_ids(self.config, params, tok1_Bxk)
         b = root_B.shape[0]
         frontier = (tok1_Bxk.astype(jnp.int32), jnp.broadcast_to(hidden_BxH[:, None], (b, k, hidden_BxH.shape[-1])),
                     lp1_Bxk, jnp.broadcast_to(1 + jnp.arange(k, dtype=jnp.int32), (b, k)),
@@ -140,7 +141,7 @@ class Eagle3Method:
                               jnp.broadcast_to(max_len + own_k, (b, k)), hidden_BxTxH=hidden_BxkxH)
             child_lp_Bxkxk, child_tok_Bxkxk = layers.top_k(jax.nn.log_softmax(out.logits, axis=-1), k)
             child_scores_BxKK = (scores_Bxk[:, :, None] + child_lp_Bxkxk).reshape(b, k * k)
-            child_tok_BxKK = self._to_target(params, child_tok_Bxkxk.reshape(b, k * k))
+            child_tok_BxKK = target_ids(self.config, params, child_tok_Bxkxk.reshape(b, k * k))
             child_parent_BxKK = jnp.repeat(index_Bxk, k, axis=1)
             # The next frontier: the k best children; candidate indices continue depth by depth.
             next_scores_Bxk, pick_Bxk = jax.lax.top_k(child_scores_BxKK, k)

@@ -89,19 +89,19 @@ def config_from_hf(cfg: dict, target: ModelConfig | None = None, dtype: str = "f
             raise ValueError(f"{key}=true is not supported by the EAGLE-3 drafter layer")
     if cfg.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act={cfg['hidden_act']!r} is not supported (only 'silu')")
-    h = _required(cfg, "hidden_size")
+    h = required(cfg, "hidden_size")
     if cfg.get("target_hidden_size") not in (None, h):
         raise ValueError(f"target_hidden_size={cfg['target_hidden_size']} differs from hidden_size={h}: a drafter "
                          "narrower than its target is not supported")
-    heads = _required(cfg, "num_attention_heads")
+    heads = required(cfg, "num_attention_heads")
     theta, scaling = hf._rope_from_hf(cfg)
-    vocab = _required(cfg, "vocab_size")
+    vocab = required(cfg, "vocab_size")
     draft_vocab = cfg.get("draft_vocab_size")
     layers = feature_layers_from_hf(cfg, target)
     try:
         return eagle3.Eagle3Config(
             hidden_size=h, num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or h // heads, intermediate_size=_required(cfg, "intermediate_size"),
+            head_dim=cfg.get("head_dim") or h // heads, intermediate_size=required(cfg, "intermediate_size"),
             vocab_size=vocab, feature_layers=layers, rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=theta, rope_scaling=scaling, dtype=dtype, ttt_steps=ttt_steps,
             draft_vocab_size=None if draft_vocab in (None, vocab) else int(draft_vocab))
@@ -134,9 +134,16 @@ def config_to_hf(config: eagle3.Eagle3Config, target: ModelConfig | None = None)
         "mlp_bias": False,
         "torch_dtype": config.dtype,
     }
-    if target is None or tuple(config.feature_layers) != eagle3.default_feature_layers(target.num_layers):
-        out["eagle_config"] = {"use_aux_hidden_state": True,
-                               "eagle_aux_hidden_state_layer_ids": list(config.feature_layers)}
+    return {**out, **target_fields_hf(config.feature_layers, target)}
+
+
+def target_fields_hf(feature_layers: tuple[int, ...], target: ModelConfig | None) -> dict:
+    """config.json fields of a drafter that come from its target (EAGLE-3's and SpecBlock's formats
+    alike): the feature layers when they are not EAGLE-3's default, the target's positions and
+    special tokens."""
+    out: dict[str, Any] = {}
+    if target is None or tuple(feature_layers) != eagle3.default_feature_layers(target.num_layers):
+        out["eagle_config"] = {"use_aux_hidden_state": True, "eagle_aux_hidden_state_layer_ids": list(feature_layers)}
     if target is not None:
         out["max_position_embeddings"] = target.max_position_embeddings
         out["bos_token_id"] = target.bos_token_id
@@ -145,13 +152,10 @@ def config_to_hf(config: eagle3.Eagle3Config, target: ModelConfig | None = None)
     return out
 
 
-def _required(cfg: dict, key: str) -> Any:
+def required(cfg: dict, key: str) -> Any:
     if cfg.get(key) is None:
         raise ValueError(f"config.json has no {key!r}")
     return cfg[key]
-
-
-required = _required  # shared with `specblock_hf`
 
 
 def feature_layers_from_hf(cfg: dict, target: ModelConfig | None) -> tuple[int, ...]:

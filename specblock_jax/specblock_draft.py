@@ -32,9 +32,9 @@ import jax
 import jax.numpy as jnp
 
 from specblock_jax import tree as tree_lib
-from specblock_jax.eagle3_draft import commit_pending
+from specblock_jax.eagle3_draft import commit_pending, target_ids
 from specblock_jax.eagle3_draft import drafter_params as _drafter_params
-from specblock_jax.models import eagle3, layers, specblock
+from specblock_jax.models import layers, specblock
 from specblock_jax.tree import Tree
 from specblock_jax.verify import Acceptance
 
@@ -100,16 +100,6 @@ class SpecBlockMethod:
         if self.expand > self.config.block_size * self.width:
             raise ValueError(f"SpecBlockMethod expand {self.expand} exceeds the {self.config.block_size * self.width} "
                              "candidates of a block")
-
-    def _to_target(self, params: Any, draft_ids: jax.Array) -> jax.Array:
-        """Top ids of the drafter's LM head -> target ids (trees and embeddings use target ids only)."""
-        if not self.config.reduced_vocab:
-            return draft_ids.astype(jnp.int32)
-        if "draft_to_target" not in params:
-            raise ValueError(f"the drafter has a reduced vocabulary (draft_vocab_size "
-                             f"{self.config.draft_vocab_size}) but its params have no 'draft_to_target' map; "
-                             "pass it to drafter_params")
-        return eagle3.to_target_ids(draft_ids, params["draft_to_target"]).astype(jnp.int32)
 
     @property
     def max_depth(self) -> int:
@@ -248,7 +238,7 @@ class SpecBlockMethod:
         greedy_index_BxRxK = jnp.broadcast_to(greedy_index_RxK, (b, r, k_slots))
         parent_BxRxK = jnp.concatenate([parent_index_BxR[..., None], greedy_index_BxRxK[..., :-1]], axis=-1)
         valid = parent_valid_BxR[..., None, None] & (jnp.arange(w) < width_BxRxK[..., None])
-        return _Level(seen_BxRxS, slots_BxRxK, hidden_BxRxKxH, self._to_target(params, top_tok_BxRxKxW),
+        return _Level(seen_BxRxS, slots_BxRxK, hidden_BxRxKxH, target_ids(self.config, params, top_tok_BxRxKxW),
                       jnp.where(valid, above_BxRxK[..., None] + top_lp_BxRxKxW, -jnp.inf), valid,
                       jnp.broadcast_to(parent_BxRxK[..., None], valid.shape).astype(jnp.int32), first_index)
 

@@ -80,7 +80,7 @@ from safetensors.numpy import save_file
 
 from specblock_jax import eagle3_hf, hf, losses
 from specblock_jax.config import ConfigError, ModelConfig
-from specblock_jax.models import eagle3, specblock
+from specblock_jax.models import specblock
 from specblock_jax.specblock_draft import SpecBlockMethod, drafter_params
 
 ARCHITECTURE = "LlamaForCausalLMSpecBlock"  # what export writes
@@ -171,15 +171,7 @@ def config_to_hf(config: specblock.SpecBlockConfig, target: ModelConfig | None =
         "tie_word_embeddings": False,
         "torch_dtype": config.dtype,
     }
-    if target is None or tuple(config.feature_layers) != eagle3.default_feature_layers(target.num_layers):
-        out["eagle_config"] = {"use_aux_hidden_state": True,
-                               "eagle_aux_hidden_state_layer_ids": list(config.feature_layers)}
-    if target is not None:
-        out["max_position_embeddings"] = target.max_position_embeddings
-        out["bos_token_id"] = target.bos_token_id
-        eos = list(target.eos_token_ids)
-        out["eos_token_id"] = eos[0] if len(eos) == 1 else (eos or None)
-    return out
+    return {**out, **eagle3_hf.target_fields_hf(config.feature_layers, target)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ newest records, the target's tokens as labels); an update lowers the drafter's l
 decoding with adaptation stays identical to plain greedy decoding, batch > 1 included."""
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp

@@ -22,7 +22,7 @@ from specblock_jax.config import ConfigError, ModelConfig
 from specblock_jax.drafter import Drafter, load_drafter
 from specblock_jax.models import eagle3
 from specblock_jax.models import specblock as sb
-from specblock_jax.specblock_draft import SpecBlockMethod, drafter_params
+from specblock_jax.specblock_draft import SpecBlockMethod
 
 TARGET = ModelConfig(vocab_size=64, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8,
                      intermediate_size=64, max_position_embeddings=128)
