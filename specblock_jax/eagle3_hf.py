@@ -111,39 +111,25 @@ def config_from_hf(cfg: dict, target: ModelConfig | None = None, dtype: str = "f
 
 def config_to_hf(config: eagle3.Eagle3Config, target: ModelConfig | None = None) -> dict:
     """The config.json SGLang, vLLM and EAGLE's own loader read for `config`."""
+    return {"architectures": [ARCHITECTURE], "model_type": "llama", "num_hidden_layers": 1,
+            "attention_bias": False, "mlp_bias": False, **drafter_fields_hf(config, target)}
+
+
+def drafter_fields_hf(config: Any, target: ModelConfig | None) -> dict:
+    """config.json fields EAGLE-3's and SpecBlock's formats share: the Llama layer shape, RoPE and
+    vocabularies of the drafter `config`; from the target, the feature layers when they are not
+    EAGLE-3's default, its positions and special tokens."""
     rope_scaling = None
     if config.rope_scaling is not None:
         rope_scaling = {"rope_type": "llama3", **dataclasses.asdict(config.rope_scaling)}
-    out = {
-        "architectures": [ARCHITECTURE],
-        "model_type": "llama",
-        "num_hidden_layers": 1,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "num_attention_heads": config.num_heads,
-        "num_key_value_heads": config.num_kv_heads,
-        "head_dim": config.head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": config.rms_norm_eps,
-        "rope_theta": config.rope_theta,
-        "rope_scaling": rope_scaling,
-        "vocab_size": config.vocab_size,
-        "draft_vocab_size": config.draft_vocab,
-        "tie_word_embeddings": False,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "torch_dtype": config.dtype,
-    }
-    return {**out, **target_fields_hf(config.feature_layers, target)}
-
-
-def target_fields_hf(feature_layers: tuple[int, ...], target: ModelConfig | None) -> dict:
-    """config.json fields of a drafter that come from its target (EAGLE-3's and SpecBlock's formats
-    alike): the feature layers when they are not EAGLE-3's default, the target's positions and
-    special tokens."""
-    out: dict[str, Any] = {}
-    if target is None or tuple(feature_layers) != eagle3.default_feature_layers(target.num_layers):
-        out["eagle_config"] = {"use_aux_hidden_state": True, "eagle_aux_hidden_state_layer_ids": list(feature_layers)}
+    out = {"hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+           "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
+           "head_dim": config.head_dim, "hidden_act": "silu", "rms_norm_eps": config.rms_norm_eps,
+           "rope_theta": config.rope_theta, "rope_scaling": rope_scaling, "vocab_size": config.vocab_size,
+           "draft_vocab_size": config.draft_vocab, "tie_word_embeddings": False, "torch_dtype": config.dtype}
+    if target is None or tuple(config.feature_layers) != eagle3.default_feature_layers(target.num_layers):
+        out["eagle_config"] = {"use_aux_hidden_state": True,
+                               "eagle_aux_hidden_state_layer_ids": list(config.feature_layers)}
     if target is not None:
         out["max_position_embeddings"] = target.max_position_embeddings
         out["bos_token_id"] = target.bos_token_id

@@ -66,7 +66,6 @@ weights: an imported drafter drafts with `SpecBlockMethod`'s tree. Only safetens
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pathlib
@@ -147,31 +146,9 @@ def check_exportable(config: specblock.SpecBlockConfig) -> None:
 def config_to_hf(config: specblock.SpecBlockConfig, target: ModelConfig | None = None) -> dict:
     """The config.json the authors' loaders (HF harness, SGLang fork, their trainer) read for `config`."""
     check_exportable(config)
-    rope_scaling = None
-    if config.rope_scaling is not None:
-        rope_scaling = {"rope_type": "llama3", **dataclasses.asdict(config.rope_scaling)}
-    out = {
-        "architectures": [ARCHITECTURE],
-        "model_type": "llama",
-        "num_hidden_layers": config.num_layers,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "num_attention_heads": config.num_heads,
-        "num_key_value_heads": config.num_kv_heads,
-        "head_dim": config.head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": config.rms_norm_eps,
-        "rope_theta": config.rope_theta,
-        "rope_scaling": rope_scaling,
-        "vocab_size": config.vocab_size,
-        "draft_vocab_size": config.draft_vocab,
-        "diffspec_draft_token_num": config.block_size,
-        "rank_classes": config.rank_classes,
-        "num_ttt_blocks": config.num_ttt_blocks,
-        "tie_word_embeddings": False,
-        "torch_dtype": config.dtype,
-    }
-    return {**out, **eagle3_hf.target_fields_hf(config.feature_layers, target)}
+    return {"architectures": [ARCHITECTURE], "model_type": "llama", "num_hidden_layers": config.num_layers,
+            "diffspec_draft_token_num": config.block_size, "rank_classes": config.rank_classes,
+            "num_ttt_blocks": config.num_ttt_blocks, **eagle3_hf.drafter_fields_hf(config, target)}
 
 
 # ---------------------------------------------------------------------------------------------
