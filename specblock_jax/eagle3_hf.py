@@ -310,13 +310,19 @@ def export_eagle3_hf(config: eagle3.Eagle3Config, params: Any, out_dir: str | os
                      *, target: ModelConfig | None = None, embed_table: Any = None,
                      overwrite: bool = False) -> pathlib.Path:
     """Write `params` (the drafter's own tree) as a published-format EAGLE-3 directory, atomically."""
+    return write_hf_dir(out_dir, config_to_hf(config, target),
+                        lambda: params_to_safetensors(config, params, draft_to_target, embed_table), overwrite)
+
+
+def write_hf_dir(out_dir: str | os.PathLike, config_json: dict, tensors: Any, overwrite: bool) -> pathlib.Path:
+    """config.json and `WEIGHTS` (from `tensors()`, built after the overwrite check), atomically."""
     out_dir = pathlib.Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
-    tensors = params_to_safetensors(config, params, draft_to_target, embed_table)
+    named = tensors()
     with hf.atomic_dir(out_dir) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config_to_hf(config, target), indent=2) + "\n")
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+        save_file(named, str(tmp / WEIGHTS), metadata={"format": "pt"})
     return out_dir
 
 

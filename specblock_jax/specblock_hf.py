@@ -75,7 +75,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-from safetensors.numpy import save_file
 
 from specblock_jax import eagle3_hf, hf, losses
 from specblock_jax.config import ConfigError, ModelConfig
@@ -84,7 +83,7 @@ from specblock_jax.specblock_draft import SpecBlockMethod, drafter_params
 
 ARCHITECTURE = "LlamaForCausalLMSpecBlock"  # what export writes
 ARCHITECTURES = (ARCHITECTURE, "LlamaForCausalLMSpecBlockShift")  # what import accepts (the same class)
-WEIGHTS = "model.safetensors"
+WEIGHTS = eagle3_hf.WEIGHTS
 RANK_HIDDEN = 256  # their rank head: Linear(H + 15, 256) -> SiLU -> Linear(256, rank_classes)
 RANK_TOPK = 20  # logits their rank features are computed over in training
 DEFAULT_BLOCK_SIZE = 7  # their `diffspec_draft_token_num` default when config.json has none
@@ -257,14 +256,9 @@ def export_specblock_hf(config: specblock.SpecBlockConfig, params: Any, out_dir:
                         draft_to_target: Any = None, *, target: ModelConfig | None = None,
                         weights_dtype: str | None = None, overwrite: bool = False) -> pathlib.Path:
     """Write `params` (the drafter's own tree) as a directory in the authors' format, atomically."""
-    out_dir = pathlib.Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
-    tensors = params_to_safetensors(config, params, draft_to_target, weights_dtype)
-    with hf.atomic_dir(out_dir) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config_to_hf(config, target), indent=2) + "\n")
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-    return out_dir
+    return eagle3_hf.write_hf_dir(out_dir, config_to_hf(config, target),
+                                  lambda: params_to_safetensors(config, params, draft_to_target, weights_dtype),
+                                  overwrite)
 
 
 def export_drafter_dir(drafter_dir: str | os.PathLike, target: Any, out_dir: str | os.PathLike, *,
