@@ -209,11 +209,16 @@ def test_fresh_lm_head_starts_as_the_targets_and_init_from_continues_a_drafter(t
     jax.tree.map(np.testing.assert_array_equal, continued, params)
 
 
-def test_reduced_draft_vocabulary_trains_on_the_most_frequent_tokens_and_decodes_losslessly(workdir):
+@pytest.mark.parametrize("kind", ["eagle3", "specblock"])
+def test_reduced_draft_vocabulary_trains_on_the_most_frequent_tokens_and_decodes_losslessly(workdir, kind):
     root, target = workdir
-    cfg = load_config(root, config_dict(root, "vocab", eagle3={"ttt_steps": 2, "draft_vocab_size": 24}))
+    if kind == "eagle3":
+        overrides = {"eagle3": {"ttt_steps": 2, "draft_vocab_size": 24}}
+    else:
+        overrides = {**SPECBLOCK, "specblock": {**SPECBLOCK["specblock"], "draft_vocab_size": 24}}
+    cfg = load_config(root, config_dict(root, f"vocab_{kind}", **overrides))
     train_drafter.train(cfg, progress=False)
-    log = [json.loads(line) for line in (root / "vocab" / "log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (root / f"vocab_{kind}" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["val_loss"] < log[0]["val_loss"]
     drafter = load_drafter(cfg.export_dir, target)
     ids = np.asarray(drafter.params["draft_to_target"])

@@ -80,6 +80,7 @@ class SpecBlockOverrides:
     rank_loss_weight: float | None = None
     feature_layers: tuple[int, ...] | None = None
     intermediate_size: int | None = None
+    draft_vocab_size: int | None = None  # a reduced draft vocabulary: the most frequent trained-on tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,7 +238,7 @@ def drafter_metrics(params: Any, target_params: Any, target_config: ModelConfig,
     table_VxH = jax.lax.stop_gradient(target_params["embed_tokens"]["embedding"])
     if isinstance(config, specblock.SpecBlockConfig):
         return specblock.train_metrics(params, config, table_VxH, features_BxTxF, batch["tokens"],
-                                       batch["loss_mask"], logits_BxTxV, key)
+                                       batch["loss_mask"], logits_BxTxV, key, draft_to_target_Vd=draft_to_target)
     draft_KxBxTxV = eagle3.ttt_forward(params, config, table_VxH, features_BxTxF, batch["tokens"])
     loss_mask_BxT = batch["loss_mask"]
     if draft_to_target is not None:
@@ -417,7 +418,8 @@ def save_drafter(cfg: DrafterTrainConfig, method: Any, state: dict, draft_to_tar
     params = jax.device_get(state["params"])
     if cfg.kind == "eagle3":
         return drafter_io.save_eagle3(method, params, cfg.export_dir, draft_to_target, weights_dtype=weights_dtype)
-    return drafter_io.save_specblock(method, params, cfg.export_dir, weights_dtype=weights_dtype)
+    return drafter_io.save_specblock(method, params, cfg.export_dir, weights_dtype=weights_dtype,
+                                     draft_to_target=draft_to_target)
 
 
 def log_record(step: int, metrics: Any, lr: float, seconds: float) -> dict[str, Any]:
