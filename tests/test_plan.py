@@ -55,6 +55,7 @@ def test_every_recipe_loads_and_fits_its_target():
         assert name in TARGETS, (path, cfg.target)
         drafter = drafter_config(cfg, target_config(name))  # seq_len and shapes checked against the target
         assert drafter.feature_layers == eagle3.default_feature_layers(target_config(name).num_layers)
+        assert drafter.draft_vocab == 32000, path
         assert (drafter.ttt_steps, cfg.optim.learning_rate, cfg.seq_len) == (7, 5e-5, 1024), path
         decoding = cfg.decoding if isinstance(cfg.decoding, dict) else dataclasses.asdict(cfg.decoding)
         assert (decoding["budget"], decoding["max_depth"], decoding["topk"]) == (60, 7, 10), path
@@ -71,7 +72,8 @@ def test_every_specblock_recipe_loads_and_fits_its_target():
     for path in recipes:
         cfg = load_yaml(DrafterTrainConfig, path)
         drafter = drafter_config(cfg, target_config(pathlib.Path(cfg.target).name))
-        assert (cfg.kind, drafter.num_layers, drafter.block_size, drafter.num_ttt_blocks) == ("specblock", 2, 4, 3)
+        assert (cfg.kind, drafter.num_layers, drafter.block_size, drafter.num_ttt_blocks, drafter.draft_vocab) == (
+            "specblock", 2, 4, 3, 32000)
         method = drafting_method(cfg, drafter)
         assert (method.budget, method.max_blocks, tuple(method.widths)) == (90, 2, (2, 4, 6, 4)), path
         assert (cfg.optim.learning_rate, cfg.optim.warmup_steps, cfg.optim.decay, cfg.seq_len) == (
@@ -119,7 +121,8 @@ def test_plan_numbers_add_up(plans, recipe):
     plan = json.loads(stdout)
     assert plan["devices"] == 8 and plan["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
     target = target_config(SINGLE_HOST[recipe])
-    drafter = eagle3.Eagle3Config.for_target(target)
+    drafter = drafter_config(load_yaml(DrafterTrainConfig, REPO / "configs" / recipe), target)
+    assert drafter.draft_vocab == 32000  # the published drafters' reduced vocabulary
     assert sum(r["bytes_total"] for r in plan["target"]) == TARGETS[SINGLE_HOST[recipe]] * 2  # bf16
     assert sum(r["bytes_total"] for r in plan["drafter"]) == drafter.num_params * 2
     for row in plan["target"] + plan["drafter"]:
