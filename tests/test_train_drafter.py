@@ -236,6 +236,25 @@ def test_reduced_draft_vocabulary_trains_on_the_most_frequent_tokens_and_decodes
     assert spec.token_ids == plain.token_ids
 
 
+def test_bfloat16_training_keeps_float32_master_weights_and_exports_a_lossless_drafter(workdir):
+    root, target = workdir
+    cfg = load_config(root, config_dict(root, "bf16", dtype="bfloat16"))
+    state = train_drafter.train(cfg, progress=False)
+    assert {x.dtype for x in jax.tree.leaves(state["params"])} == {np.dtype(np.float32)}
+    assert {x.dtype for x in jax.tree.leaves(state["opt_state"]) if x.ndim} == {np.dtype(np.float32)}
+    log = [json.loads(line) for line in (root / "bf16" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["val_loss"] < log[0]["val_loss"]
+    drafter = load_drafter(cfg.export_dir, target)  # a float32 target: the drafter computes in bfloat16
+    assert drafter.method.config.dtype == "bfloat16"
+    assert {x.dtype for x in jax.tree.leaves(drafter.params["drafter"])} == {np.dtype(jnp.bfloat16)}
+    prompts = [[3, 17, 5], [40, 2, 9, 11, 30, 1]]
+    plain = decode.generate(target, prompts, max_new_tokens=10, stop_on_eos=False)
+    assert decode.generate(target, prompts, max_new_tokens=10, stop_on_eos=False,
+                           drafter=drafter).token_ids == plain.token_ids
+    with pytest.raises(ConfigError, match="dtype must be 'float32' or 'bfloat16'"):
+        load_config(root, config_dict(root, "bad", dtype="float16"))
+
+
 def test_mismatched_init_from_and_unsplittable_batches_fail_before_training(trained, workdir, tmp_path):
     root, _ = workdir
     cfg, _, _ = trained

@@ -95,6 +95,9 @@ class DrafterTrainConfig:
     feature_cache: str | None = None  # offline mode: cache of the target's outputs (built on first use)
     cache_topk: int = 64  # offline mode: target logits kept per position (the teacher is renormalised over them)
     cache_dtype: str = "float16"  # offline mode: dtype of the cached features
+    # The target's and the drafter's parameter and compute dtype ("bfloat16" on TPU / GPU). The optimizer
+    # keeps float32 master weights and moments; logits and losses are float32 either way.
+    dtype: str = "float32"
     eagle3: Eagle3Overrides = Eagle3Overrides()
     specblock: SpecBlockOverrides = SpecBlockOverrides()
     # The exported drafter's default tree: fields of the kind's drafting method (Eagle3Method:
@@ -115,6 +118,8 @@ class DrafterTrainConfig:
             raise ConfigError(f"kind={self.kind!r} is not one of {DRAFTER_KINDS}")
         if self.cache_dtype not in ("float16", "float32"):
             raise ConfigError(f"cache_dtype must be 'float16' or 'float32', got {self.cache_dtype!r}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         for name in ("seq_len", "batch_size", "val_batches", "checkpoint_every", "log_every", "cache_topk"):
             if getattr(self, name) < (2 if name == "seq_len" else 1):
                 raise ConfigError(f"{name} must be >= {2 if name == 'seq_len' else 1}, got {getattr(self, name)}")
@@ -254,7 +259,8 @@ def make_train_step(target_config: ModelConfig, config: Any, optimizer: optax.Gr
         key = jax.random.fold_in(jax.random.key(seed), step_number)
 
         def loss_fn(params):
-            metrics = drafter_metrics(params, target_params, target_config, config, batch, key, draft_to_target)
+            metrics = drafter_metrics(compute_params(params, config), target_params, target_config, config, batch,
+                                      key, draft_to_target)
             return metrics.loss, metrics
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -262,6 +268,17 @@ def make_train_step(target_config: ModelConfig, config: Any, optimizer: optax.Gr
         return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, metrics
 
     return step
+
+
+def compute_params(master: Any, config: Any) -> Any:
+    """The float32 master weights in the drafter's compute dtype (a no-op in float32); gradients flow
+    back through the cast to the master weights."""
+    return jax.tree.map(lambda x: x.astype(config.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, master)
+
+
+def master_params(params: Any) -> Any:
+    """Host params as float32 master weights (what the optimizer updates and checkpoints hold)."""
+    return jax.tree.map(lambda x: np.asarray(x, np.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
 
 def jit_steps(target_config: ModelConfig, config: Any, optimizer, state_sh, target_sh, batch_sh, seed: int = 0,
@@ -274,8 +291,8 @@ def jit_steps(target_config: ModelConfig, config: Any, optimizer, state_sh, targ
                          in_shardings=(state_sh, target_sh, batch_sh, replicated),
                          out_shardings=(state_sh, replicated), donate_argnums=0)
     eval_key = jax.random.key(seed + 1)
-    eval_step = jax.jit(lambda p, tp, batch: drafter_metrics(p, tp, target_config, config, batch, eval_key,
-                                                             draft_to_target),
+    eval_step = jax.jit(lambda p, tp, batch: drafter_metrics(compute_params(p, config), tp, target_config, config,
+                                                             batch, eval_key, draft_to_target),
                         in_shardings=(state_sh["params"], target_sh, batch_sh), out_shardings=replicated)
     return train_step, eval_step
 
@@ -352,13 +369,14 @@ def train(cfg: DrafterTrainConfig, *, stop_after: int | None = None, export: boo
     `weights_dtype` (e.g. "bfloat16") stores the exported weights narrower.
 
     Returns the final state (drafter params and optimizer state, on the mesh)."""
-    target = load_target(cfg.target)
+    target = load_target(cfg.target, dtype=cfg.dtype)
     config = drafter_config(cfg, target.config)
     method = drafting_method(cfg, config)
     mesh = sharding.make_mesh(cfg.mesh)
     check_batch_split(cfg, mesh)
     train_rows, val_rows = split_rows(domain_rows(read_parts(cfg.data_dir), cfg), cfg, target.config.vocab_size)
     host_params, draft_to_target = initial_params(cfg, config, target, train_rows)
+    host_params = master_params(host_params)
     if cfg.feature_cache is None:
         train_ds = train_dataset(train_rows, cfg)
         val_batches = [to_example(rows) for rows in np.split(val_rows, cfg.val_batches)]
@@ -416,6 +434,7 @@ def train(cfg: DrafterTrainConfig, *, stop_after: int | None = None, export: boo
 def save_drafter(cfg: DrafterTrainConfig, method: Any, state: dict, draft_to_target: Any = None,
                  weights_dtype: str | None = None) -> pathlib.Path:
     params = jax.device_get(state["params"])
+    weights_dtype = weights_dtype or method.config.dtype  # the float32 master weights in the drafter's dtype
     if cfg.kind == "eagle3":
         return drafter_io.save_eagle3(method, params, cfg.export_dir, draft_to_target, weights_dtype=weights_dtype)
     return drafter_io.save_specblock(method, params, cfg.export_dir, weights_dtype=weights_dtype,
