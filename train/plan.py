@@ -7,7 +7,7 @@ The devices are simulated CPU devices (`--devices`, default 8), so the plan runs
 is the recipe's `mesh:` section laid over them. The target's config.json is read from the recipe's
 `target:` directory, or, when that directory is not here, from configs/targets/<its basename>/
 (the published configs of the two 8B targets). `--dtype` is the target's (and so the drafter's)
-parameter dtype; it defaults to float32, which is what train.train_drafter loads today.
+parameter dtype; it defaults to the recipe's `dtype` (what train.train_drafter loads).
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML DrafterTrainConfig recipe")
     parser.add_argument("--devices", type=int, default=8, help="simulated devices (default 8)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="target and drafter parameter dtype (default float32, as train_drafter loads today)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"),
+                        help="target and drafter parameter dtype (default: the recipe's, as train_drafter loads)")
     parser.add_argument("--batch", type=int, default=1, help="decoding batch for the KV cache (default 1)")
     parser.add_argument("--kv-len", type=int, default=4096, help="decoding cache length (default 4096)")
     parser.add_argument("--train-batch", type=int, help="training batch (default: the recipe's batch_size)")
@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         cfg = load_yaml(train_drafter.DrafterTrainConfig, args.config)
-        target = hf.config_from_hf(json.loads(target_config_path(cfg.target).read_text()), args.dtype)
+        dtype = args.dtype or cfg.dtype
+        target = hf.config_from_hf(json.loads(target_config_path(cfg.target).read_text()), dtype)
         drafter = train_drafter.drafter_config(cfg, target)
         model = train_drafter.model_of(drafter)
         mesh = sharding.make_mesh(cfg.mesh)
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         print(json.dumps(plan.to_json(result)))
     else:
-        title = (f"{args.config}: target {cfg.target} ({target.num_params:,} params, {args.dtype}), "
+        title = (f"{args.config}: target {cfg.target} ({target.num_params:,} params, {dtype}), "
                  f"{cfg.kind} drafter")
         print(plan.format_plan(result, title, table=not args.no_table))
 
