@@ -96,11 +96,10 @@ def plans(tmp_path_factory):
                    .replace("  data: 1\n", "  data: 3\n"))
     procs = {name: run_plan("--config", REPO / "configs" / name, "--dtype", "bfloat16", "--json", "--batch", 8)
              for name in SINGLE_HOST}
-    procs["f32"] = run_plan("--config", REPO / "configs" / "eagle3-qwen3-8b.yaml", "--json")
+    procs["f32"] = run_plan("--config", REPO / "configs" / "eagle3-qwen3-8b.yaml", "--dtype", "float32", "--json")
     procs["bad"] = run_plan("--config", bad)
     if SPECBLOCK_SCHEMA:
-        procs["specblock"] = run_plan("--config", REPO / "configs" / "specblock-qwen3-8b.yaml", "--dtype", "bfloat16",
-                                      "--json")
+        procs["specblock"] = run_plan("--config", REPO / "configs" / "specblock-qwen3-8b.yaml", "--json")  # its dtype
     out = {}
     try:
         for name, p in procs.items():
@@ -169,6 +168,7 @@ def test_plan_of_a_specblock_recipe(plans):
     cfg = load_yaml(DrafterTrainConfig, REPO / "configs" / "specblock-qwen3-8b.yaml")
     drafter = drafter_config(cfg, target_config("Qwen3-8B"))
     assert isinstance(drafter, specblock.SpecBlockConfig)
+    assert cfg.dtype == "bfloat16" and {r["dtype"] for r in plan["target"]} == {"bfloat16"}  # the recipe's dtype
     elements = sum(r["bytes_total"] // (2 if r["dtype"] == "bfloat16" else 4) for r in plan["drafter"])
     assert elements == drafter.num_params
     for row in plan["drafter"]:
