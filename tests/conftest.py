@@ -7,6 +7,14 @@ from specblock_jax.config import ModelConfig
 from specblock_jax.models.target import Target, init_params
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    """Drop JAX's compiled executables after every test module: a full run compiles thousands of them,
+    and holding them all grows the process past what a 24 GiB CI machine gives XLA's compiler."""
+    yield
+    jax.clear_caches()
+
+
 @pytest.fixture(scope="session")
 def peaked_target():
     """A tiny random target whose matrices are scaled up: peaked next-token distributions, so greedy
