@@ -66,7 +66,7 @@ from specblock_jax.models import eagle3
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 WEIGHTS = "model.safetensors"
-_MAP_TENSORS = ("d2t", "t2d")
+MAP_TENSORS = ("d2t", "t2d")
 _OPTIONAL = ("embed_tokens.weight",)
 
 
@@ -178,21 +178,26 @@ def _layout(config: eagle3.Eagle3Config) -> dict[str, tuple[tuple[str, ...], tup
     return out
 
 
+def check_names(tensors: Any, layout: dict, reduced_vocab: bool, optional: tuple[str, ...], what: str) -> set[str]:
+    """The checkpoint's tensor names, checked against the drafter's `layout`: every one present (and
+    the d2t / t2d map for a reduced vocabulary), nothing unknown beyond `optional`; errors name them."""
+    names = set(tensors)
+    missing = sorted(set(layout) - names) + [n for n in MAP_TENSORS if reduced_vocab and n not in names]
+    if missing:
+        raise ValueError(f"{what} checkpoint tensors missing: {missing}")
+    extra = sorted(names - set(layout) - set(MAP_TENSORS) - set(optional))
+    if extra:
+        raise ValueError(f"unexpected tensors in the {what} checkpoint (the drafter has no place for them): {extra}")
+    return names
+
+
 def params_from_safetensors(config: eagle3.Eagle3Config, tensors: Any, dtype: str | None = None
                             ) -> tuple[dict, np.ndarray | None]:
     """Checkpoint tensors -> (drafter params as numpy arrays of `dtype`, draft_to_target or None).
     A missing, unexpected or misshapen tensor is an error naming it."""
     dtype = jnp.dtype(dtype or config.dtype)
     layout = _layout(config)
-    names = set(tensors)
-    missing = sorted(set(layout) - names)
-    if config.reduced_vocab:
-        missing += [n for n in _MAP_TENSORS if n not in names]
-    if missing:
-        raise ValueError(f"EAGLE-3 checkpoint tensors missing: {missing}")
-    extra = sorted(names - set(layout) - set(_MAP_TENSORS) - set(_OPTIONAL))
-    if extra:
-        raise ValueError(f"unexpected tensors in the EAGLE-3 checkpoint: {extra}")
+    names = check_names(tensors, layout, config.reduced_vocab, _OPTIONAL, "EAGLE-3")
     flat = {}
     for name, (path, shape) in layout.items():
         array = np.asarray(tensors[name])

@@ -87,7 +87,6 @@ WEIGHTS = eagle3_hf.WEIGHTS
 RANK_HIDDEN = 256  # their rank head: Linear(H + 15, 256) -> SiLU -> Linear(256, rank_classes)
 RANK_TOPK = 20  # logits their rank features are computed over in training
 DEFAULT_BLOCK_SIZE = 7  # their `diffspec_draft_token_num` default when config.json has none
-_MAP_TENSORS = ("d2t", "t2d")
 _EMBED = "input_layer.embed_tokens.weight"  # excluded by their save; accepted (shape-checked) and skipped
 _INPUT = ("condition_proj", "condition_norm", "token_norm", "position_queries", "query_norm", "fuse")
 
@@ -179,15 +178,7 @@ def params_from_safetensors(config: specblock.SpecBlockConfig, tensors: Any) -> 
     """Checkpoint tensors -> (drafter params as numpy arrays in the drafter's dtypes, draft_to_target or
     None). A missing, unexpected or misshapen tensor is an error naming it."""
     layout = _layout(config)
-    names = set(tensors)
-    missing = sorted(set(layout) - names)
-    if config.reduced_vocab:
-        missing += [n for n in _MAP_TENSORS if n not in names]
-    if missing:
-        raise ValueError(f"SpecBlock checkpoint tensors missing: {missing}")
-    extra = sorted(names - set(layout) - set(_MAP_TENSORS) - {_EMBED})
-    if extra:
-        raise ValueError(f"tensors in the SpecBlock checkpoint that the drafter has no place for: {extra}")
+    names = eagle3_hf.check_names(tensors, layout, config.reduced_vocab, (_EMBED,), "SpecBlock")
     flat = {}
     for name, (path, shape, dtype) in layout.items():
         array = np.asarray(tensors[name])
