@@ -21,7 +21,9 @@ written. Per method: medians of per-run tokens/s (new tokens over prefill + deco
 per-run ratio to `ar` (`speedup_vs_ar`; `speedup_vs_ar_total` is the ratio of all tokens over all
 seconds, which weighs long runs more); tau (tokens committed per target forward of the loop, bonus included, from the
 acceptance-length histogram); ms per loop iteration (`iteration_ms`, from the timed runs) and, timed
-apart on the first batch, split into draft / verify / other (infer/timing.py); and, when
+apart on the first batch, split into draft / verify / other (infer/timing.py); the ceiling
+(`speedup_ceiling`: the speedup if every step committed the tree's deepest path, at the measured ms per
+iteration: what no drafter of this cost and tree shape can beat here); and, when
 greedy, the prompts whose output differs from `ar`'s: verification is lossless, so any mismatch is a
 bug, reported loudly and with exit status 1.
 """
@@ -273,7 +275,7 @@ def run(args: argparse.Namespace, target: Any, prompts: list[str], drafters: dic
         return generate(target, batch, drafter=drafters[method], **kwargs)
 
     def report(complete: bool, interrupted: str | None = None) -> dict:
-        out = summarize(args, runs, phases, args.batch_size)
+        out = summarize(args, runs, phases, args.batch_size, header["config"]["tree"])
         return {**header, "complete": complete, "interrupted": interrupted, "finished_utc": _now(), **out}
 
     try:
@@ -334,8 +336,14 @@ def _add(a: list[int], b: list[int]) -> list[int]:
     return [(a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(n)]
 
 
-def summarize(args: argparse.Namespace, runs: dict[str, list], phases: dict[str, dict], batch_size: int) -> dict:
-    """The report's per-method figures from whatever runs exist (a partial run gives partial figures)."""
+def summarize(args: argparse.Namespace, runs: dict[str, list], phases: dict[str, dict], batch_size: int,
+              trees: dict[str, dict]) -> dict:
+    """The report's per-method figures from whatever runs exist (a partial run gives partial figures).
+
+    `speedup_ceiling`: the speedup over `ar` this method's loop would reach if every step committed its
+    most tokens (`max_tokens_per_iter`: the tree's deepest possible path plus the bonus), at its measured
+    ms per iteration. Shapes are static, so an iteration costs the same whatever is accepted: no drafter
+    of this cost and tree shape can beat it on this machine."""
     ar = {(r, b): out for r, b, out in runs["ar"]}
     greedy = args.temperature == 0
     methods, warnings = {}, []
@@ -378,11 +386,17 @@ def summarize(args: argparse.Namespace, runs: dict[str, list], phases: dict[str,
         )
         breakdown = (timing.phase_breakdown(phases[method]) if method in phases else dict.fromkeys(
             ("loop_ms_per_iter", "draft_ms_per_iter", "verify_ms_per_iter", "other_ms_per_iter")))
-        entry.update(breakdown, iteration_ms=iteration_ms, phase_ms=phases.get(method))
+        entry.update(breakdown, iteration_ms=iteration_ms, phase_ms=phases.get(method),
+                     max_tokens_per_iter=(min(trees[method]["budget"], trees[method]["max_depth"]) + 1
+                                          if method in trees else 1))
         if greedy and mismatched:
             warnings.append(f"{method}: {len(mismatched)} of {entry['prompts']} prompts differ from ar's greedy output "
                             f"(prompts {mismatched[:10]}{' ...' if len(mismatched) > 10 else ''}). Speculative "
                             "decoding is lossless by construction, so this is a bug in the decoding path.")
+    ar_ms = methods.get("ar", {}).get("iteration_ms")
+    for entry in methods.values():
+        entry["speedup_ceiling"] = (entry["max_tokens_per_iter"] * ar_ms / entry["iteration_ms"]
+                                    if ar_ms and "iteration_ms" in entry else None)
     return {"methods": methods, "warnings": warnings}
 
 
@@ -391,17 +405,18 @@ def table(report: dict) -> str:
         return "-" if value is None else format(value, fmt)
 
     lines = ["| method | tokens/s | speedup vs ar (median / total) | tau | ms/iter (runs / timed) | draft | verify "
-             "| other | drafter fwd/iter | iterations | mismatches vs ar |", "|---" * 11 + "|"]
+             "| other | drafter fwd/iter | iterations | ceiling | mismatches vs ar |", "|---" * 12 + "|"]
     for name, m in report["methods"].items():
         if not m.get("runs"):
-            lines.append(f"| {name} | (no runs) |" + " |" * 9)
+            lines.append(f"| {name} | (no runs) |" + " |" * 10)
             continue
         lines.append(f"| {name} | {m['tokens_per_s']:.0f} | {f(m['speedup_vs_ar'], '.3f')} / "
                      f"{f(m['speedup_vs_ar_total'], '.3f')} | {f(m['tau'], '.2f')} | "
                      f"{m['iteration_ms']:.2f} / {f(m['loop_ms_per_iter'], '.2f')} | "
                      f"{f(m['draft_ms_per_iter'], '.2f')} | "
                      f"{f(m['verify_ms_per_iter'], '.2f')} | {f(m['other_ms_per_iter'], '.2f')} | "
-                     f"{m['drafter_forwards_per_iter']:.2f} | {m['iterations']} | {f(m['mismatches_vs_ar'], 'd')} |")
+                     f"{m['drafter_forwards_per_iter']:.2f} | {m['iterations']} | {f(m['speedup_ceiling'], '.2f')} | "
+                     f"{f(m['mismatches_vs_ar'], 'd')} |")
     return "\n".join(lines)
 
 

@@ -21,7 +21,8 @@ PROMPTS = ["def add(a, b):\n    return a", "ROMEO.\nBut soft, what light"]  # sh
 METHOD_KEYS = {"tau", "tokens_per_s", "speedup_vs_ar", "speedup_vs_ar_total", "draft_ms_per_iter",
                "verify_ms_per_iter", "other_ms_per_iter", "iteration_ms", "loop_ms_per_iter",
                "drafter_forwards_per_iter", "iterations", "verify_steps", "mismatches_vs_ar", "mismatched_prompts",
-               "acceptance_histogram", "runs", "new_tokens", "prompts", "phase_ms"}
+               "acceptance_histogram", "runs", "new_tokens", "prompts", "phase_ms", "max_tokens_per_iter",
+               "speedup_ceiling"}
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +81,13 @@ def test_end_to_end_schema_and_no_mismatch(small, tmp_path, target, capsys):
         hist = m["acceptance_histogram"]
         assert m["tau"] == pytest.approx(sum(k * n for k, n in enumerate(hist)) / sum(hist))
         assert 1.0 <= m["tau"] <= 3.0  # a depth-2 tree commits at most 3 tokens per step
+        assert m["speedup_ceiling"] == pytest.approx(
+            m["max_tokens_per_iter"] * report["methods"]["ar"]["iteration_ms"] / m["iteration_ms"])
     ar, e3 = report["methods"]["ar"], report["methods"]["eagle3"]
     assert ar["speedup_vs_ar"] == pytest.approx(1.0) and ar["speedup_vs_ar_total"] == pytest.approx(1.0)
     assert ar["tau"] == 1.0 and ar["draft_ms_per_iter"] == 0
+    assert (ar["max_tokens_per_iter"], e3["max_tokens_per_iter"]) == (1, 3)  # depth 2 (budget 4): 2 drafts + bonus
+    assert ar["speedup_ceiling"] == pytest.approx(1.0)
     assert ar["iterations"] == 2 * 7  # 8 tokens each, the first from the prefill (no EOS this early)
     assert e3["drafter_forwards_per_iter"] == pytest.approx(2.0)  # EAGLE drafting: max_depth forwards per step
     assert set(e3["phase_ms"]) == {"draft_ms", "verify_ms", "root_ms", "loop_ms", "loop_iterations",
