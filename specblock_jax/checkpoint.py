@@ -19,26 +19,31 @@ class Checkpointer:
     """Saves `state` every `every` steps under `directory`, keeping the newest `keep`.
 
     `fingerprint` (any JSON-able dict, e.g. the run's config) is stored beside the checkpoints; resuming
-    with a different fingerprint is an error rather than a silent mix of two runs.
+    with a different fingerprint is an error rather than a silent mix of two runs. `defaults` (the
+    same nesting) are values a key takes when one side lacks it: a config field added after a run
+    started does not block resuming that run while the resume leaves it at its default.
     """
 
     def __init__(self, directory: str | pathlib.Path, every: int, keep: int = 2,
-                 fingerprint: dict | None = None):
+                 fingerprint: dict | None = None, defaults: dict | None = None):
         self.directory = pathlib.Path(directory).absolute()
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._check_fingerprint(fingerprint)
+        self._check_fingerprint(fingerprint, defaults or {})
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every, create=True),
         )
 
-    def _check_fingerprint(self, fingerprint: dict | None) -> None:
+    def _check_fingerprint(self, fingerprint: dict | None, defaults: dict) -> None:
         if fingerprint is None:
             return
         path = self.directory / "run.json"
         text = json.dumps(fingerprint, sort_keys=True, indent=1)
         if path.exists():
-            if json.loads(path.read_text()) != json.loads(text):
+            stored, new, default = (_flat(json.loads(x)) for x in (path.read_text(), text, json.dumps(defaults)))
+            missing = object()
+            if any(stored.get(k, default.get(k, missing)) != new.get(k, default.get(k, missing))
+                   for k in stored.keys() | new.keys()):
                 raise CheckpointError(
                     f"{self.directory} holds checkpoints of a run with a different config; "
                     f"use a new output directory or delete it to start over (see {path})")
@@ -67,3 +72,14 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a/b": 1}."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -138,13 +138,30 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 
 def to_dict(config: Any) -> dict[str, Any]:
     """Plain-data form of a config dataclass (tuples become lists), for YAML and JSON."""
-    def plain(v):
-        if isinstance(v, tuple):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-    return plain(dataclasses.asdict(config))
+    return _plain(dataclasses.asdict(config))
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+def field_defaults(cls: type) -> dict[str, Any]:
+    """The default of every field of config dataclass `cls` that has one, in `to_dict`'s plain form
+    (a dataclass default is a nested dict)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            continue
+        out[f.name] = to_dict(value) if dataclasses.is_dataclass(value) else _plain(value)
+    return out
 
 
 def load_yaml(cls: type[T], path: str | pathlib.Path) -> T:

@@ -125,10 +125,12 @@ def logit_copies(drafter: Any) -> tuple[int, str]:
 
 
 def plan(target: ModelConfig, drafter: Any, mesh: Mesh, *, train_batch: int, seq_len: int, decode_batch: int,
-         kv_len: int, drafter_model: Any = eagle3, drafter_scratch: int = 0) -> Plan:
+         kv_len: int, drafter_model: Any = eagle3, drafter_scratch: int = 0, grad_accum: int = 1) -> Plan:
     """The per-device memory of training `drafter` (an Eagle3Config, or any drafter config whose model
     module `drafter_model` has `init_params` and `param_axes`) against the frozen `target`, and of
-    decoding with caches of `kv_len` slots (+ `drafter_scratch` slots of the drafter's own)."""
+    decoding with caches of `kv_len` slots (+ `drafter_scratch` slots of the drafter's own). With
+    `grad_accum` > 1 the logits are a micro-batch's (train_batch / grad_accum rows) and the summed
+    gradients take another f32 copy of the drafter."""
     notes = []
     t_rows = param_rows(target_shapes(target), target_lib.param_axes(target), mesh)
     d_shapes = jax.eval_shape(lambda: drafter_model.init_params(drafter, jax.random.key(0)))
@@ -141,11 +143,14 @@ def plan(target: ModelConfig, drafter: Any, mesh: Mesh, *, train_batch: int, seq
         "drafter AdamW mu+nu (f32)" + (" + f32 master" if master else ""): d_elems_dev * 4 * (3 if master else 2),
         "drafter gradients": sum(r.bytes_per_device for r in d_rows),
     }
+    if grad_accum > 1:
+        per_device["drafter gradient accumulator (f32)"] = d_elems_dev * 4
     batch_ways, vocab_ways = _ways(mesh, "batch"), _ways(mesh, "vocab")
-    if train_batch % batch_ways:
-        raise ValueError(f"training batch {train_batch} does not split over the mesh's {batch_ways} batch shards "
-                         f"(data * fsdp = {mesh.shape['data']} * {mesh.shape['fsdp']})")
-    rows = train_batch // batch_ways
+    micro = "" if grad_accum == 1 else f" (a micro-batch of grad_accum {grad_accum})"
+    if train_batch % grad_accum or (train_batch // grad_accum) % batch_ways:
+        raise ValueError(f"training batch {train_batch}{micro} does not split over the mesh's {batch_ways} batch "
+                         f"shards (data * fsdp = {mesh.shape['data']} * {mesh.shape['fsdp']})")
+    rows = train_batch // grad_accum // batch_ways
     per_device["target logits [B,T,V] f32 (training)"] = rows * seq_len * _split(target.vocab_size, vocab_ways) * 4
     copies, name = logit_copies(drafter)
     draft_vocab = getattr(drafter, "draft_vocab", drafter.vocab_size)

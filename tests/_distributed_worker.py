@@ -52,14 +52,14 @@ def load_drafter_inputs(workdir: pathlib.Path):
             from_dict(eagle3.Eagle3Config, cfg["drafter"]), tree("drafter/"), tree("batch/"))
 
 
-def train_drafter_sharded(mesh, workdir: pathlib.Path, optimizer, rows: slice):
+def train_drafter_sharded(mesh, workdir: pathlib.Path, optimizer, rows: slice, grad_accum: int = 1):
     """train_drafter's jitted step on `mesh`: the target's params laid out once, the drafter's state sharded."""
     target_cfg, target_params, config, params, batches = load_drafter_inputs(workdir)
     target_sh = sharding.logical_to_sharding(target.param_axes(target_cfg), mesh, target_params)
     target_params = sharding.shard_params(target_params, target_sh)
     state, state_sh = train_drafter.init_state(params, config, optimizer, mesh)
     step, _ = train_drafter.jit_steps(target_cfg, config, optimizer, state_sh, target_sh,
-                                      sharding.batch_sharding(mesh))
+                                      sharding.batch_sharding(mesh), grad_accum=grad_accum)
     losses = []
     for i in range(len(batches["tokens"])):
         batch = sharding.global_batch({k: v[i, rows] for k, v in batches.items()}, mesh)
@@ -129,6 +129,9 @@ def misuse_errors(model_cfg) -> dict:
         "drafter_batch": error_of(lambda: train_drafter.check_batch_split(train_drafter.DrafterTrainConfig(
             OptimConfig(learning_rate=1e-3, total_steps=2, warmup_steps=0), batch_size=12),
             sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=4)))),
+        "drafter_micro_batch": error_of(lambda: train_drafter.check_batch_split(train_drafter.DrafterTrainConfig(
+            OptimConfig(learning_rate=1e-3, total_steps=2, warmup_steps=0), batch_size=16, grad_accum=4),
+            sharding.make_mesh(sharding.MeshConfig(data=8)))),
     }
 
 
@@ -143,6 +146,8 @@ def run_meshes(workdir: pathlib.Path) -> dict:
         report[name] = {**layout(state), "rows_ok": rows_ok}
         save(workdir, f"drafter_{name}", *train_drafter_sharded(sharding.make_mesh(cfg), workdir, optimizer,
                                                                 slice(None)))
+    save(workdir, "drafter_accum2", *train_drafter_sharded(sharding.make_mesh(MESHES["data2_fsdp2_tensor2"]), workdir,
+                                                           optimizer, slice(None), grad_accum=2))
     report["errors"] = misuse_errors(model_cfg)
     return report
 

@@ -98,6 +98,9 @@ def plans(tmp_path_factory):
              for name in SINGLE_HOST}
     procs["f32"] = run_plan("--config", REPO / "configs" / "eagle3-qwen3-8b.yaml", "--dtype", "float32", "--json")
     procs["bad"] = run_plan("--config", bad)
+    accum = bad.with_name("accum.yaml")
+    accum.write_text((REPO / "configs" / "eagle3-llama3.1-8b.yaml").read_text() + "grad_accum: 3\n")
+    procs["accum"] = run_plan("--config", accum, "--json")
     if SPECBLOCK_SCHEMA:
         procs["specblock"] = run_plan("--config", REPO / "configs" / "specblock-qwen3-8b.yaml", "--json")  # its dtype
     out = {}
@@ -141,6 +144,17 @@ def test_plan_numbers_add_up(plans, recipe):
     # Training logits: batch 24 over 8 shards = 3 rows of 1024, the full vocabulary (tensor = 1), f32.
     assert per_device["target logits [B,T,V] f32 (training)"] == 3 * 1024 * target.vocab_size * 4
     assert plan["training_bytes"] == sum(v for k, v in per_device.items() if "KV cache" not in k)
+
+
+def test_plan_with_gradient_accumulation_counts_a_micro_batch(plans):
+    """batch 24 in 3 micro-batches over 8 shards: 1 row of logits per device, plus the summed gradients."""
+    (rc, stdout, stderr), (_, whole, _) = plans["accum"], plans["eagle3-llama3.1-8b.yaml"]
+    assert rc == 0, stderr[-3000:]
+    per_device, reference = json.loads(stdout)["per_device"], json.loads(whole)["per_device"]
+    vocab = target_config("Llama-3.1-8B-Instruct").vocab_size
+    assert per_device["target logits [B,T,V] f32 (training)"] == 1 * 1024 * vocab * 4
+    assert reference["target logits [B,T,V] f32 (training)"] == 3 * 1024 * vocab * 4
+    assert per_device["drafter gradient accumulator (f32)"] == per_device["drafter params"] // 2 * 4  # bf16 params
 
 
 def test_plan_in_float32_doubles_the_parameters(plans):

@@ -148,14 +148,13 @@ def reference(workdir):
     return np.array(losses), traverse_util.flatten_dict(jax.tree.map(np.asarray, state["params"]), sep="/")
 
 
-@pytest.fixture(scope="module")
-def drafter_reference(workdir):
+def drafter_single_device(workdir, grad_accum: int = 1):
     """train_drafter's step, jitted on one device without shardings: losses and final drafter params."""
     arrays = np.load(workdir[0] / "drafter_inputs.npz")
     tree = lambda prefix: traverse_util.unflatten_dict({k[len(prefix):]: arrays[k] for k in arrays.files
                                                         if k.startswith(prefix)}, sep="/")
     optimizer = make_optimizer(OPTIM)
-    step = jax.jit(train_drafter.make_train_step(DRAFT_TARGET, DRAFTER, optimizer))
+    step = jax.jit(train_drafter.make_train_step(DRAFT_TARGET, DRAFTER, optimizer, grad_accum=grad_accum))
     params, target_params, batches = tree("drafter/"), tree("target/"), tree("batch/")
     state = {"params": params, "opt_state": optimizer.init(params)}
     losses = []
@@ -163,6 +162,11 @@ def drafter_reference(workdir):
         state, metrics = step(state, target_params, {k: v[i] for k, v in batches.items()}, np.int32(i))
         losses.append(float(metrics.loss))
     return np.array(losses), traverse_util.flatten_dict(jax.tree.map(np.asarray, state["params"]), sep="/")
+
+
+@pytest.fixture(scope="module")
+def drafter_reference(workdir):
+    return drafter_single_device(workdir)
 
 
 def max_differences(result, reference) -> dict:
@@ -243,6 +247,13 @@ def test_sharded_drafter_step_matches_single_device_on_every_mesh_shape(workers,
     print("drafter: max |sharded - single device|:", json.dumps(diffs))
 
 
+def test_sharded_gradient_accumulation_matches_single_device(workers, workdir):
+    """grad_accum 2 on a (2, 2, 2) mesh (micro-batches of 4 rows over 4 batch shards) = on one device."""
+    workers("meshes")
+    diffs = max_differences(load_result(workdir[0] / "drafter_accum2.npz"), drafter_single_device(workdir, 2))
+    print("drafter, grad_accum 2: max |sharded - single device|:", json.dumps(diffs))
+
+
 def test_misuse_errors_name_the_parameter_and_sizes(workers):
     errors = workers("meshes")[0]["errors"]
     param = errors["indivisible_param"]
@@ -250,8 +261,9 @@ def test_misuse_errors_name_the_parameter_and_sizes(workers):
         assert part in param, (part, param)
     assert "(12, 4)" in errors["indivisible_batch"] and "multiple of 8" in errors["indivisible_batch"]
     assert "'tensor': 4" in errors["mesh_too_big"] and "8 device" in errors["mesh_too_big"]
-    assert errors["drafter_batch"] == ("batch_size 12 does not split over the mesh's data * fsdp = 8 batch shards "
-                                       "and 1 process(es)")
+    assert errors["drafter_batch"] == "batch_size 12 does not split over the mesh's data * fsdp = 8 batch shards"
+    assert errors["drafter_micro_batch"] == ("batch_size 16 (a micro-batch of grad_accum 4: 4 rows) does not split "
+                                             "over the mesh's data * fsdp = 8 batch shards")
 
 
 def test_two_processes_match_one_process(workers, workdir, reference):

@@ -9,6 +9,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import yaml
 from flax import traverse_util
@@ -207,6 +208,10 @@ def test_fresh_lm_head_starts_as_the_targets_and_init_from_continues_a_drafter(t
     continued, _ = train_drafter.initial_params(load_config(root, config_dict(root, "ft", init_from=cfg.export_dir)),
                                                 config, target, rows)
     jax.tree.map(np.testing.assert_array_equal, continued, params)
+    deeper = load_config(root, config_dict(root, "ft3", init_from=cfg.export_dir, eagle3={"ttt_steps": 3}))
+    continued, _ = train_drafter.initial_params(deeper, train_drafter.drafter_config(deeper, target.config), target,
+                                                rows)  # a training-only field (the TTT depth) may change
+    jax.tree.map(np.testing.assert_array_equal, continued, params)
 
 
 @pytest.mark.parametrize("kind", ["eagle3", "specblock"])
@@ -265,7 +270,8 @@ def test_mismatched_init_from_and_unsplittable_batches_fail_before_training(trai
                                                           init_from=cfg.export_dir)), progress=False)
     with pytest.raises(ConfigError, match=re.escape("its drafter config")):
         train_drafter.train(load_config(root, config_dict(root, "bad", init_from=cfg.export_dir,
-                                                          eagle3={"ttt_steps": 3})), progress=False)
+                                                          eagle3={"ttt_steps": 2, "intermediate_size": 32})),
+                            progress=False)
     with pytest.raises(ConfigError, match=re.escape("mesh {'data': 3, 'fsdp': 1, 'tensor': 1} does not fit")):
         train_drafter.train(load_config(root, config_dict(root, "bad", mesh={"data": 3})), progress=False)
     assert not (root / "bad").exists()  # nothing was written
@@ -300,3 +306,31 @@ def test_bad_drafter_directories_are_clear_errors(trained, workdir, tmp_path):
     save_file(tensors, str(bad / "model.safetensors"))
     with pytest.raises(ValueError, match=re.escape("tensors missing: ['lm_head.kernel']")):
         load_drafter(str(bad), target)
+
+
+def test_gradient_accumulation_averages_the_micro_batches_gradients(workdir):
+    """grad_accum 2 splits the batch into rows 0::2 and 1::2 and averages their gradients (SGD at lr 1
+    shows the gradient as the update); with equally many trained-on tokens in each micro-batch that is
+    the whole batch's gradient. A batch whose micro-batch does not split over the mesh is refused."""
+    root, target = workdir
+    cfg = load_config(root, config_dict(root, "accum"))
+    config = train_drafter.drafter_config(cfg, target.config)
+    tokens = np.load(root / "regen" / "part-code-greedy-00000.npz")["tokens"]
+    params, _ = train_drafter.initial_params(cfg, config, target, tokens)
+    sgd = optax.sgd(1.0)
+
+    def gradient(batch_rows, grad_accum=1):
+        step = jax.jit(train_drafter.make_train_step(target.config, config, sgd, grad_accum=grad_accum))
+        state, _ = step({"params": params, "opt_state": sgd.init(params)}, target.params,
+                        train_drafter.to_example(batch_rows), np.int32(0))
+        return jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), params, jax.device_get(state["params"]))
+
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    uneven = tokens[[0, 1, 2, 4]]  # row 0 is cut short: the micro-batches differ in trained-on tokens
+    accumulated = gradient(uneven, grad_accum=2)
+    jax.tree.map(lambda g, a, b: close(g, (a + b) / 2), accumulated, gradient(uneven[0::2]), gradient(uneven[1::2]))
+    assert not np.allclose(accumulated["lm_head"]["kernel"], gradient(uneven)["lm_head"]["kernel"], rtol=1e-3)
+    even = tokens[[1, 2, 4, 5]]  # full-length rows
+    jax.tree.map(close, gradient(even, grad_accum=2), gradient(even))
+    with pytest.raises(ConfigError, match="grad_accum 3"):
+        train_drafter.train(load_config(root, config_dict(root, "bad", grad_accum=3)), progress=False)

@@ -196,3 +196,23 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
     train_target.train(cfg, stop_after=5, export=False, progress=False)
     with pytest.raises(CheckpointError, match="different config"):
         train_target.train(dataclasses.replace(cfg, seed=1), progress=False)
+
+
+def test_a_config_field_added_after_a_run_started_does_not_block_its_resume(tmp_path):
+    """A key the stored fingerprint lacks matches while the resume leaves it at its default; any
+    other difference is refused."""
+    from specblock_jax.checkpoint import Checkpointer
+    from specblock_jax.config import field_defaults
+    from train.train_drafter import DrafterTrainConfig
+
+    Checkpointer(tmp_path, every=1, fingerprint={"lr": 1, "opt": {"b1": 0.9}}).close()  # the run's first start
+    defaults = {"added": 1, "opt": {"eps": None}}
+    Checkpointer(tmp_path, every=1, fingerprint={"lr": 1, "opt": {"b1": 0.9, "eps": None}, "added": 1},
+                 defaults=defaults).close()
+    for changed in ({"lr": 1, "opt": {"b1": 0.9}, "added": 2}, {"lr": 1, "opt": {"b1": 0.9, "eps": 1e-8}},
+                    {"lr": 1, "opt": {"b1": 0.9}, "unknown": 0}, {"lr": 2, "opt": {"b1": 0.9}}):
+        with pytest.raises(CheckpointError, match="different config"):
+            Checkpointer(tmp_path, every=1, fingerprint=changed, defaults=defaults)
+    drafter = field_defaults(DrafterTrainConfig)
+    assert drafter["grad_accum"] == 1 and drafter["domains"] is None and drafter["decoding"] == {}
+    assert drafter["eagle3"]["draft_vocab_size"] is None and "optim" not in drafter  # required: no default

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         mesh = sharding.make_mesh(cfg.mesh)
         result = plan.plan(target, drafter, mesh, train_batch=args.train_batch or cfg.batch_size,
                            seq_len=cfg.seq_len, decode_batch=args.batch, kv_len=args.kv_len, drafter_model=model,
-                           drafter_scratch=_scratch(train_drafter, cfg, drafter))
+                           drafter_scratch=_scratch(train_drafter, cfg, drafter), grad_accum=cfg.grad_accum)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"plan: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from specblock_jax import drafter_io, losses, sharding
 from specblock_jax.checkpoint import Checkpointer
-from specblock_jax.config import ConfigError, ModelConfig, load_yaml, to_dict
+from specblock_jax.config import ConfigError, ModelConfig, field_defaults, load_yaml, to_dict
 from specblock_jax.decode import PAD_ID
 from specblock_jax.hf import load_target
 from specblock_jax.models import eagle3, specblock
@@ -106,6 +106,9 @@ class DrafterTrainConfig:
     mesh: MeshConfig = MeshConfig()
     seq_len: int = 256  # rows are cut or PAD-filled to this width
     batch_size: int = 16  # global batch, split over the mesh's data * fsdp axes
+    # Micro-batches per optimizer step: the jitted step splits the global batch into grad_accum parts
+    # and sums their gradients in a scan, so activations take 1 / grad_accum of the memory.
+    grad_accum: int = 1
     val_batches: int = 4  # held-out batches (of the shuffled rows) for the acceptance estimate
     seed: int = 0
     checkpoint_every: int = 100
@@ -120,7 +123,8 @@ class DrafterTrainConfig:
             raise ConfigError(f"cache_dtype must be 'float16' or 'float32', got {self.cache_dtype!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
-        for name in ("seq_len", "batch_size", "val_batches", "checkpoint_every", "log_every", "cache_topk"):
+        for name in ("seq_len", "batch_size", "grad_accum", "val_batches", "checkpoint_every", "log_every",
+                     "cache_topk"):
             if getattr(self, name) < (2 if name == "seq_len" else 1):
                 raise ConfigError(f"{name} must be >= {2 if name == 'seq_len' else 1}, got {getattr(self, name)}")
 
@@ -252,18 +256,37 @@ def drafter_metrics(params: Any, target_params: Any, target_config: ModelConfig,
 
 
 def make_train_step(target_config: ModelConfig, config: Any, optimizer: optax.GradientTransformation, seed: int = 0,
-                    draft_to_target: Any = None):
+                    draft_to_target: Any = None, grad_accum: int = 1):
     """step(state, target_params, batch, step) -> (state, metrics): the optimizer sees the drafter only;
-    the step number (an int32 scalar) picks the step's random draws, so a resumed run repeats them."""
+    the step number (an int32 scalar) picks the step's random draws, so a resumed run repeats them.
+
+    With `grad_accum` > 1 the batch's rows i, i + A, i + 2A, ... form micro-batch i (A = grad_accum; a
+    strided split keeps every micro-batch on all the batch shards); the step averages their gradients
+    and metrics, which equals the whole batch's when the micro-batches hold equally many trained-on
+    tokens (the losses are means over them)."""
     def step(state, target_params, batch, step_number):
         key = jax.random.fold_in(jax.random.key(seed), step_number)
 
-        def loss_fn(params):
-            metrics = drafter_metrics(compute_params(params, config), target_params, target_config, config, batch,
-                                      key, draft_to_target)
+        def loss_fn(params, micro_batch, micro_key):
+            metrics = drafter_metrics(compute_params(params, config), target_params, target_config, config,
+                                      micro_batch, micro_key, draft_to_target)
             return metrics.loss, metrics
 
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        if grad_accum == 1:
+            (_, metrics), grads = grad_fn(state["params"], batch, key)
+        else:
+            micro_AxBx = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, grad_accum, *x.shape[1:]), 0, 1), batch)
+
+            def accumulate(total, xs):
+                i, micro_batch = xs
+                (_, metrics), grads = grad_fn(state["params"], micro_batch, jax.random.fold_in(key, i))
+                return jax.tree.map(jnp.add, total, grads), metrics
+
+            zeros = jax.tree.map(jnp.zeros_like, state["params"])
+            grads, metrics_A = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro_AxBx))
+            grads = jax.tree.map(lambda g: g / grad_accum, grads)
+            metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics_A)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, metrics
 
@@ -282,12 +305,12 @@ def master_params(params: Any) -> Any:
 
 
 def jit_steps(target_config: ModelConfig, config: Any, optimizer, state_sh, target_sh, batch_sh, seed: int = 0,
-              draft_to_target: Any = None):
+              draft_to_target: Any = None, grad_accum: int = 1):
     """The train and eval steps jitted over the mesh. The target's params are an argument (never a
     traced constant, never in the state): laid out once, read every step, not donated or updated.
     Evaluation draws with one fixed key, so its figures are comparable from log line to log line."""
     replicated = NamedSharding(batch_sh.mesh, PartitionSpec())
-    train_step = jax.jit(make_train_step(target_config, config, optimizer, seed, draft_to_target),
+    train_step = jax.jit(make_train_step(target_config, config, optimizer, seed, draft_to_target, grad_accum),
                          in_shardings=(state_sh, target_sh, batch_sh, replicated),
                          out_shardings=(state_sh, replicated), donate_argnums=0)
     eval_key = jax.random.key(seed + 1)
@@ -323,9 +346,11 @@ def initial_params(cfg: DrafterTrainConfig, config: Any, target: Any, train_rows
     to look like the target's last hidden, which a short run on a small budget reaches far sooner."""
     if cfg.init_from is not None:
         method, params = drafter_io.load(cfg.init_from, target)
-        if method.config != config:
+        shape = lambda c: {k: v for k, v in to_dict(c).items() if k not in c.TRAINING_FIELDS}
+        if type(method.config) is not type(config) or shape(method.config) != shape(config):
             raise ConfigError(f"init_from {cfg.init_from}: its drafter config {to_dict(method.config)} differs "
-                              f"from this run's {to_dict(config)}")
+                              f"from this run's {to_dict(config)} beyond the training-only fields "
+                              f"{', '.join(config.TRAINING_FIELDS)}")
         mapping = params.get("draft_to_target")
         return jax.device_get(params["drafter"]), None if mapping is None else np.asarray(mapping)
     mapping = None
@@ -341,11 +366,16 @@ def initial_params(cfg: DrafterTrainConfig, config: Any, target: Any, train_rows
 
 
 def check_batch_split(cfg: DrafterTrainConfig, mesh) -> None:
-    """The global batch must split evenly over the mesh's batch shards and the processes."""
+    """The global batch must split evenly over the processes and, in each of its grad_accum
+    micro-batches, over the mesh's batch shards."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if cfg.batch_size % shards or cfg.batch_size % jax.process_count():
-        raise ConfigError(f"batch_size {cfg.batch_size} does not split over the mesh's data * fsdp = {shards} "
-                          f"batch shards and {jax.process_count()} process(es)")
+    if cfg.batch_size % jax.process_count() or cfg.batch_size % cfg.grad_accum:
+        raise ConfigError(f"batch_size {cfg.batch_size} does not split over {jax.process_count()} process(es) and "
+                          f"grad_accum {cfg.grad_accum} micro-batches")
+    if (cfg.batch_size // cfg.grad_accum) % shards:
+        micro = "" if cfg.grad_accum == 1 else f" (a micro-batch of grad_accum {cfg.grad_accum}: {cfg.batch_size // cfg.grad_accum} rows)"
+        raise ConfigError(f"batch_size {cfg.batch_size}{micro} does not split over the mesh's data * fsdp = {shards} "
+                          "batch shards")
 
 
 def init_state(host: Any, config: Any, optimizer, mesh) -> tuple[dict, dict]:
@@ -392,7 +422,8 @@ def train(cfg: DrafterTrainConfig, *, stop_after: int | None = None, export: boo
     state, state_sh = init_state(host_params, config, optimizer, mesh)
     out = pathlib.Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = Checkpointer(out / "checkpoints", every=cfg.checkpoint_every, fingerprint=run_fingerprint(cfg))
+    ckpt = Checkpointer(out / "checkpoints", every=cfg.checkpoint_every, fingerprint=run_fingerprint(cfg),
+                        defaults=field_defaults(DrafterTrainConfig))
     start, restored = 0, ckpt.restore(state)
     if restored is not None:
         start, state = restored
@@ -405,7 +436,7 @@ def train(cfg: DrafterTrainConfig, *, stop_after: int | None = None, export: boo
         print(f"exported the drafter of step {start} (of {cfg.optim.total_steps}) to {path}", file=sys.stderr)
         return state
     train_step, eval_step = jit_steps(target.config, config, optimizer, state_sh, target_sh,
-                                      sharding.batch_sharding(mesh), cfg.seed, draft_to_target)
+                                      sharding.batch_sharding(mesh), cfg.seed, draft_to_target, cfg.grad_accum)
     last = cfg.optim.total_steps if stop_after is None else min(stop_after, cfg.optim.total_steps)
     lr_schedule = schedule(cfg.optim)
     with open(out / "log.jsonl", "a") as log, tqdm(total=cfg.optim.total_steps, initial=start, disable=not progress,

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from specblock_jax import data, hf
 from specblock_jax.checkpoint import Checkpointer
-from specblock_jax.config import ConfigError, ModelConfig, load_yaml, to_dict
+from specblock_jax.config import ConfigError, ModelConfig, field_defaults, load_yaml, to_dict
 from specblock_jax.models import target as target_lib
 from specblock_jax.optim import OptimConfig, make_optimizer, schedule
 
@@ -142,7 +142,8 @@ def train(cfg: TargetTrainConfig, *, stop_after: int | None = None, export: bool
     train_ds = data.packed_dataset([a for d in tokens.values() for a in d["train"]], seq_len=cfg.seq_len,
                                    batch_size=cfg.batch_size, eos_id=eos, seed=cfg.seed)
     optimizer = make_optimizer(cfg.optim)
-    ckpt = Checkpointer(out / "checkpoints", every=cfg.checkpoint_every, fingerprint=run_fingerprint(cfg))
+    ckpt = Checkpointer(out / "checkpoints", every=cfg.checkpoint_every, fingerprint=run_fingerprint(cfg),
+                        defaults=field_defaults(TargetTrainConfig))
     state = init_state(cfg, optimizer)
     restored = ckpt.restore(state)
     start = 0
@@ -238,7 +239,7 @@ def export_latest(cfg: TargetTrainConfig) -> pathlib.Path:
     tok = tokenizer_for(cfg, splits)
     tokens = {d: {s: data.tokenize_documents(docs, tok) for s, docs in sp.items()} for d, sp in splits.items()}
     ckpt = Checkpointer(pathlib.Path(cfg.output_dir) / "checkpoints", every=cfg.checkpoint_every,
-                        fingerprint=run_fingerprint(cfg))
+                        fingerprint=run_fingerprint(cfg), defaults=field_defaults(TargetTrainConfig))
     restored = ckpt.restore(init_state(cfg, make_optimizer(cfg.optim)))
     if restored is None:
         raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -73,6 +73,8 @@ def check_against_target(name: str, config: Any, target: ModelConfig) -> None:
 @dataclasses.dataclass(frozen=True)
 class Eagle3Config:
     """Shape of an EAGLE-3 drafter for one target (`vocab_size` is the target's vocabulary)."""
+
+    TRAINING_FIELDS: ClassVar[tuple[str, ...]] = ("ttt_steps", "dtype")  # free to change when fine-tuning
 
     hidden_size: int
     num_heads: int

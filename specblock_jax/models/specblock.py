@@ -35,7 +35,7 @@ import dataclasses
 import itertools
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -60,6 +60,9 @@ RANK_FEATURES = 15  # 10 top log-probs, 3 logit gaps, top probability, entropy (
 @dataclasses.dataclass(frozen=True)
 class SpecBlockConfig:
     """Shape, ablation switches and training weights of a SpecBlock drafter for one target."""
+
+    TRAINING_FIELDS: ClassVar[tuple[str, ...]] = (  # free to change when fine-tuning
+        "num_ttt_blocks", "valid_prefix", "position_loss_weight", "rank_loss_weight", "dtype")
 
     hidden_size: int
     num_heads: int
