@@ -11,6 +11,8 @@ from DIR/drafter.json), and `specblock+adapt` (the SpecBlock drafter adapting as
 specblock_jax.adapt: it starts from the trained drafter at every repeat and serves the batches in
 order; its time includes the bandit's steps and updates). The default is every method but
 `specblock+adapt` whose drafter is available (infer/adapt_bench.py is adaptation's own benchmark).
+Variants of a trained kind run side by side as `KIND:LABEL` methods, each with its own
+`--drafter KIND:LABEL=DIR` (say the ablations: `specblock:no-shift=runs/ablation/no_shift/drafter`).
 
 Protocol: every input is checked and every method is compiled and warmed up on the first prompt batch
 before timing starts (`generate` also compiles ahead and times execution only). Then, for each repeat
@@ -37,6 +39,7 @@ import json
 import os
 import pathlib
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -67,12 +70,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--domain", choices=DOMAINS, default="code",
                    help="embedded held-out prompt set when --prompts is not given (all: code and prose alternating)")
     p.add_argument("--target", help="Hugging Face target directory (default: the embedded target)")
-    p.add_argument("--drafter", action="append", default=[], metavar="[KIND=]DIR",
+    p.add_argument("--drafter", action="append", default=[], metavar="[KIND[:LABEL]=]DIR",
                    help="trained drafter directory for method KIND (eagle3, specblock); without KIND=, the kind "
-                        "in DIR/drafter.json. Repeat for several methods")
+                        "in DIR/drafter.json; KIND:LABEL=DIR adds the variant method KIND:LABEL. Repeat for "
+                        "several methods")
     p.add_argument("--tree-budget", type=int, help="override the drafters' tree budget (nodes besides the root)")
     p.add_argument("--max-depth", type=int, help="override the drafters' tree depth")
     p.add_argument("--topk", type=int, help="override the EAGLE-3 drafter's branching per depth")
+    p.add_argument("--tree", type=json.loads, default={}, metavar="JSON",
+                   help='override any fields of the drafters\' trees, e.g. \'{"max_blocks": 2, "expand": 2, '
+                        '"widths": [1, 2, 3, 2]}\' (fields a drafting method lacks are ignored for it, with a note)')
     p.add_argument("--max-prompts", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the only mode with a mismatch check)")
@@ -85,12 +92,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.methods is not None:
         args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        unknown = [m for m in args.methods if m not in METHODS]
+        unknown = [m for m in args.methods if m not in METHODS and not is_variant(m)]
         if unknown or not args.methods:
             p.error(f"unknown method(s) {unknown or args.methods}; choose from {', '.join(METHODS)}")
     for name in ("max_prompts", "max_new_tokens", "batch_size", "repeats", "tree_budget", "max_depth", "topk"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not isinstance(args.tree, dict):
+        p.error(f"--tree must be a JSON object, got {args.tree!r}")
     if args.timing_calls < 0:
         p.error(f"--timing-calls must be >= 0, got {args.timing_calls}")
     if args.temperature < 0:
@@ -112,18 +121,29 @@ def drafter_kind(path: str | os.PathLike) -> str:
     return kind
 
 
+def is_variant(method: str) -> bool:
+    """`KIND:LABEL`: a trained kind's variant with a drafter directory of its own."""
+    kind, sep, label = method.partition(":")
+    return bool(sep) and kind in TRAINED and re.fullmatch(r"[A-Za-z0-9_.+-]+", label) is not None
+
+
 def kind_of(method: str) -> str:
     """The drafter kind a method runs (ar and ngram: themselves)."""
-    return ADAPTING.get(method, method)
+    base = method.partition(":")[0] if is_variant(method) else method
+    return ADAPTING.get(base, base)
 
 
 def parse_drafter_specs(specs: list[str]) -> dict[str, pathlib.Path]:
-    """`--drafter` values ("KIND=DIR" or "DIR") -> {kind: directory}, each checked to hold that kind."""
+    """`--drafter` values ("KIND=DIR", "KIND:LABEL=DIR" or "DIR") -> {kind or variant: directory}, each
+    checked to hold that kind."""
     dirs: dict[str, pathlib.Path] = {}
     for spec in specs:
-        kind, sep, rest = spec.partition("=")
-        if sep and kind in METHODS:
-            kind = kind_of(kind)
+        name, sep, rest = spec.partition("=")
+        if sep and (name in METHODS or ":" in name):
+            if ":" in name and not is_variant(name):
+                raise ValueError(f"--drafter {spec}: a variant is KIND:LABEL with KIND one of {', '.join(TRAINED)} "
+                                 "and a label of letters, digits and _.+-")
+            kind = kind_of(name)
             if kind not in TRAINED:
                 raise ValueError(f"--drafter {spec}: method {kind!r} takes no drafter directory; "
                                  f"give one for {' or '.join(TRAINED)}")
@@ -131,12 +151,13 @@ def parse_drafter_specs(specs: list[str]) -> dict[str, pathlib.Path]:
             found = drafter_kind(path)
             if found != kind:
                 raise ValueError(f"--drafter {spec}: {path} holds a {found} drafter, not {kind}")
+            name = name if is_variant(name) else kind
         else:
             path = pathlib.Path(spec)
-            kind = drafter_kind(path)
-        if kind in dirs:
-            raise ValueError(f"--drafter given twice for {kind}: {dirs[kind]} and {path}")
-        dirs[kind] = path
+            name = drafter_kind(path)
+        if name in dirs:
+            raise ValueError(f"--drafter given twice for {name}: {dirs[name]} and {path}")
+        dirs[name] = path
     return dirs
 
 
@@ -152,17 +173,19 @@ def select_methods(requested: list[str] | None, drafter_dirs: dict[str, pathlib.
     def available(kind: str) -> bool:
         return kind in drafter_dirs or (embedded_target and shipped_drafter(kind) is not None)
 
+    variants = [name for name in drafter_dirs if is_variant(name)]
     if requested is None:
-        methods = ["ar", "ngram"] + [k for k in TRAINED if available(k)]
+        methods = ["ar", "ngram"] + [k for k in TRAINED if available(k)] + variants
     else:
-        missing = [k for k in requested if kind_of(k) in TRAINED and not available(kind_of(k))]
+        missing = [k for k in requested if (k not in drafter_dirs if is_variant(k) else
+                                            kind_of(k) in TRAINED and not available(kind_of(k)))]
         if missing:
             where = (f"none is shipped at {SHIPPED_DRAFTERS_DIR}/<kind>" if embedded_target
                      else "shipped drafters serve only the embedded target")
             raise ValueError(f"method(s) {', '.join(missing)} need a trained drafter: {where}; "
                              f"give --drafter {missing[0]}=DIR")
         methods = list(dict.fromkeys(["ar"] + requested))  # ar: the reference for speedups and mismatches
-    unused = sorted(set(drafter_dirs) - {kind_of(m) for m in methods})
+    unused = sorted(set(drafter_dirs) - {m if is_variant(m) else kind_of(m) for m in methods})
     if unused:
         raise ValueError(f"--drafter given for {', '.join(unused)}, which is not among --methods {','.join(methods)}")
     return methods
@@ -181,11 +204,13 @@ def load_prompts(args: argparse.Namespace) -> tuple[list[str], str]:
 
 def with_tree(drafter: Drafter, args: argparse.Namespace) -> Drafter:
     """The drafter with the command line's tree shape, where given."""
-    fields = {f.name for f in dataclasses.fields(drafter.method)}  # a property (say max_depth) is not settable
-    given = {name: value for name, value in (("budget", args.tree_budget), ("max_depth", args.max_depth),
-                                             ("topk", args.topk)) if value is not None}
+    # a property (say SpecBlock's max_depth) is not settable, and the drafter's config is not a tree field
+    fields = {f.name for f in dataclasses.fields(drafter.method)} - {"config"}
+    given = {name: tuple(value) if isinstance(value, list) else value for name, value in args.tree.items()}
+    given.update({name: value for name, value in (("budget", args.tree_budget), ("max_depth", args.max_depth),
+                                                  ("topk", args.topk)) if value is not None})
     for name in sorted(set(given) - fields):
-        print(f"note: --{name.replace('_', '-')} does not apply to {type(drafter.method).__name__}; ignored for it",
+        print(f"note: tree field {name} does not apply to {type(drafter.method).__name__}; ignored for it",
               file=sys.stderr)
     overrides = {name: value for name, value in given.items() if name in fields}
     return dataclasses.replace(drafter, method=dataclasses.replace(drafter.method, **overrides))
@@ -200,7 +225,8 @@ def resolve_drafters(methods: list[str], drafter_dirs: dict[str, pathlib.Path], 
         if method == "ar":
             drafters[method] = None
             continue
-        source = str(drafter_dirs.get(kind_of(method), kind_of(method)))
+        kind = kind_of(method)
+        source = str(drafter_dirs[method] if is_variant(method) else drafter_dirs.get(kind, kind))
         try:
             drafters[method] = with_tree(load_drafter(source, target), args)
         except (ValueError, FileNotFoundError) as e:

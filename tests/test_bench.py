@@ -232,6 +232,41 @@ def test_drafter_specs(tmp_path, no_shipped_drafters):
     assert bench.select_methods(["specblock"], {}, embedded_target=True) == ["ar", "specblock"]
     with pytest.raises(ValueError, match="not among --methods"):
         bench.select_methods(["ngram"], {"eagle3": e3}, embedded_target=True)
+    # Variants: KIND:LABEL, each with its own directory of that kind.
+    variants = bench.parse_drafter_specs([f"eagle3={e3}", f"eagle3:deep={e3}"])
+    assert variants == {"eagle3": e3, "eagle3:deep": e3} and bench.kind_of("eagle3:deep") == "eagle3"
+    assert bench.select_methods(None, variants, embedded_target=False) == ["ar", "ngram", "eagle3", "eagle3:deep"]
+    assert bench.select_methods(["eagle3:deep"], {"eagle3:deep": e3}, embedded_target=False) == ["ar", "eagle3:deep"]
+    with pytest.raises(ValueError, match="need a trained drafter"):
+        bench.select_methods(["eagle3:wide"], variants, embedded_target=False)
+    with pytest.raises(ValueError, match="holds a eagle3 drafter, not specblock"):
+        bench.parse_drafter_specs([f"specblock:x={e3}"])
+    for bad in (f"ngram:x={e3}", f"eagle3:={e3}", f"eagle3:a b={e3}"):
+        with pytest.raises(ValueError, match="a variant is KIND:LABEL"):
+            bench.parse_drafter_specs([bad])
+
+
+def test_variants_of_one_kind_run_side_by_side_with_their_own_trees(small, tmp_path, target):
+    """Two EAGLE-3 drafter directories as eagle3 and eagle3:wide; --tree JSON sets fields of every tree."""
+    narrow = save_untrained_eagle3(target.config, tmp_path / "narrow")
+    wide = tmp_path / "wide"
+    config = eagle3.Eagle3Config.for_target(target.config)
+    drafter_io.save_eagle3(Eagle3Method(config, budget=6, max_depth=3, topk=3),
+                           eagle3.init_params(config, jax.random.key(1)), wide)
+    out = tmp_path / "r.json"
+    rc = bench.main(small + ["--methods", "eagle3,eagle3:wide", "--drafter", f"eagle3={narrow}",
+                             "--drafter", f"eagle3:wide={wide}", "--tree", '{"topk": 1}', "--repeats", "1",
+                             "--timing-calls", "0", "--plots-dir", "none", "--out", str(out)])
+    assert rc == 0
+    report = read(out)
+    assert report["config"]["methods"] == ["ar", "eagle3", "eagle3:wide"]
+    trees = report["config"]["tree"]
+    assert (trees["eagle3"]["budget"], trees["eagle3"]["topk"]) == (4, 1)
+    assert (trees["eagle3:wide"]["budget"], trees["eagle3:wide"]["topk"]) == (6, 1)
+    assert report["config"]["drafters"]["eagle3:wide"] == str(wide)
+    for name in ("eagle3", "eagle3:wide"):
+        assert report["methods"][name]["mismatches_vs_ar"] == 0
+        assert report["methods"][name]["max_tokens_per_iter"] == trees[name]["max_depth"] + 1
 
 
 def test_phase_breakdown_weights_verify_by_step_kind():
@@ -267,4 +302,9 @@ def test_tree_overrides_apply_where_the_method_has_the_field(capsys):
     args = bench.parse_args(["--tree-budget", "3", "--max-depth", "2", "--topk", "5"])
     ngram = bench.with_tree(Drafter(NgramMethod()), args).method
     assert (ngram.budget, ngram.max_depth) == (3, 2)
-    assert "--topk does not apply to NgramMethod" in capsys.readouterr().err
+    assert "tree field topk does not apply to NgramMethod" in capsys.readouterr().err
+    args = bench.parse_args(["--tree", '{"max_depth": 4, "budget": 5}', "--tree-budget", "3"])
+    ngram = bench.with_tree(Drafter(NgramMethod()), args).method
+    assert (ngram.budget, ngram.max_depth) == (3, 4)  # --tree-budget wins over --tree's budget
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--tree", "[1, 2]"])
