@@ -63,8 +63,9 @@ DOMAINS = ("code", "prose", "all")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="infer.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", help=f"comma-separated, from {', '.join(METHODS)} (default: every method whose "
-                                     "drafter is shipped or given); ar is always run, as the reference")
+    p.add_argument("--methods", help=f"comma-separated, from {', '.join(METHODS)} and the KIND:LABEL variants given "
+                                     "by --drafter (default: every method whose drafter is shipped or given); ar is "
+                                     "always run, as the reference")
     p.add_argument("--prompts", help='JSONL prompt file ({"prompt": ...} per line); default: the embedded '
                                      "target's held-out prompts of --domain")
     p.add_argument("--domain", choices=DOMAINS, default="code",
