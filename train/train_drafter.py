@@ -372,8 +372,9 @@ def check_batch_split(cfg: DrafterTrainConfig, mesh) -> None:
     if cfg.batch_size % jax.process_count() or cfg.batch_size % cfg.grad_accum:
         raise ConfigError(f"batch_size {cfg.batch_size} does not split over {jax.process_count()} process(es) and "
                           f"grad_accum {cfg.grad_accum} micro-batches")
-    if (cfg.batch_size // cfg.grad_accum) % shards:
-        micro = "" if cfg.grad_accum == 1 else f" (a micro-batch of grad_accum {cfg.grad_accum}: {cfg.batch_size // cfg.grad_accum} rows)"
+    rows = cfg.batch_size // cfg.grad_accum
+    if rows % shards:
+        micro = "" if cfg.grad_accum == 1 else f" (a micro-batch of grad_accum {cfg.grad_accum}: {rows} rows)"
         raise ConfigError(f"batch_size {cfg.batch_size}{micro} does not split over the mesh's data * fsdp = {shards} "
                           "batch shards")
 
