@@ -78,9 +78,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tree-budget", type=int, help="override the drafters' tree budget (nodes besides the root)")
     p.add_argument("--max-depth", type=int, help="override the drafters' tree depth")
     p.add_argument("--topk", type=int, help="override the EAGLE-3 drafter's branching per depth")
-    p.add_argument("--tree", type=json.loads, default={}, metavar="JSON",
-                   help='override any fields of the drafters\' trees, e.g. \'{"max_blocks": 2, "expand": 2, '
-                        '"widths": [1, 2, 3, 2]}\' (fields a drafting method lacks are ignored for it, with a note)')
+    p.add_argument("--tree", action="append", default=[], metavar="[METHOD=]JSON",
+                   help='override fields of the drafters\' trees, e.g. \'{"max_blocks": 2, "expand": 2, '
+                        '"widths": [1, 2, 3, 2]}\' (fields a drafting method lacks are ignored for it, with a '
+                        'note); METHOD=JSON for one method only (say eagle3:deep=\'{"max_depth": 7}\'), '
+                        "applied after the ones for all. Repeatable")
     p.add_argument("--max-prompts", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the only mode with a mismatch check)")
@@ -99,8 +101,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("max_prompts", "max_new_tokens", "batch_size", "repeats", "tree_budget", "max_depth", "topk"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not isinstance(args.tree, dict):
-        p.error(f"--tree must be a JSON object, got {args.tree!r}")
+    trees: dict[str, dict] = {}  # method ("" for every method) -> tree fields
+    for spec in args.tree:
+        method, text = ("", spec) if spec.lstrip().startswith("{") else spec.split("=", 1) if "=" in spec else (spec, "")
+        if method and method not in METHODS and not is_variant(method):
+            p.error(f"--tree {spec}: {method!r} is not a method; give JSON or METHOD=JSON")
+        try:
+            fields = json.loads(text)
+        except json.JSONDecodeError as e:
+            p.error(f"--tree {spec}: not JSON ({e})")
+        if not isinstance(fields, dict):
+            p.error(f"--tree {spec}: must be a JSON object")
+        trees.setdefault(method, {}).update(fields)
+    args.tree = trees
     if args.timing_calls < 0:
         p.error(f"--timing-calls must be >= 0, got {args.timing_calls}")
     if args.temperature < 0:
@@ -203,11 +216,13 @@ def load_prompts(args: argparse.Namespace) -> tuple[list[str], str]:
     return alternating[:args.max_prompts], f"embedded held-out prompts ({'+'.join(domains)})"
 
 
-def with_tree(drafter: Drafter, args: argparse.Namespace) -> Drafter:
-    """The drafter with the command line's tree shape, where given."""
+def with_tree(drafter: Drafter, args: argparse.Namespace, method: str = "") -> Drafter:
+    """The drafter with the command line's tree shape, where given: `--tree` for all methods, then for
+    `method`, then `--tree-budget` / `--max-depth` / `--topk`."""
     # a property (say SpecBlock's max_depth) is not settable, and the drafter's config is not a tree field
     fields = {f.name for f in dataclasses.fields(drafter.method)} - {"config"}
-    given = {name: tuple(value) if isinstance(value, list) else value for name, value in args.tree.items()}
+    given = {name: tuple(value) if isinstance(value, list) else value
+             for name, value in {**args.tree.get("", {}), **args.tree.get(method, {})}.items()}
     given.update({name: value for name, value in (("budget", args.tree_budget), ("max_depth", args.max_depth),
                                                   ("topk", args.topk)) if value is not None})
     for name in sorted(set(given) - fields):
@@ -221,6 +236,9 @@ def resolve_drafters(methods: list[str], drafter_dirs: dict[str, pathlib.Path], 
                      args: argparse.Namespace) -> dict[str, Drafter | None]:
     """method -> its drafter (None for ar), loaded against `target`: a drafter that does not match
     the target is an error here, before any compute."""
+    unused = sorted(set(args.tree) - {""} - set(methods))
+    if unused:
+        raise ValueError(f"--tree given for {', '.join(unused)}, which is not among the methods {','.join(methods)}")
     drafters = {}
     for method in methods:
         if method == "ar":
@@ -229,7 +247,7 @@ def resolve_drafters(methods: list[str], drafter_dirs: dict[str, pathlib.Path], 
         kind = kind_of(method)
         source = str(drafter_dirs[method] if is_variant(method) else drafter_dirs.get(kind, kind))
         try:
-            drafters[method] = with_tree(load_drafter(source, target), args)
+            drafters[method] = with_tree(load_drafter(source, target), args, method)
         except (ValueError, FileNotFoundError) as e:
             raise type(e)(f"{method} drafter ({source}): {e}") from None
     return drafters

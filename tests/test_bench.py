@@ -247,24 +247,28 @@ def test_drafter_specs(tmp_path, no_shipped_drafters):
 
 
 def test_variants_of_one_kind_run_side_by_side_with_their_own_trees(small, tmp_path, target):
-    """Two EAGLE-3 drafter directories as eagle3 and eagle3:wide; --tree JSON sets fields of every tree."""
+    """Two EAGLE-3 drafter directories as eagle3 and eagle3:wide, and the narrow one again as eagle3:deep
+    with a tree of its own: --tree JSON sets fields of every tree, METHOD=JSON of one method's."""
     narrow = save_untrained_eagle3(target.config, tmp_path / "narrow")
     wide = tmp_path / "wide"
     config = eagle3.Eagle3Config.for_target(target.config)
     drafter_io.save_eagle3(Eagle3Method(config, budget=6, max_depth=3, topk=3),
                            eagle3.init_params(config, jax.random.key(1)), wide)
     out = tmp_path / "r.json"
-    rc = bench.main(small + ["--methods", "eagle3,eagle3:wide", "--drafter", f"eagle3={narrow}",
-                             "--drafter", f"eagle3:wide={wide}", "--tree", '{"topk": 1}', "--repeats", "1",
-                             "--timing-calls", "0", "--plots-dir", "none", "--out", str(out)])
+    rc = bench.main(small + ["--methods", "eagle3,eagle3:wide,eagle3:deep", "--drafter", f"eagle3={narrow}",
+                             "--drafter", f"eagle3:wide={wide}", "--drafter", f"eagle3:deep={narrow}",
+                             "--tree", '{"topk": 1}', "--tree", 'eagle3:deep={"max_depth": 4, "budget": 5}',
+                             "--repeats", "1", "--timing-calls", "0", "--plots-dir", "none", "--out", str(out)])
     assert rc == 0
     report = read(out)
-    assert report["config"]["methods"] == ["ar", "eagle3", "eagle3:wide"]
+    assert report["config"]["methods"] == ["ar", "eagle3", "eagle3:wide", "eagle3:deep"]
     trees = report["config"]["tree"]
-    assert (trees["eagle3"]["budget"], trees["eagle3"]["topk"]) == (4, 1)
+    assert (trees["eagle3"]["budget"], trees["eagle3"]["max_depth"], trees["eagle3"]["topk"]) == (4, 2, 1)
     assert (trees["eagle3:wide"]["budget"], trees["eagle3:wide"]["topk"]) == (6, 1)
+    assert (trees["eagle3:deep"]["budget"], trees["eagle3:deep"]["max_depth"], trees["eagle3:deep"]["topk"]) == (5, 4, 1)
     assert report["config"]["drafters"]["eagle3:wide"] == str(wide)
-    for name in ("eagle3", "eagle3:wide"):
+    assert bench.main(small + ["--tree", 'eagle3:x={"topk": 1}', "--out", str(tmp_path / "bad.json")]) == 2
+    for name in ("eagle3", "eagle3:wide", "eagle3:deep"):
         assert report["methods"][name]["mismatches_vs_ar"] == 0
         assert report["methods"][name]["max_tokens_per_iter"] == trees[name]["max_depth"] + 1
 
@@ -303,8 +307,11 @@ def test_tree_overrides_apply_where_the_method_has_the_field(capsys):
     ngram = bench.with_tree(Drafter(NgramMethod()), args).method
     assert (ngram.budget, ngram.max_depth) == (3, 2)
     assert "tree field topk does not apply to NgramMethod" in capsys.readouterr().err
-    args = bench.parse_args(["--tree", '{"max_depth": 4, "budget": 5}', "--tree-budget", "3"])
-    ngram = bench.with_tree(Drafter(NgramMethod()), args).method
-    assert (ngram.budget, ngram.max_depth) == (3, 4)  # --tree-budget wins over --tree's budget
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--tree", "[1, 2]"])
+    args = bench.parse_args(["--tree", '{"max_depth": 4, "budget": 5}', "--tree", 'ngram={"max_depth": 6}',
+                             "--tree-budget", "3"])
+    assert (bench.with_tree(Drafter(NgramMethod()), args).method.max_depth,
+            bench.with_tree(Drafter(NgramMethod()), args, "ngram").method.max_depth) == (4, 6)
+    assert bench.with_tree(Drafter(NgramMethod()), args).method.budget == 3  # --tree-budget wins over --tree
+    for bad in ("[1, 2]", "medusa={}", 'ngram={"a":', "ngram"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--tree", bad])
