@@ -103,7 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     trees: dict[str, dict] = {}  # method ("" for every method) -> tree fields
     for spec in args.tree:
-        method, text = ("", spec) if spec.lstrip().startswith("{") else spec.split("=", 1) if "=" in spec else (spec, "")
+        method, _, text = ("", "", spec) if spec.lstrip().startswith("{") else spec.partition("=")
         if method and method not in METHODS and not is_variant(method):
             p.error(f"--tree {spec}: {method!r} is not a method; give JSON or METHOD=JSON")
         try:
