@@ -40,7 +40,7 @@ class Checkpointer:
         path = self.directory / "run.json"
         text = json.dumps(fingerprint, sort_keys=True, indent=1)
         if path.exists():
-            stored, new, default = (_flat(json.loads(x)) for x in (path.read_text(), text, json.dumps(defaults)))
+            stored, new, default = _flat(json.loads(path.read_text())), _flat(json.loads(text)), _flat(defaults)
             missing = object()
             if any(stored.get(k, default.get(k, missing)) != new.get(k, default.get(k, missing))
                    for k in stored.keys() | new.keys()):
