@@ -30,6 +30,7 @@ from specblock_jax import adapt, data, generate, hf, load_drafter, load_target
 from specblock_jax.config import ConfigError
 
 from infer.bench import _now, versions, write_json
+from train.train_target import PROMPT_CHARS
 
 DOMAINS = ("code", "prose")
 
@@ -42,6 +43,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--streams", default="code,prose",
                    help="comma-separated streams, each a domain or domains joined with '+' (default: code,prose)")
     p.add_argument("--max-prompts", type=int, default=48, help="prompts per domain")
+    p.add_argument("--source", choices=("embedded", "corpus"), default="embedded",
+                   help="embedded: the embedded target's 48 held-out prompts per domain; corpus: prompts cut "
+                        "apart through the held-out documents of its training corpus (up to 840 code and 383 "
+                        "prose), for streams long enough for adaptation to pay")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--adapt", default="{}", metavar="JSON",
@@ -67,10 +72,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def stream_prompts(stream: str, max_prompts: int) -> list[str]:
-    prompt_dir = pathlib.Path(hf.EMBEDDED_TARGET_DIR) / "prompts"
-    return [p for domain in stream.split("+")
-            for p in data.read_prompts_jsonl(prompt_dir / f"{domain}.jsonl")[:max_prompts]]
+def stream_prompts(stream: str, max_prompts: int, source: str = "embedded") -> list[str]:
+    """The stream's prompts, `max_prompts` per domain, domain after domain."""
+    if source == "embedded":
+        prompt_dir = pathlib.Path(hf.EMBEDDED_TARGET_DIR) / "prompts"
+        return [p for domain in stream.split("+")
+                for p in data.read_prompts_jsonl(prompt_dir / f"{domain}.jsonl")[:max_prompts]]
+    splits = data.corpus_splits()  # the split the embedded target was trained with: "test" is held out
+    return [p["prompt"] for domain in stream.split("+")
+            for p in data.spaced_prompts(splits[domain]["test"], n=max_prompts, prompt_chars=PROMPT_CHARS, seed=0)]
 
 
 def _record(out, index: int, adapt_record: dict | None) -> dict:
@@ -150,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         drafter = load_drafter(args.drafter, target)
         if type(drafter.method).__name__ != "SpecBlockMethod":
             raise ValueError(f"{args.drafter} is not a SpecBlock drafter")
-        streams = {s: stream_prompts(s, args.max_prompts) for s in args.streams}
+        streams = {s: stream_prompts(s, args.max_prompts, args.source) for s in args.streams}
     except (FileNotFoundError, ValueError) as e:
         print(f"infer.adapt_bench: error: {e}", file=sys.stderr)
         return 2

@@ -5,24 +5,27 @@ Feedback (inside the jitted decode loop, no extra target forward). Slot k of blo
 k + 1; the verify forward already holds the target's distribution at the accepted path's node k, so
 for k <= the accepted length (the accepted slots and the first rejected one; past it the draft was
 conditioned on a wrong token) `collect` writes the slot's pre-norm hidden (the drafter's input to
-its heads), the target's top-`teacher_topk` distribution there and the emitted token into a
-fixed-size ring buffer (`Feedback`, one record of K slots per running row and step, all rows).
+its heads), the target's top-`teacher_topk` distribution there and the emitted token into a buffer
+(`Feedback`, one record of K slots per running row and step, all rows). The loop fills one sized for
+its call; `append` then writes it into the fixed-size ring buffer the updates draw from.
 
 Update. What is trained is the drafter's output side, chosen by `AdaptConfig.params`: the LM head
 (`head`) or a low-rank adapter on it (`lora`, merged into it for drafting), plus the rank head
 (`rank_head`). These read nothing but the buffered hiddens, so a buffer replays the drafter's
 outputs exactly, and an update never invalidates the drafter's KV cache. The loss is the drafter's
 own: soft cross-entropy to the target's distribution per slot with the valid-prefix mask and
-position weights, plus the rank loss.
+position weights, plus the rank loss. An optimizer step draws `batch_slots` valid slots rather than
+whole records, slot k with probability proportional to the position weight w**k: under a shift most
+records hold a single valid slot of K, and the head's logits cost per slot.
 
 Validation. An update at the end of a window (an `Adapter.generate` call) trains on the records of
 earlier windows only, and is measured on the window's own records, which it has not seen: the
 greedy-chain length (leading block-1 slots whose greedy token is the target's) under the new heads
 minus under the old ones, per record, gives the gain in accepted tokens per step and its standard
 error. The records were drafted by the old heads, so the new heads' chains can be cut short where
-the old drafts stopped: the estimate errs against the update. An update that measures worse is
-discarded at once (the drafter never serves it); one too small to change any chain is kept, so
-small steps can add up.
+the old drafts stopped: the estimate errs against the update. An update that measures worse by more
+than its standard error is discarded at once (the drafter never serves it); any other is kept, so
+small steps, each within the noise of one window, can add up.
 
 Bandit. At the end of every window it chooses between two arms, update or not. Measured gains are
 kept as discounted statistics (`discount` per measurement, `idle_discount` per window without one,
@@ -67,12 +70,13 @@ class AdaptConfig:
     params: str = "head"  # "head": the LM head; "lora": a rank-`lora_rank` adapter on it
     lora_rank: int = 16
     rank_head: bool = False  # also train the rank head (rank loss), when the drafter has one
-    buffer_size: int = 1024  # records kept (K slots each); the oldest are overwritten
+    buffer_size: int = 8192  # records kept (K slots each); the oldest are overwritten
     teacher_topk: int = 8  # target probabilities kept per slot (renormalised)
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-3
     steps: int = 8  # optimizer steps per update
-    batch_records: int = 64  # records per optimizer step (drawn from the buffer) and per gain measurement
-    horizon_tokens: int = 2048  # tokens an update is expected to serve: its cost is amortised over them
+    batch_slots: int = 96  # valid slots per optimizer step (drawn from the buffer)
+    batch_records: int = 128  # records per gain measurement (the newest: about a 128-token window's)
+    horizon_tokens: int = 16384  # tokens an update is expected to serve: its cost is amortised over them
     min_records: int = 64  # records of earlier windows an update needs to train on
     ucb_beta: float = 1.0  # optimism: spreads added to the mean measured gain
     gain_floor: float = 0.02  # the smallest spread assumed for a measured gain (tokens per step)
@@ -85,8 +89,8 @@ class AdaptConfig:
     def __post_init__(self):
         if self.params not in PARAM_SETS:
             raise ConfigError(f"AdaptConfig params={self.params!r} is not one of {PARAM_SETS}")
-        for name in ("lora_rank", "buffer_size", "teacher_topk", "steps", "batch_records", "horizon_tokens",
-                     "min_records"):
+        for name in ("lora_rank", "buffer_size", "teacher_topk", "steps", "batch_slots", "batch_records",
+                     "horizon_tokens", "min_records"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"AdaptConfig {name} must be an integer >= 1, got {value!r}")
@@ -158,6 +162,20 @@ def collect(feedback: Feedback, drafter_state: Any, acceptance: Acceptance, logi
                     written=feedback.written + jnp.sum(keep_B, dtype=jnp.int32), window=feedback.window)
 
 
+@functools.partial(jax.jit, donate_argnums=0)
+def append(feedback: Feedback, window: Feedback) -> Feedback:
+    """The ring buffer with a window's records (`window`, filled by `collect` from empty) written after
+    its own, the newest kept when they outnumber it. Decoding collects into a buffer of one window's
+    size: a loop carrying the whole ring costs it a copy of the ring per call and more per step."""
+    size, m = feedback.window_C.shape[0], window.window_C.shape[0]
+    index_M = jnp.arange(m)
+    keep_M = (index_M < window.written) & (index_M >= window.written - size)
+    slot_M = jnp.where(keep_M, (feedback.written + index_M) % size, size)  # size: dropped
+    fields = {name: value.at[slot_M].set(getattr(window, name), mode="drop")
+              for name, value in feedback._asdict().items() if name not in ("written", "window")}
+    return Feedback(**fields, written=feedback.written + window.written, window=feedback.window)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The update: the drafter's heads trained on the buffer.
 
@@ -185,8 +203,9 @@ def merge(base: Any, trainable: dict) -> Any:
 
 
 def feedback_loss(trainable: dict, base: Any, feedback: Feedback, config: specblock.SpecBlockConfig) -> jax.Array:
-    """The drafter's loss on the buffer: per-slot soft cross-entropy to the target's (top-T) distribution
-    under the valid-prefix mask, weighted w**k, plus the rank loss when the rank head adapts."""
+    """The drafter's loss on records of K slots (the buffer) or of one (`sample_slots`): per-slot soft
+    cross-entropy to the target's (top-T) distribution under the valid-prefix mask, weighted w**k, plus
+    the rank loss when the rank head adapts."""
     logits_CxKxV, rank_logits_CxKxC = specblock.heads(merge(base, trainable), config, feedback.hidden_CxKxH)
     logp_CxKxV = jax.nn.log_softmax(logits_CxKxV, axis=-1)
     ce_CxK = -jnp.sum(feedback.teacher_probs_CxKxT * jnp.take_along_axis(logp_CxKxV, feedback.teacher_ids_CxKxT,
@@ -195,7 +214,7 @@ def feedback_loss(trainable: dict, base: Any, feedback: Feedback, config: specbl
     mask_CxK = (losses.valid_prefix_mask(hit_CxK, feedback.valid_CxK) if config.valid_prefix
                 else feedback.valid_CxK.astype(jnp.float32))
     per_slot_K = jnp.sum(ce_CxK * mask_CxK, axis=0) / jnp.maximum(jnp.sum(mask_CxK, axis=0), 1.0)
-    loss = jnp.sum(config.position_loss_weight ** jnp.arange(config.block_size) * per_slot_K)
+    loss = jnp.sum(config.position_loss_weight ** jnp.arange(hit_CxK.shape[1]) * per_slot_K)
     if "rank_in" in trainable:
         labels_CxK = losses.rank_labels(jax.lax.stop_gradient(logits_CxKxV), feedback.labels_CxK, config.rank_bounds)
         loss = loss + config.rank_loss_weight * losses.rank_loss(rank_logits_CxKxC, labels_CxK, feedback.valid_CxK)
@@ -206,21 +225,43 @@ def _optimizer(cfg: AdaptConfig) -> optax.GradientTransformation:
     return optax.adam(cfg.learning_rate)
 
 
+def sample_slots(feedback: Feedback, key: jax.Array, held_out: jax.Array, slots: int, decay: float) -> Feedback:
+    """`slots` one-slot records ([M, 1, ..]) drawn with replacement from the valid slots of all records
+    but the newest `held_out`, slot k with probability proportional to decay**k: the position weights of
+    the drafter's loss, as sampling weights. Under a shift most records hold one valid slot of K, so an
+    optimizer step over sampled slots costs a fraction of one over whole records. With nothing valid
+    to draw, the draws are marked invalid (and train nothing)."""
+    size, k = feedback.valid_CxK.shape
+    age_C = (feedback.written - 1 - jnp.arange(size)) % size  # 0: the newest record
+    older_C = (age_C >= held_out) & (age_C < feedback.written)
+    weight_CxK = (feedback.valid_CxK & older_C[:, None]) * decay ** jnp.arange(k, dtype=jnp.float32)
+    total = jnp.sum(weight_CxK)
+    flat_M = jax.random.choice(key, size * k, (slots,), p=jnp.where(total > 0, weight_CxK, 1.0).reshape(-1) /
+                               jnp.where(total > 0, total, size * k))
+    record_M, slot_M = flat_M // k, flat_M % k
+
+    def pick(x):
+        return x[record_M, slot_M][:, None]
+
+    return Feedback(hidden_CxKxH=pick(feedback.hidden_CxKxH), teacher_ids_CxKxT=pick(feedback.teacher_ids_CxKxT),
+                    teacher_probs_CxKxT=pick(feedback.teacher_probs_CxKxT), labels_CxK=pick(feedback.labels_CxK),
+                    valid_CxK=pick(feedback.valid_CxK) & (total > 0), window_C=feedback.window_C[record_M],
+                    written=feedback.written, window=feedback.window)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "config"))
 def update(trainable: dict, opt_state: Any, base: Any, feedback: Feedback, key: jax.Array, held_out: jax.Array, *,
            cfg: AdaptConfig, config: specblock.SpecBlockConfig) -> tuple[dict, Any, jax.Array]:
-    """`cfg.steps` Adam steps, each on `batch_records` records drawn from the buffer but for its newest
-    `held_out` (kept for validation): (trainable, optimizer state, mean loss of the steps)."""
+    """`cfg.steps` Adam steps, each on `batch_slots` slots drawn from the buffer but for its newest
+    `held_out` records (kept for validation): (trainable, optimizer state, mean loss of the steps)."""
     loss_and_grad = jax.value_and_grad(feedback_loss)
     optimizer = _optimizer(cfg)
-    size = feedback.window_C.shape[0]
-    older = jnp.maximum(jnp.minimum(feedback.written, size) - held_out, 1)
 
     def step(i, carry):
         params, state, total = carry
-        age_M = jax.random.randint(jax.random.fold_in(key, i), (cfg.batch_records,), 0, older)
-        index_M = (feedback.written - 1 - held_out - age_M) % size
-        loss, grads = loss_and_grad(params, base, take(feedback, index_M), config)
+        slots = sample_slots(feedback, jax.random.fold_in(key, i), held_out, cfg.batch_slots,
+                             config.position_loss_weight)
+        loss, grads = loss_and_grad(params, base, slots, config)
         updates, state = optimizer.update(grads, state, params)
         return optax.apply_updates(params, updates), state, total + loss
 
@@ -395,18 +436,23 @@ class Adapter:
         self._update(0)
         return time.perf_counter() - start
 
-    def generate(self, prompts: Any, **kwargs: Any) -> decode.GenerateOutput:
+    def generate(self, prompts: Any, *, max_new_tokens: int, **kwargs: Any) -> decode.GenerateOutput:
         """`decode.generate` with the current drafter (same keyword arguments, `drafter` excluded),
         followed by this window's bandit step. Adaptation seconds land in stats["adapt"]["adapt_s"]."""
-        if len(prompts) > self.config.buffer_size:
-            raise ValueError(f"{len(prompts)} prompts in one call exceed AdaptConfig buffer_size "
-                             f"{self.config.buffer_size}: one step writes a record per row")
-        written_before = int(self.feedback.written)
-        out = decode.generate(self.target, prompts, drafter=self.drafter, collect=collect,
-                              feedback=self.feedback._replace(window=jnp.asarray(self.window, jnp.int32)), **kwargs)
-        self.feedback = out.feedback
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        steps = len(prompts) * max_new_tokens  # row-steps, records, at most
+        if steps > self.config.buffer_size:
+            raise ValueError(f"{len(prompts)} prompts x {max_new_tokens} new tokens can write {steps} records, more "
+                             f"than AdaptConfig buffer_size {self.config.buffer_size} holds")
+        window = empty_feedback(self.method.config, steps, self.config.teacher_topk)
+        out = decode.generate(self.target, prompts, max_new_tokens=max_new_tokens, drafter=self.drafter,
+                              collect=collect, feedback=window._replace(window=jnp.asarray(self.window, jnp.int32)),
+                              **kwargs)
         stats = out.stats
         start = time.perf_counter()
+        written_before = int(self.feedback.written)
+        self.feedback = append(self.feedback, out.feedback)
         self.bandit.observe_window(stats["tau"], stats["decode_s"] / max(stats["iterations"], 1) / len(prompts))
         fresh = int(self.feedback.written) - written_before
         older = min(written_before, self.config.buffer_size - fresh)  # earlier windows' records still held
@@ -416,7 +462,7 @@ class Adapter:
         if decision.update and fresh:
             trainable, opt_state, loss, gain, stderr = self._update(fresh)
             self.bandit.observe_gain(gain, stderr)
-            kept = gain >= 0  # a change too small to move any chain is kept: small steps add up
+            kept = gain + stderr >= 0  # discarded only when measured worse beyond its noise: small steps add up
             if kept:
                 self.trainable, self.opt_state = trainable, opt_state
             self.bandit.observe_update(time.perf_counter() - start)

@@ -400,6 +400,21 @@ def held_out_prompts(
     return prompts
 
 
+def spaced_prompts(docs: list[Document], *, n: int, prompt_chars: int, seed: int) -> list[dict]:
+    """``n`` prompts cut ``2 * prompt_chars`` characters apart through the documents, so no two share
+    text, in an order shuffled by ``seed``: a long stream of distinct prompts (benchmarks of adaptation)."""
+    _check_positive(n=n, prompt_chars=prompt_chars)
+    prompts = [{"domain": doc.domain, "source": doc.name, "prompt": prompt}
+               for doc in docs for offset in range(0, len(doc.text), 2 * prompt_chars)
+               if (prompt := _snippet(doc, offset, prompt_chars)) is not None]
+    prompts = list({p["prompt"]: p for p in prompts}.values())  # a snippet can start at the same line twice
+    if len(prompts) < n:
+        raise ValueError(f"the documents hold only {len(prompts)} prompts of {prompt_chars} chars "
+                         f"{2 * prompt_chars} apart, fewer than {n}")
+    random.Random(seed).shuffle(prompts)
+    return prompts[:n]
+
+
 def _snippet(doc: Document, offset: int, prompt_chars: int) -> str | None:
     """The snippet from the line start at or before ``offset``; None when it is near-empty."""
     start = doc.text.rfind("\n", 0, offset) + 1

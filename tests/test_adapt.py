@@ -86,9 +86,11 @@ def test_bandit_updates_while_gains_are_large_and_stops_when_they_vanish():
 
 def test_bandit_never_takes_updates_that_measure_no_gain_for_long():
     """A stream where updates never help: after the one optimistic try, updates are rare (slow
-    re-exploration, about one in 30 windows)."""
+    re-exploration, about one in 30 windows). This holds where the smallest gain that pays (here 0.04
+    tokens per step over a 2048-token horizon) lies above the measurement noise (0.02): below it, no
+    number of discounted measurements rules a paying gain out, and the bandit keeps trying."""
     rng = np.random.default_rng(1)
-    bandit = _bandit(update_s=0.2)
+    bandit = _bandit(update_s=0.2, horizon_tokens=2048)
     updates = _stream(bandit, lambda w, n: 0.0, lambda w: 2.0, 100, rng)
     assert updates[0] == 0 and len(updates) <= 5 and all(b - a >= 15 for a, b in zip(updates, updates[1:]))
 
@@ -183,11 +185,42 @@ def test_buffered_hiddens_replay_the_drafters_logits(target, drafter):
     np.testing.assert_array_equal(proposed_KxW, np.argsort(-np.asarray(logits), axis=-1, kind="stable")[:, :w])
 
 
+def test_sampled_slots_are_valid_slots_of_older_records_weighted_by_position(target, drafter):
+    """Draws land only on valid slots of the records not held out, slot k about as often as its share of
+    decay**k; a buffer with nothing valid gives draws marked invalid, which train nothing."""
+    fb = _collect(target, drafter, PROMPTS, size=128).feedback
+    n, held_out, decay = min(int(fb.written), 128), 6, 0.5
+    # Every slot valid, so the draw frequencies show the weights alone.
+    full = fb._replace(valid_CxK=jnp.ones_like(fb.valid_CxK) & (fb.window_C >= 0)[:, None])
+    slots = adapt.sample_slots(full, jax.random.key(0), jnp.int32(held_out), 20000, decay)
+    hidden_MxH = np.asarray(slots.hidden_CxKxH[:, 0])
+    newest = (int(fb.written) - 1 - np.arange(held_out)) % 128
+    slot_of = {tuple(np.asarray(full.hidden_CxKxH[c, k]).round(5)): (c, k) for c in range(n) for k in range(4)}
+    drawn = [slot_of[tuple(h.round(5))] for h in hidden_MxH[:2000]]
+    assert not any(c in set(newest.tolist()) for c, _ in drawn)  # held-out records are never drawn
+    counts_K = np.bincount([k for _, k in drawn], minlength=4)
+    expected_K = 2000 * decay ** np.arange(4) / np.sum(decay ** np.arange(4))
+    assert np.all(np.abs(counts_K - expected_K) < 4 * np.sqrt(expected_K)), (counts_K, expected_K)
+    # Real validity: only slots the target reached are drawn.
+    slots = adapt.sample_slots(fb, jax.random.key(1), jnp.int32(0), 512, decay)
+    valid = {slot_of[tuple(np.asarray(h).round(5))] for h in np.asarray(slots.hidden_CxKxH[:, 0])}
+    assert all(bool(fb.valid_CxK[c, k]) for c, k in valid) and bool(jnp.all(slots.valid_CxK))
+    # Nothing valid: invalid draws, a zero loss and no gradient.
+    none = adapt.sample_slots(fb._replace(valid_CxK=jnp.zeros_like(fb.valid_CxK)), jax.random.key(2), jnp.int32(0),
+                              64, decay)
+    assert not bool(jnp.any(none.valid_CxK))
+    base = drafter.params["drafter"]
+    trainable = adapt.init_trainable(adapt.AdaptConfig(), CONFIG, base, jax.random.key(0))
+    grads = jax.grad(adapt.feedback_loss)(trainable, base, none, CONFIG)
+    assert float(adapt.feedback_loss(trainable, base, none, CONFIG)) == 0.0
+    assert not np.any(np.asarray(grads["lm_head"]["kernel"]))
+
+
 def test_an_update_lowers_the_drafters_loss_on_the_buffer(target, drafter):
     fb = _collect(target, drafter, PROMPTS, size=128).feedback
     base = drafter.params["drafter"]
     for params in adapt.PARAM_SETS:
-        cfg = adapt.AdaptConfig(params=params, steps=30, batch_records=32, learning_rate=1e-2)
+        cfg = adapt.AdaptConfig(params=params, steps=30, batch_slots=32, learning_rate=1e-2)
         trainable = adapt.init_trainable(cfg, CONFIG, base, jax.random.key(0))
         assert float(adapt.feedback_loss(trainable, base, fb, CONFIG)) == pytest.approx(
             float(adapt.feedback_loss(adapt.init_trainable(
@@ -237,7 +270,7 @@ def test_an_update_is_validated_on_the_records_it_did_not_train_on(target, draft
     newest = (n - 1 - np.arange(held_out)) % 128
     junk = fb._replace(hidden_CxKxH=fb.hidden_CxKxH.at[newest].set(7.0),
                        labels_CxK=fb.labels_CxK.at[newest].set(1))
-    cfg = adapt.AdaptConfig(steps=3, batch_records=16)
+    cfg = adapt.AdaptConfig(steps=3, batch_slots=16)
     base = drafter.params["drafter"]
     trainable = adapt.init_trainable(cfg, CONFIG, base, jax.random.key(0))
     opt_state = adapt._optimizer(cfg).init(trainable)

@@ -261,6 +261,24 @@ def test_held_out_prompts_deterministic_substrings():
         data.held_out_prompts([docs[2]], n=1, prompt_chars=80, seed=0)
 
 
+def test_spaced_prompts_share_no_text_and_come_shuffled():
+    text = "\n".join(f"line {i:04d} of the module" for i in range(400))  # unique lines of 24 chars
+    docs = [Document("code", "a.py", text), Document("code", "b.py", text.replace("line", "LINE"))]
+    prompts = data.spaced_prompts(docs, n=96, prompt_chars=100, seed=0)  # 9,599 chars / 200: 48 per doc
+    assert prompts == data.spaced_prompts(docs, n=96, prompt_chars=100, seed=0)
+    reordered = data.spaced_prompts(docs, n=96, prompt_chars=100, seed=1)
+    assert reordered != prompts and sorted(map(str, reordered)) == sorted(map(str, prompts))
+    assert [p["source"] for p in prompts[:10]] != ["a.py"] * 10  # shuffled across documents
+    by_name = {d.name: d.text for d in docs}
+    for name in by_name:
+        spans = sorted((by_name[name].index(p["prompt"]), len(p["prompt"])) for p in prompts if p["source"] == name)
+        assert len(spans) == 48 and all(0 < n <= 100 for _, n in spans)
+        assert all(start + n <= next_start for (start, n), (next_start, _) in zip(spans, spans[1:]))
+    assert data.spaced_prompts(docs, n=7, prompt_chars=100, seed=0) == prompts[:7]
+    with pytest.raises(ValueError, match="only 96 prompts"):
+        data.spaced_prompts(docs, n=97, prompt_chars=100, seed=0)
+
+
 def test_jsonl_round_trip_and_errors(tmp_path):
     rows = [{"domain": "prose", "source": "a", "prompt": "Hark — ünïcode\nline"},
             {"prompt": "x"}]
