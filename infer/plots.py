@@ -105,14 +105,16 @@ def _rolling(values: list[float], width: int) -> list[float]:
             for i in range(len(values))]
 
 
-def adaptation(report: dict, path: pathlib.Path, window: int = 6) -> pathlib.Path:
-    """Per stream (first pass): tau per prompt (rolling mean) with the updates marked, and tokens served
-    against wall time (the adapting method's update time included)."""
+def adaptation(report: dict, path: pathlib.Path) -> pathlib.Path:
+    """Per stream (first pass): tau per prompt (rolling mean over a twentieth of the stream, at least 6
+    prompts) with the updates marked, and tokens served against wall time (the adapting method's update
+    time included)."""
     streams = report["streams"]
     fig, axes = plt.subplots(2, len(streams), figsize=(5.5 * len(streams), 7), squeeze=False)
     colors = {"static": "tab:blue", "adapt": "tab:red"}
     for col, (name, stream) in enumerate(streams.items()):
         records = stream["passes"][0]["records"]
+        window = max(6, len(records["static"]) // 20)
         top, bottom = axes[0, col], axes[1, col]
         for method, rows in records.items():
             top.plot(_rolling([r["tau"] for r in rows], window), color=colors[method], label=method)

@@ -75,7 +75,7 @@ class AdaptConfig:
     learning_rate: float = 3e-3
     steps: int = 8  # optimizer steps per update
     batch_slots: int = 96  # valid slots per optimizer step (drawn from the buffer)
-    batch_records: int = 128  # records per gain measurement (the newest: about a 128-token window's)
+    batch_records: int = 64  # records per gain measurement (the newest)
     horizon_tokens: int = 16384  # tokens an update is expected to serve: its cost is amortised over them
     min_records: int = 64  # records of earlier windows an update needs to train on
     ucb_beta: float = 1.0  # optimism: spreads added to the mean measured gain

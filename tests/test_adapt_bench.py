@@ -8,6 +8,7 @@ import pytest
 
 from infer import adapt_bench
 from specblock_jax import drafter_io, load_target
+from specblock_jax.data import Document
 from specblock_jax.eagle3_draft import Eagle3Method
 from specblock_jax.models import eagle3, specblock
 from specblock_jax.specblock_draft import SpecBlockMethod
@@ -61,3 +62,18 @@ def test_bad_input_is_a_clear_error(tmp_path, target, capsys):
         with pytest.raises(SystemExit):
             adapt_bench.main(["--drafter", "specblock"] + argv)
         assert message in capsys.readouterr().err
+
+
+def test_corpus_streams_come_from_the_held_out_documents(monkeypatch, capsys):
+    """--source corpus cuts each domain's prompts from the test split, domain after domain; a corpus too
+    small for --max-prompts is a clear error."""
+    def docs(domain, split):
+        return [Document(domain, f"{split}.txt", "\n".join(f"{domain} {split} line {i:03d}" for i in range(300)))]
+
+    splits = {d: {s: docs(d, s) for s in ("train", "validation", "test")} for d in ("code", "prose")}
+    monkeypatch.setattr(adapt_bench.data, "corpus_splits", lambda: splits)
+    prompts = adapt_bench.stream_prompts("prose+code", 3, "corpus")
+    assert len(prompts) == 6 and len(set(prompts)) == 6
+    assert all(p.startswith("prose test") for p in prompts[:3]) and all(p.startswith("code test") for p in prompts[3:])
+    assert adapt_bench.main(["--drafter", "specblock", "--source", "corpus", "--max-prompts", "1000"]) == 2
+    assert "fewer than 1000" in capsys.readouterr().err
