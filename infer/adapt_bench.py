@@ -3,9 +3,11 @@ adapting (specblock_jax.adapt), interleaved prompt by prompt so machine drift ca
 
     python -m infer.adapt_bench --drafter runs/specblock-prose/drafter            # code (shift), prose (own)
     python -m infer.adapt_bench --drafter DIR --streams prose+code --repeats 3     # a shift mid-stream
+    python -m infer.adapt_bench --drafter DIR --source corpus --max-prompts 320   # streams long enough to learn
 
-A stream is the embedded target's held-out prompts of one domain, or of several joined with '+'
-(prose+code: every prose prompt, then every code prompt). Per stream and repeat the adapter starts
+A stream is held-out prompts of one domain, or of several joined with '+' (prose+code: every prose
+prompt, then every code prompt): the embedded target's 48 per domain, or (`--source corpus`) prompts
+cut apart through the held-out documents of its corpus, as many as asked. Per stream and repeat the adapter starts
 from the trained drafter. Each prompt is decoded by both methods in turn (alternating which goes
 first); an adapting method's time includes its bandit step and updates (`adapt_s`). Reported per
 stream: tokens/s (all tokens over all seconds) and its ratio adapt / static (the median over
