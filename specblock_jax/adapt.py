@@ -439,8 +439,7 @@ class Adapter:
     def generate(self, prompts: Any, *, max_new_tokens: int, **kwargs: Any) -> decode.GenerateOutput:
         """`decode.generate` with the current drafter (same keyword arguments, `drafter` excluded),
         followed by this window's bandit step. Adaptation seconds land in stats["adapt"]["adapt_s"]."""
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        decode.check_max_new_tokens(max_new_tokens)
         steps = len(prompts) * max_new_tokens  # row-steps, records, at most
         if steps > self.config.buffer_size:
             raise ValueError(f"{len(prompts)} prompts x {max_new_tokens} new tokens can write {steps} records, more "

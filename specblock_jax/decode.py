@@ -320,6 +320,12 @@ class GenerateOutput:
     feedback: Any = None  # the filled `feedback` buffer when `collect` was given
 
 
+def check_max_new_tokens(max_new_tokens: Any) -> None:
+    """`generate`'s check of its `max_new_tokens`, for callers that size buffers by it first."""
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+
+
 def generate(target: target_lib.Target, prompts: Sequence[str] | Sequence[Sequence[int]], *,
              max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              seed: int = 0, drafter: Drafter | str | None = None, max_len: int | None = None,
@@ -343,8 +349,7 @@ def generate(target: target_lib.Target, prompts: Sequence[str] | Sequence[Sequen
     sampling = SamplingParams(temperature, top_k, top_p)
     config = target.config
     prompt_ids = _encode_prompts(target, prompts)
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    check_max_new_tokens(max_new_tokens)
     if isinstance(drafter, (str, os.PathLike)):
         drafter = load_drafter(drafter, target)
     if drafter is not None:
