@@ -31,13 +31,19 @@ Bandit. At the end of every window it chooses between two arms, update or not. M
 kept as discounted statistics (`discount` per measurement, `idle_discount` per window without one,
 so an old verdict fades). The arm is chosen optimistically (discounted UCB): the gain estimate is
 the mean plus `ucb_beta` spreads (between-update spread and measurement error together) over
-sqrt(weight), and with no evidence the largest plausible gain (every remaining depth accepted). The
-gain becomes time through measured costs: over the `horizon_tokens` the drafter will still serve, a
-row-step costs `step_s` and emits tau tokens, so the update saves horizon * step_s * (1 / tau -
-1 / (tau + gain)) seconds; it runs only when that beats the measured update time. A recent accepted
-length (EMA weight `tau_fast`) below the long-run one (`tau_slow`) by the fraction `drift` is read
-as a shift: the gain statistics are forgotten, so the bandit explores again. Updates touch only the
-drafter: decoding stays lossless.
+sqrt(weight), and with no evidence the largest plausible gain (every remaining depth accepted). One
+update's gain is small (a few thousandths of a token per step, in-domain or not) and one window
+cannot resolve it; what the updates return together can be. So each update also measures the heads
+it leaves serving against the reference heads (those loaded, or serving at the last shift), and once
+`returns_after` updates were tried, that return (optimistic, as above) divided by the updates tried
+caps the gain: updates that, together, return too little for their cost stop. The gain becomes time
+through measured costs: over the `horizon_tokens` the drafter will still serve, a row-step costs
+`step_s` at the accepted length tau, plus `slope` seconds per further accepted token (fitted over
+the windows: on this CPU a step that accepts more costs more), so the update saves
+horizon * (step_s / tau - (step_s + slope * gain) / (tau + gain)) seconds; it runs only when that
+beats the measured update time. A recent accepted length (EMA weight `tau_fast`) below the
+long-run one (`tau_slow`) by the fraction `drift` is read as a shift: the gain and return statistics
+are forgotten, so the bandit explores again. Updates touch only the drafter: decoding stays lossless.
 """
 
 from __future__ import annotations
@@ -78,6 +84,7 @@ class AdaptConfig:
     batch_records: int = 64  # records per gain measurement (the newest)
     horizon_tokens: int = 16384  # tokens an update is expected to serve: its cost is amortised over them
     min_records: int = 64  # records of earlier windows an update needs to train on
+    returns_after: int = 16  # updates tried before what they returned together may cap the gain
     ucb_beta: float = 1.0  # optimism: spreads added to the mean measured gain
     gain_floor: float = 0.02  # the smallest spread assumed for a measured gain (tokens per step)
     discount: float = 0.5  # weight kept by older gain measurements at each new one
@@ -90,7 +97,7 @@ class AdaptConfig:
         if self.params not in PARAM_SETS:
             raise ConfigError(f"AdaptConfig params={self.params!r} is not one of {PARAM_SETS}")
         for name in ("lora_rank", "buffer_size", "teacher_topk", "steps", "batch_slots", "batch_records",
-                     "horizon_tokens", "min_records"):
+                     "horizon_tokens", "min_records", "returns_after"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"AdaptConfig {name} must be an integer >= 1, got {value!r}")
@@ -269,27 +276,37 @@ def update(trainable: dict, opt_state: Any, base: Any, feedback: Feedback, key: 
     return trainable, opt_state, total / cfg.steps
 
 
+class Paired(NamedTuple):
+    """A paired difference of greedy-chain lengths over one window's records: mean, standard error."""
+
+    mean: jax.Array
+    stderr: jax.Array
+
+
 @functools.partial(jax.jit, static_argnames=("config", "records"))
-def chain_gain(old: Any, new: Any, feedback: Feedback, window: jax.Array, *, config: specblock.SpecBlockConfig,
-               records: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(mean, standard error, count) of the greedy-chain length under `new` heads minus under `old`,
-    over the newest `records` records that belong to `window`: a paired estimate of an update's gain
-    in accepted tokens per step. A chain counts the leading block-1 slots whose greedy token is the
-    target's, within the slots the target reached."""
+def chain_gains(reference: Any, old: Any, new: Any, feedback: Feedback, window: jax.Array, *,
+                config: specblock.SpecBlockConfig, records: int) -> tuple[Paired, Paired, Paired]:
+    """Greedy-chain differences new - old, old - reference and new - reference over the newest `records`
+    records that belong to `window`: paired estimates in accepted tokens per step. A chain counts the leading block-1 slots whose greedy token is the target's, within the slots the
+    target reached."""
     newest = take(feedback, (feedback.written - 1 - jnp.arange(records)) % feedback.window_C.shape[0])
 
     def chain_M(params):
         logits_MxKxV, _ = specblock.heads(params, config, newest.hidden_CxKxH)
         hit_MxK = (jnp.argmax(logits_MxKxV, axis=-1) == newest.labels_CxK) & newest.valid_CxK
-        return jnp.sum(jnp.cumprod(hit_MxK, axis=-1), axis=-1)
+        return jnp.sum(jnp.cumprod(hit_MxK, axis=-1), axis=-1).astype(jnp.float32)
 
     mine_M = (newest.window_C == window) & (jnp.arange(records) < feedback.written)
     count = jnp.sum(mine_M)
     n = jnp.maximum(count, 1)
-    diff_M = jnp.where(mine_M, chain_M(new) - chain_M(old), 0).astype(jnp.float32)
-    mean = jnp.sum(diff_M) / n
-    var = jnp.sum(jnp.where(mine_M, (diff_M - mean) ** 2, 0.0)) / jnp.maximum(count - 1, 1)
-    return mean, jnp.sqrt(var / n), count
+
+    def paired(diff_M):
+        mean = jnp.sum(jnp.where(mine_M, diff_M, 0.0)) / n
+        var = jnp.sum(jnp.where(mine_M, (diff_M - mean) ** 2, 0.0)) / jnp.maximum(count - 1, 1)
+        return Paired(mean, jnp.sqrt(var / n))
+
+    ref_M, old_M, new_M = chain_M(reference), chain_M(old), chain_M(new)
+    return paired(new_M - old_M), paired(old_M - ref_M), paired(new_M - ref_M)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -317,11 +334,19 @@ class Bandit:
     gain_sum: float = 0.0
     gain_sq: float = 0.0
     error_sq: float = 0.0  # discounted sum of the measurements' squared standard errors
+    tries: int = 0  # updates tried since the reference heads (the start, or the last shift)
+    return_weight: float = 0.0  # discounted number of return measurements (served - reference heads)
+    return_sum: float = 0.0
+    return_error_sq: float = 0.0
+    cost_moments: tuple[float, ...] = (0.0,) * 5  # discounted sums 1, tau, s, tau^2, tau * s over windows
     shifts: int = 0  # shifts detected
 
     def observe_window(self, tau: float, step_s: float) -> None:
         """A window's accepted tokens per row-step and seconds per row-step."""
         c = self.config
+        keep = 1 - c.tau_slow
+        self.cost_moments = tuple(keep * m + x for m, x in zip(self.cost_moments,
+                                                                (1.0, tau, step_s, tau * tau, tau * step_s)))
         if self.tau is None:
             self.tau = self.tau_recent = tau
             self.step_s = step_s
@@ -332,25 +357,49 @@ class Bandit:
         self._fade(c.idle_discount)
         if self.tau_recent < (1 - c.drift) * self.tau:  # a shift: old verdicts no longer hold
             self.gain_weight = self.gain_sum = self.gain_sq = self.error_sq = 0.0
+            self.return_weight = self.return_sum = self.return_error_sq = 0.0
+            self.tries = 0
             self.tau = self.tau_recent
             self.shifts += 1
 
     def observe_gain(self, gain: float, stderr: float = 0.0) -> None:
         """The measured gain (accepted tokens per step) of the latest update, and its standard error."""
-        self._fade(self.config.discount)
+        self._fade(self.config.discount, returns=False)
         self.gain_weight += 1.0
         self.gain_sum += gain
         self.gain_sq += gain * gain
         self.error_sq += stderr * stderr
+        self.tries += 1
+
+    def observe_returns(self, gain: float, stderr: float = 0.0) -> None:
+        """The measured gain of the heads now serving over the reference heads, after `tries` updates."""
+        keep = self.config.discount
+        self.return_weight = keep * self.return_weight + 1.0
+        self.return_sum = keep * self.return_sum + gain
+        self.return_error_sq = keep * self.return_error_sq + stderr * stderr
 
     def observe_update(self, seconds: float) -> None:
         self.update_s = 0.5 * (self.update_s + seconds)
 
-    def _fade(self, keep: float) -> None:
+    def _fade(self, keep: float, returns: bool = True) -> None:
         self.gain_weight *= keep
         self.gain_sum *= keep
         self.gain_sq *= keep
         self.error_sq *= keep
+        if returns:
+            self.return_weight *= keep
+            self.return_sum *= keep
+            self.return_error_sq *= keep
+
+    def cost_slope(self) -> float:
+        """Seconds per row-step added per accepted token (least squares over the discounted windows),
+        between 0 and step_s / tau: a step that accepts more never gets cheaper, nor a token dearer."""
+        w, x, y, xx, xy = self.cost_moments
+        if w < 2.0 or self.tau is None:
+            return 0.0
+        var = xx / w - (x / w) ** 2
+        slope = (xy / w - (x / w) * (y / w)) / var if var > 1e-9 else 0.0
+        return min(max(slope, 0.0), self.step_s / self.tau)
 
     def decide(self, records: int) -> Decision:
         """Update iff the optimistic gain, over the horizon, saves more time than the update costs."""
@@ -370,7 +419,15 @@ class Bandit:
         else:
             gain = bound
             why = "no measured gain: the largest plausible"
-        saving = c.horizon_tokens * self.step_s * (1.0 / self.tau - 1.0 / (self.tau + gain))
+        if self.tries >= c.returns_after and self.return_weight > 1e-6:  # the updates' returns, shared
+            mean = self.return_sum / self.return_weight
+            spread = max(math.sqrt(self.return_error_sq / self.return_weight), c.gain_floor)
+            average = max(mean + c.ucb_beta * spread / math.sqrt(self.return_weight), 0.0) / self.tries
+            if average < gain:
+                gain = average
+                why += f"; capped by the {self.tries} updates' returns {mean:+.3f}"
+        slope = self.cost_slope()
+        saving = c.horizon_tokens * (self.step_s / self.tau - (self.step_s + slope * gain) / (self.tau + gain))
         update = saving > self.update_s
         return Decision(update, gain, saving, self.update_s,
                         f"{why}; optimistic gain {gain:.3f} saves {saving * 1e3:.0f} ms "
@@ -407,6 +464,7 @@ class Adapter:
         self.feedback = empty_feedback(drafter.method.config, config.buffer_size, config.teacher_topk)
         self.window = 0
         self.history: list[dict] = []
+        self.reference = self.trainable  # what the updates' returns are measured against
         self.bandit = Bandit(config, drafter.method.max_depth, update_s=self._time_update())
 
     @property
@@ -418,16 +476,18 @@ class Adapter:
     def _gain_records(self) -> int:
         return min(self.config.batch_records, self.config.buffer_size)
 
-    def _update(self, held_out: int) -> tuple[dict, Any, float, float, float]:
+    def _update(self, held_out: int) -> tuple[dict, Any, float, Paired, Paired, Paired]:
         """Train on all but the newest `held_out` records, measure on those: (trainable, optimizer
-        state, mean loss, gain, its standard error)."""
+        state, mean loss, and the chain gains new - old, old - reference, new - reference)."""
         config = self.method.config
         trainable, opt_state, loss = update(self.trainable, self.opt_state, self.base, self.feedback,
                                             jax.random.fold_in(self.key, self.window),
                                             jnp.asarray(held_out, jnp.int32), cfg=self.config, config=config)
-        gain, stderr, _ = chain_gain(merge(self.base, self.trainable), merge(self.base, trainable), self.feedback,
-                                     jnp.asarray(self.window, jnp.int32), config=config, records=self._gain_records)
-        return trainable, opt_state, float(loss), float(gain), float(stderr)
+        gains = chain_gains(*(merge(self.base, t) for t in (self.reference, self.trainable, trainable)),
+                            self.feedback, jnp.asarray(self.window, jnp.int32), config=config,
+                            records=self._gain_records)
+        gain, old_returns, new_returns = (Paired(float(p.mean), float(p.stderr)) for p in gains)
+        return trainable, opt_state, float(loss), gain, old_returns, new_returns
 
     def _time_update(self) -> float:
         """Compile the update and its measurement, then time one on the (empty) buffer; nothing is kept."""
@@ -452,18 +512,23 @@ class Adapter:
         start = time.perf_counter()
         written_before = int(self.feedback.written)
         self.feedback = append(self.feedback, out.feedback)
+        shifts = self.bandit.shifts
         self.bandit.observe_window(stats["tau"], stats["decode_s"] / max(stats["iterations"], 1) / len(prompts))
+        if self.bandit.shifts > shifts:  # a new domain: returns count from the heads serving now
+            self.reference = self.trainable
         fresh = int(self.feedback.written) - written_before
         older = min(written_before, self.config.buffer_size - fresh)  # earlier windows' records still held
         decision = self.bandit.decide(older)
         loss = gain = None
         kept = False
         if decision.update and fresh:
-            trainable, opt_state, loss, gain, stderr = self._update(fresh)
-            self.bandit.observe_gain(gain, stderr)
-            kept = gain + stderr >= 0  # discarded only when measured worse beyond its noise: small steps add up
+            trainable, opt_state, loss, measured, old_returns, new_returns = self._update(fresh)
+            gain = measured.mean
+            self.bandit.observe_gain(*measured)
+            kept = measured.mean + measured.stderr >= 0  # discarded only when worse beyond noise: small steps add up
             if kept:
                 self.trainable, self.opt_state = trainable, opt_state
+            self.bandit.observe_returns(*(new_returns if kept else old_returns))
             self.bandit.observe_update(time.perf_counter() - start)
         record = dict(window=self.window, tau=stats["tau"], new_tokens=int(np.sum(stats["new_tokens"])),
                       seconds=stats["prefill_s"] + stats["decode_s"], adapt_s=time.perf_counter() - start,

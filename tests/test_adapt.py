@@ -109,6 +109,44 @@ def test_bandit_explores_again_after_a_shift():
     assert any(shift_at <= w <= shift_at + 4 for w in updates)  # detected within a few windows
 
 
+def test_bandit_stops_when_the_updates_together_return_too_little():
+    """Per-update measurements too noisy to tell (zero mean, spread 0.25, so optimism alone keeps the
+    plain bandit trying) while the heads serving gain only 0.02 tokens per step over the reference in
+    all: that return, shared among the updates tried, soon prices them below their cost, and updates
+    stop. Where the returns grow with the updates (a new domain being learnt) they keep going."""
+    def serve(returns_of_tries, **overrides):
+        rng = np.random.default_rng(3)
+        bandit = _bandit(update_s=0.06, horizon_tokens=16384, **overrides)
+        updates = []
+        for w in range(200):
+            bandit.observe_window(tau=2.7, step_s=0.0065)
+            if bandit.decide(records=100).update:
+                updates.append(w)
+                bandit.observe_gain(rng.normal(0, 0.25), 0.25)
+                bandit.observe_returns(returns_of_tries(bandit.tries) + rng.normal(0, 0.03), 0.03)
+        return updates
+
+    flat, learning = serve(lambda n: 0.02), serve(lambda n: 0.01 * n)
+    assert len(flat) <= 25 and len([w for w in flat if w >= 100]) <= 3
+    assert len(serve(lambda n: 0.02, returns_after=10**6)) >= 3 * len(flat)  # uncapped: optimism keeps trying
+    assert len(learning) >= 3 * len(flat) and len([w for w in learning if w >= 100]) >= 20
+
+
+def test_bandit_prices_the_step_cost_that_grows_with_the_accepted_length():
+    """Windows whose seconds per step grow with tau (the drafter extends its cache by the accepted
+    tokens): the fitted slope is the true one, and a gain in tau saves less than at a flat step cost."""
+    flat, growing = _bandit(update_s=0.06), _bandit(update_s=0.06)
+    for tau in np.linspace(1.5, 4.0, 30):
+        flat.observe_window(tau=tau, step_s=0.006)
+        growing.observe_window(tau=tau, step_s=0.004 + 0.0007 * tau)
+    assert flat.cost_slope() == 0.0
+    assert growing.cost_slope() == pytest.approx(0.0007, rel=1e-6)
+    for bandit in (flat, growing):
+        bandit.step_s, bandit.tau = 0.006, 2.5  # the same operating point
+        bandit.observe_gain(0.1, 0.0)
+    assert 0.0 < growing.decide(records=100).saving_s < 0.8 * flat.decide(records=100).saving_s
+
+
 def test_adapt_config_is_strict():
     with pytest.raises(ConfigError, match="params"):
         adapt.AdaptConfig(params="last_layer")
