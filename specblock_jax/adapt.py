@@ -402,7 +402,8 @@ class Bandit:
         return min(max(slope, 0.0), self.step_s / self.tau)
 
     def decide(self, records: int) -> Decision:
-        """Update iff the optimistic gain, over the horizon, saves more time than the update costs."""
+        """Update iff the optimistic gain (capped by what the updates returned together), over the horizon,
+        saves more time than the update costs."""
         c = self.config
         if self.tau is None:
             return Decision(False, None, 0.0, self.update_s, "nothing observed yet")
