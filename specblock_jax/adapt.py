@@ -287,8 +287,8 @@ class Paired(NamedTuple):
 def chain_gains(reference: Any, old: Any, new: Any, feedback: Feedback, window: jax.Array, *,
                 config: specblock.SpecBlockConfig, records: int) -> tuple[Paired, Paired, Paired]:
     """Greedy-chain differences new - old, old - reference and new - reference over the newest `records`
-    records that belong to `window`: paired estimates in accepted tokens per step. A chain counts the leading block-1 slots whose greedy token is the target's, within the slots the
-    target reached."""
+    records that belong to `window`: paired estimates in accepted tokens per step. A chain counts the
+    leading block-1 slots whose greedy token is the target's, within the slots the target reached."""
     newest = take(feedback, (feedback.written - 1 - jnp.arange(records)) % feedback.window_C.shape[0])
 
     def chain_M(params):
@@ -321,6 +321,31 @@ class Decision(NamedTuple):
 
 
 @dataclasses.dataclass
+class Discounted:
+    """Discounted statistics of noisy measurements: their weight and the sums of values, squared values
+    and squared standard errors, each faded by the same factor."""
+
+    weight: float = 0.0
+    total: float = 0.0
+    squares: float = 0.0
+    errors: float = 0.0
+
+    def fade(self, keep: float) -> None:
+        self.weight, self.total, self.squares, self.errors = (keep * v for v in (
+            self.weight, self.total, self.squares, self.errors))
+
+    def add(self, value: float, stderr: float) -> None:
+        self.weight += 1.0
+        self.total += value
+        self.squares += value * value
+        self.errors += stderr * stderr
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.weight
+
+
+@dataclasses.dataclass
 class Bandit:
     """Update or not, from measured gains and costs (see the module docstring)."""
 
@@ -330,14 +355,9 @@ class Bandit:
     tau: float | None = None  # long-run accepted tokens per row-step (EMA), bonus included
     tau_recent: float | None = None
     step_s: float | None = None  # seconds per row-step (EMA)
-    gain_weight: float = 0.0  # discounted number of gain measurements
-    gain_sum: float = 0.0
-    gain_sq: float = 0.0
-    error_sq: float = 0.0  # discounted sum of the measurements' squared standard errors
+    gains: Discounted = dataclasses.field(default_factory=Discounted)  # measured gains of single updates
+    returns: Discounted = dataclasses.field(default_factory=Discounted)  # serving heads over the reference
     tries: int = 0  # updates tried since the reference heads (the start, or the last shift)
-    return_weight: float = 0.0  # discounted number of return measurements (served - reference heads)
-    return_sum: float = 0.0
-    return_error_sq: float = 0.0
     cost_moments: tuple[float, ...] = (0.0,) * 5  # discounted sums 1, tau, s, tau^2, tau * s over windows
     shifts: int = 0  # shifts detected
 
@@ -354,42 +374,26 @@ class Bandit:
         self.tau = (1 - c.tau_slow) * self.tau + c.tau_slow * tau
         self.tau_recent = (1 - c.tau_fast) * self.tau_recent + c.tau_fast * tau
         self.step_s = (1 - c.tau_fast) * self.step_s + c.tau_fast * step_s
-        self._fade(c.idle_discount)
+        self.gains.fade(c.idle_discount)
+        self.returns.fade(c.idle_discount)
         if self.tau_recent < (1 - c.drift) * self.tau:  # a shift: old verdicts no longer hold
-            self.gain_weight = self.gain_sum = self.gain_sq = self.error_sq = 0.0
-            self.return_weight = self.return_sum = self.return_error_sq = 0.0
-            self.tries = 0
+            self.gains, self.returns, self.tries = Discounted(), Discounted(), 0
             self.tau = self.tau_recent
             self.shifts += 1
 
     def observe_gain(self, gain: float, stderr: float = 0.0) -> None:
         """The measured gain (accepted tokens per step) of the latest update, and its standard error."""
-        self._fade(self.config.discount, returns=False)
-        self.gain_weight += 1.0
-        self.gain_sum += gain
-        self.gain_sq += gain * gain
-        self.error_sq += stderr * stderr
+        self.gains.fade(self.config.discount)
+        self.gains.add(gain, stderr)
         self.tries += 1
 
     def observe_returns(self, gain: float, stderr: float = 0.0) -> None:
         """The measured gain of the heads now serving over the reference heads, after `tries` updates."""
-        keep = self.config.discount
-        self.return_weight = keep * self.return_weight + 1.0
-        self.return_sum = keep * self.return_sum + gain
-        self.return_error_sq = keep * self.return_error_sq + stderr * stderr
+        self.returns.fade(self.config.discount)
+        self.returns.add(gain, stderr)
 
     def observe_update(self, seconds: float) -> None:
         self.update_s = 0.5 * (self.update_s + seconds)
-
-    def _fade(self, keep: float, returns: bool = True) -> None:
-        self.gain_weight *= keep
-        self.gain_sum *= keep
-        self.gain_sq *= keep
-        self.error_sq *= keep
-        if returns:
-            self.return_weight *= keep
-            self.return_sum *= keep
-            self.return_error_sq *= keep
 
     def cost_slope(self) -> float:
         """Seconds per row-step added per accepted token (least squares over the discounted windows),
@@ -411,22 +415,22 @@ class Bandit:
             return Decision(False, None, 0.0, self.update_s,
                             f"{records} records to train on < min_records {c.min_records}")
         bound = max(self.max_depth + 1 - self.tau, 0.0)  # no update accepts more than every depth
-        if self.gain_weight > 1e-6:
-            mean = self.gain_sum / self.gain_weight
-            variance = max(self.gain_sq / self.gain_weight - mean * mean, 0.0) + self.error_sq / self.gain_weight
+        g = self.gains
+        if g.weight > 1e-6:
+            variance = max(g.squares / g.weight - g.mean * g.mean, 0.0) + g.errors / g.weight
             spread = max(math.sqrt(variance), c.gain_floor)
-            gain = min(max(mean + c.ucb_beta * spread / math.sqrt(self.gain_weight), 0.0), bound)
-            why = f"measured gain {mean:+.3f} (weight {self.gain_weight:.2f})"
+            gain = min(max(g.mean + c.ucb_beta * spread / math.sqrt(g.weight), 0.0), bound)
+            why = f"measured gain {g.mean:+.3f} (weight {g.weight:.2f})"
         else:
             gain = bound
             why = "no measured gain: the largest plausible"
-        if self.tries >= c.returns_after and self.return_weight > 1e-6:  # the updates' returns, shared
-            mean = self.return_sum / self.return_weight
-            spread = max(math.sqrt(self.return_error_sq / self.return_weight), c.gain_floor)
-            average = max(mean + c.ucb_beta * spread / math.sqrt(self.return_weight), 0.0) / self.tries
+        r = self.returns
+        if self.tries >= c.returns_after and r.weight > 1e-6:  # what the updates returned, shared among them
+            spread = max(math.sqrt(r.errors / r.weight), c.gain_floor)
+            average = max(r.mean + c.ucb_beta * spread / math.sqrt(r.weight), 0.0) / self.tries
             if average < gain:
                 gain = average
-                why += f"; capped by the {self.tries} updates' returns {mean:+.3f}"
+                why += f"; capped by the {self.tries} updates' returns {r.mean:+.3f}"
         slope = self.cost_slope()
         saving = c.horizon_tokens * (self.step_s / self.tau - (self.step_s + slope * gain) / (self.tau + gain))
         update = saving > self.update_s

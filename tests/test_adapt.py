@@ -133,8 +133,8 @@ def test_bandit_stops_when_the_updates_together_return_too_little():
 
 
 def test_bandit_prices_the_step_cost_that_grows_with_the_accepted_length():
-    """Windows whose seconds per step grow with tau (the drafter extends its cache by the accepted
-    tokens): the fitted slope is the true one, and a gain in tau saves less than at a flat step cost."""
+    """Windows whose seconds per step grow with tau (as measured on this CPU): the fitted slope is the
+    true one, and a gain in tau saves less than at a flat step cost."""
     flat, growing = _bandit(update_s=0.06), _bandit(update_s=0.06)
     for tau in np.linspace(1.5, 4.0, 30):
         flat.observe_window(tau=tau, step_s=0.006)
