@@ -34,9 +34,12 @@ the mean plus `ucb_beta` spreads (between-update spread and measurement error to
 sqrt(weight), and with no evidence the largest plausible gain (every remaining depth accepted). One
 update's gain is small (a few thousandths of a token per step, in-domain or not) and one window
 cannot resolve it; what the updates return together can be. So each update also measures the heads
-it leaves serving against the reference heads (those loaded, or serving at the last shift), and once
-`returns_after` updates were tried, that return (optimistic, as above) divided by the updates tried
-caps the gain: updates that, together, return too little for their cost stop. The gain becomes time
+serving (all kept updates so far) against the reference heads (those loaded, or serving at the last
+shift), on its window: one those heads were not kept for, as the heads an update keeps measure well on
+its own window by selection. Once `returns_after` updates were tried, that return (optimistic, as
+above) divided by the updates tried caps the gain: updates that, together, return too little for
+their cost stop. While the cap alone declines, a probe measures the return again every `probe_every`
+windows, at a fifth of an update's cost, so one unlucky measurement cannot hold it shut. The gain becomes time
 through measured costs: over the `horizon_tokens` the drafter will still serve, a row-step costs
 `step_s` at the accepted length tau, plus `slope` seconds per further accepted token (fitted over
 the windows: on this CPU a step that accepts more costs more), so the update saves
@@ -85,6 +88,7 @@ class AdaptConfig:
     horizon_tokens: int = 16384  # tokens an update is expected to serve: its cost is amortised over them
     min_records: int = 64  # records of earlier windows an update needs to train on
     returns_after: int = 16  # updates tried before what they returned together may cap the gain
+    probe_every: int = 8  # while the cap alone declines, windows between measurements of the return
     ucb_beta: float = 1.0  # optimism: spreads added to the mean measured gain
     gain_floor: float = 0.02  # the smallest spread assumed for a measured gain (tokens per step)
     discount: float = 0.5  # weight kept by older gain measurements at each new one
@@ -97,7 +101,7 @@ class AdaptConfig:
         if self.params not in PARAM_SETS:
             raise ConfigError(f"AdaptConfig params={self.params!r} is not one of {PARAM_SETS}")
         for name in ("lora_rank", "buffer_size", "teacher_topk", "steps", "batch_slots", "batch_records",
-                     "horizon_tokens", "min_records", "returns_after"):
+                     "horizon_tokens", "min_records", "returns_after", "probe_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"AdaptConfig {name} must be an integer >= 1, got {value!r}")
@@ -284,11 +288,11 @@ class Paired(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "records"))
-def chain_gains(reference: Any, old: Any, new: Any, feedback: Feedback, window: jax.Array, *,
-                config: specblock.SpecBlockConfig, records: int) -> tuple[Paired, Paired, Paired]:
-    """Greedy-chain differences new - old, old - reference and new - reference over the newest `records`
-    records that belong to `window`: paired estimates in accepted tokens per step. A chain counts the
-    leading block-1 slots whose greedy token is the target's, within the slots the target reached."""
+def chain_gains(serving: Any, others: tuple[Any, ...], feedback: Feedback, window: jax.Array, *,
+                config: specblock.SpecBlockConfig, records: int) -> tuple[Paired, ...]:
+    """Greedy-chain differences other - serving, for each of `others`, over the newest `records` records
+    that belong to `window`: paired estimates in accepted tokens per step. A chain counts the leading
+    block-1 slots whose greedy token is the target's, within the slots the target reached."""
     newest = take(feedback, (feedback.written - 1 - jnp.arange(records)) % feedback.window_C.shape[0])
 
     def chain_M(params):
@@ -305,8 +309,8 @@ def chain_gains(reference: Any, old: Any, new: Any, feedback: Feedback, window: 
         var = jnp.sum(jnp.where(mine_M, (diff_M - mean) ** 2, 0.0)) / jnp.maximum(count - 1, 1)
         return Paired(mean, jnp.sqrt(var / n))
 
-    ref_M, old_M, new_M = chain_M(reference), chain_M(old), chain_M(new)
-    return paired(new_M - old_M), paired(old_M - ref_M), paired(new_M - ref_M)
+    serving_M = chain_M(serving)
+    return tuple(paired(chain_M(other) - serving_M) for other in others)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -318,6 +322,7 @@ class Decision(NamedTuple):
     saving_s: float  # predicted seconds saved over the horizon
     cost_s: float  # predicted seconds the update costs
     reason: str
+    probe: bool = False  # the cap alone declined on a stale return: measure the return on this window
 
 
 @dataclasses.dataclass
@@ -358,6 +363,7 @@ class Bandit:
     gains: Discounted = dataclasses.field(default_factory=Discounted)  # measured gains of single updates
     returns: Discounted = dataclasses.field(default_factory=Discounted)  # serving heads over the reference
     tries: int = 0  # updates tried since the reference heads (the start, or the last shift)
+    returns_age: int = 0  # windows since the return was last measured
     cost_moments: tuple[float, ...] = (0.0,) * 5  # discounted sums 1, tau, s, tau^2, tau * s over windows
     shifts: int = 0  # shifts detected
 
@@ -376,6 +382,7 @@ class Bandit:
         self.step_s = (1 - c.tau_fast) * self.step_s + c.tau_fast * step_s
         self.gains.fade(c.idle_discount)
         self.returns.fade(c.idle_discount)
+        self.returns_age += 1
         if self.tau_recent < (1 - c.drift) * self.tau:  # a shift: old verdicts no longer hold
             self.gains, self.returns, self.tries = Discounted(), Discounted(), 0
             self.tau = self.tau_recent
@@ -388,9 +395,11 @@ class Bandit:
         self.tries += 1
 
     def observe_returns(self, gain: float, stderr: float = 0.0) -> None:
-        """The measured gain of the heads now serving over the reference heads, after `tries` updates."""
+        """The measured gain of the heads now serving over the reference heads, after `tries` updates,
+        on a window they were not kept for (a kept update measures well on its own window by selection)."""
         self.returns.fade(self.config.discount)
         self.returns.add(gain, stderr)
+        self.returns_age = 0
 
     def observe_update(self, seconds: float) -> None:
         self.update_s = 0.5 * (self.update_s + seconds)
@@ -424,6 +433,7 @@ class Bandit:
         else:
             gain = bound
             why = "no measured gain: the largest plausible"
+        uncapped = gain
         r = self.returns
         if self.tries >= c.returns_after and r.weight > 1e-6:  # what the updates returned, shared among them
             spread = max(math.sqrt(r.errors / r.weight), c.gain_floor)
@@ -431,12 +441,16 @@ class Bandit:
             if average < gain:
                 gain = average
                 why += f"; capped by the {self.tries} updates' returns {r.mean:+.3f}"
-        slope = self.cost_slope()
-        saving = c.horizon_tokens * (self.step_s / self.tau - (self.step_s + slope * gain) / (self.tau + gain))
-        update = saving > self.update_s
-        return Decision(update, gain, saving, self.update_s,
-                        f"{why}; optimistic gain {gain:.3f} saves {saving * 1e3:.0f} ms "
-                        f"{'>' if update else '<='} update {self.update_s * 1e3:.0f} ms")
+        update = self._saving(gain) > self.update_s
+        probe = not update and self._saving(uncapped) > self.update_s and self.returns_age >= c.probe_every
+        return Decision(update, gain, self._saving(gain), self.update_s,
+                        f"{why}; optimistic gain {gain:.3f} saves {self._saving(gain) * 1e3:.0f} ms "
+                        f"{'>' if update else '<='} update {self.update_s * 1e3:.0f} ms", probe)
+
+    def _saving(self, gain: float) -> float:
+        """Seconds a gain in accepted tokens per step saves over the horizon, at the fitted step cost."""
+        return self.config.horizon_tokens * (self.step_s / self.tau -
+                                             (self.step_s + self.cost_slope() * gain) / (self.tau + gain))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -481,22 +495,29 @@ class Adapter:
     def _gain_records(self) -> int:
         return min(self.config.batch_records, self.config.buffer_size)
 
-    def _update(self, held_out: int) -> tuple[dict, Any, float, Paired, Paired, Paired]:
-        """Train on all but the newest `held_out` records, measure on those: (trainable, optimizer
-        state, mean loss, and the chain gains new - old, old - reference, new - reference)."""
-        config = self.method.config
+    def _chain_gains(self, *others: dict) -> list[Paired]:
+        """This window's greedy-chain gains of `others` (trainables) over the heads serving."""
+        gains = chain_gains(merge(self.base, self.trainable), tuple(merge(self.base, t) for t in others),
+                            self.feedback, jnp.asarray(self.window, jnp.int32), config=self.method.config,
+                            records=self._gain_records)
+        return [Paired(float(p.mean), float(p.stderr)) for p in gains]
+
+    def _update(self, held_out: int) -> tuple[dict, Any, float, Paired, Paired]:
+        """Train on all but the newest `held_out` records, measure on those: (trainable, optimizer state,
+        mean loss, the chain gain of the new heads over the serving ones, and the serving heads' return
+        over the reference)."""
         trainable, opt_state, loss = update(self.trainable, self.opt_state, self.base, self.feedback,
                                             jax.random.fold_in(self.key, self.window),
-                                            jnp.asarray(held_out, jnp.int32), cfg=self.config, config=config)
-        gains = chain_gains(*(merge(self.base, t) for t in (self.reference, self.trainable, trainable)),
-                            self.feedback, jnp.asarray(self.window, jnp.int32), config=config,
-                            records=self._gain_records)
-        gain, old_returns, new_returns = (Paired(float(p.mean), float(p.stderr)) for p in gains)
-        return trainable, opt_state, float(loss), gain, old_returns, new_returns
+                                            jnp.asarray(held_out, jnp.int32), cfg=self.config,
+                                            config=self.method.config)
+        gain, behind = self._chain_gains(trainable, self.reference)
+        return trainable, opt_state, float(loss), gain, Paired(-behind.mean, behind.stderr)
 
     def _time_update(self) -> float:
-        """Compile the update and its measurement, then time one on the (empty) buffer; nothing is kept."""
+        """Compile the update and the measurements (a probe's too), then time one update on the (empty)
+        buffer; nothing is kept."""
         self._update(0)
+        self._chain_gains(self.reference)
         start = time.perf_counter()
         self._update(0)
         return time.perf_counter() - start
@@ -525,19 +546,24 @@ class Adapter:
         older = min(written_before, self.config.buffer_size - fresh)  # earlier windows' records still held
         decision = self.bandit.decide(older)
         loss = gain = None
-        kept = False
+        kept = probed = False
         if decision.update and fresh:
-            trainable, opt_state, loss, measured, old_returns, new_returns = self._update(fresh)
+            trainable, opt_state, loss, measured, returns = self._update(fresh)
             gain = measured.mean
+            if self.bandit.tries:  # the serving heads hold earlier updates, and were not kept for this window
+                self.bandit.observe_returns(*returns)
             self.bandit.observe_gain(*measured)
             kept = measured.mean + measured.stderr >= 0  # discarded only when worse beyond noise: small steps add up
             if kept:
                 self.trainable, self.opt_state = trainable, opt_state
-            self.bandit.observe_returns(*(new_returns if kept else old_returns))
             self.bandit.observe_update(time.perf_counter() - start)
+        elif decision.probe and fresh:
+            behind, = self._chain_gains(self.reference)
+            self.bandit.observe_returns(-behind.mean, behind.stderr)
+            probed = True
         record = dict(window=self.window, tau=stats["tau"], new_tokens=int(np.sum(stats["new_tokens"])),
                       seconds=stats["prefill_s"] + stats["decode_s"], adapt_s=time.perf_counter() - start,
-                      updated=decision.update and bool(fresh), kept=kept, measured_gain=gain, loss=loss,
+                      updated=decision.update and bool(fresh), kept=kept, probed=probed, measured_gain=gain, loss=loss,
                       predicted_gain=decision.gain, saving_s=decision.saving_s, cost_s=decision.cost_s,
                       reason=decision.reason, shifts=self.bandit.shifts)
         self.history.append(record)

@@ -121,7 +121,7 @@ class Eagle3Method:
         k, d = self.topk, self.max_depth
         max_len = state.k_BxSxKxD.shape[1] - self.scratch
         kv, hidden_BxH, logits_BxV = self._cache_pending(params, state, lengths_B, max_len)
-        lp1_Bxk, tok1_Bxk = jax.lax.top_k(jax.nn.log_softmax(logits_BxV, axis=-1), k)
+        lp1_Bxk, tok1_Bxk = layers.top_k(jax.nn.log_softmax(logits_BxV, axis=-1), k)
         tok1_Bxk = target_ids(self.config, params, tok1_Bxk)
         b = root_B.shape[0]
         frontier = (tok1_Bxk.astype(jnp.int32), jnp.broadcast_to(hidden_BxH[:, None], (b, k, hidden_BxH.shape[-1])),

@@ -132,6 +132,38 @@ def test_bandit_stops_when_the_updates_together_return_too_little():
     assert len(learning) >= 3 * len(flat) and len([w for w in learning if w >= 100]) >= 20
 
 
+def test_bandit_probes_the_return_so_one_unlucky_measurement_cannot_stall_it():
+    """Updates returning 0.01 tokens per step each (a new domain being learnt), but the return measured
+    after 20 updates reads -0.6: the cap closes. Without probes it stays shut until the idle discount
+    lets it go; probing the return every 4 windows while the cap alone declines reopens it at once."""
+    def serve(probe_every):
+        rng = np.random.default_rng(4)
+        bandit = _bandit(update_s=0.06, horizon_tokens=16384, probe_every=probe_every)
+        updates, probes, unlucky = [], [], None
+        for w in range(150):
+            bandit.observe_window(tau=1.3, step_s=0.005)
+            decision = bandit.decide(records=100)
+            if decision.update:
+                updates.append(w)
+                if bandit.tries == 20:
+                    bandit.observe_returns(-0.6, 0.03)
+                    unlucky = w
+                elif bandit.tries:  # as the Adapter: the serving heads' return, before this update counts
+                    bandit.observe_returns(0.01 * bandit.tries + rng.normal(0, 0.03), 0.03)
+                bandit.observe_gain(rng.normal(0, 0.25), 0.25)
+            elif decision.probe:
+                probes.append(w)
+                bandit.observe_returns(0.01 * bandit.tries + rng.normal(0, 0.03), 0.03)
+        return updates, probes, unlucky
+
+    stalled, _, unlucky = serve(probe_every=10**6)
+    assert unlucky is not None and not [w for w in stalled if unlucky < w <= unlucky + 60]
+    probed, probes, unlucky = serve(probe_every=4)
+    assert [w for w in probed if unlucky < w <= unlucky + 6]
+    assert probes and all(b - a >= 4 for a, b in zip(probes, probes[1:]))
+    assert len(probed) >= len(stalled) + 30
+
+
 def test_bandit_prices_the_step_cost_that_grows_with_the_accepted_length():
     """Windows whose seconds per step grow with tau (as measured on this CPU): the fitted slope is the
     true one, and a gain in tau saves less than at a flat step cost."""

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from specblock_jax.config import ConfigError, ModelConfig, to_dict
 from specblock_jax.hf import atomic_dir
 from specblock_jax.models import target as target_lib
+from specblock_jax.models.layers import top_k
 
 SPLITS = ("train", "val")
 FIELDS = ("tokens", "loss_mask")  # what an online example holds
@@ -74,8 +75,8 @@ def build(path: str | pathlib.Path, target: Any, layers: tuple[int, ...], rows: 
         b, t = tokens_BxT.shape
         out = target_lib.forward(params, target.config, tokens_BxT, jnp.broadcast_to(jnp.arange(t), (b, t)),
                                  jnp.tril(jnp.ones((t, t), bool))[None], feature_layers=layers)
-        top_logits, top_ids = jax.lax.top_k(out.logits.reshape(b * t, -1), topk)
-        return out.features.astype(dtype), top_logits.reshape(b, t, topk), top_ids.reshape(b, t, topk)
+        top_logits, top_ids = top_k(out.logits, topk)
+        return out.features.astype(dtype), top_logits, top_ids
 
     with atomic_dir(path) as tmp:
         for split in SPLITS:

@@ -155,7 +155,23 @@ class DecoderLayer(nn.Module):
 
 
 def top_k(x_xV: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """`jax.lax.top_k` over the last axis of a 2-D view: XLA's CPU backend lowers top_k of higher-rank
-    arrays to a full sort of the vocabulary (about 100x slower)."""
-    values, indices = jax.lax.top_k(x_xV.reshape(-1, x_xV.shape[-1]), k)
+    """`jax.lax.top_k` over the last axis, same values and indices (ties to the lower index), in two
+    stages: the k groups of `group` entries with the largest maxima hold every top-k entry, so a top-k
+    over the group maxima and one over those k groups replace one over the vocabulary. On XLA's CPU
+    backend that is 3-6x faster at a 4k-32k vocabulary (top_k is a per-row selection pass there; a
+    rank > 2 input even lowers to a full sort, hence the 2-D view)."""
+    v = x_xV.shape[-1]
+    x_RxV = x_xV.reshape(-1, v)
+    group = 2 ** round(math.log2(2 * math.sqrt(v / k))) if 0 < k < v else v
+    if group < 8 or k * group >= v or not jnp.issubdtype(x_xV.dtype, jnp.floating):  # one stage pays
+        values, indices = jax.lax.top_k(x_RxV, k)
+    else:
+        g = -(-v // group)
+        padded_RxV = jnp.pad(x_RxV, ((0, 0), (0, g * group - v)), constant_values=-jnp.inf)
+        x_RxGxS = padded_RxV.reshape(-1, g, group)
+        _, groups_Rxk = jax.lax.top_k(jnp.max(x_RxGxS, axis=-1), k)
+        groups_Rxk = jnp.sort(groups_Rxk, axis=-1)  # candidates in index order keep lax's tie-breaking
+        candidates_RxC = jnp.take_along_axis(x_RxGxS, groups_Rxk[:, :, None], axis=1).reshape(-1, k * group)
+        values, pick_Rxk = jax.lax.top_k(candidates_RxC, k)
+        indices = jnp.take_along_axis(groups_Rxk, pick_Rxk // group, axis=1) * group + pick_Rxk % group
     return values.reshape(*x_xV.shape[:-1], k), indices.reshape(*x_xV.shape[:-1], k)
