@@ -92,7 +92,7 @@ def _record(out, index: int, adapt_record: dict | None) -> dict:
             "seconds": stats["prefill_s"] + stats["decode_s"], "tau": stats["tau"],
             "adapt_s": 0.0 if adapt_record is None else adapt_record["adapt_s"],
             **({} if adapt_record is None else {k: adapt_record[k] for k in (
-                "updated", "kept", "measured_gain", "predicted_gain", "reason", "shifts")})}
+                "updated", "kept", "probed", "measured_gain", "predicted_gain", "reason", "shifts")})}
 
 
 def run_stream(target, drafter, prompts: list[str], cfg: adapt.AdaptConfig, max_new_tokens: int,
@@ -131,6 +131,7 @@ def summarize(passes: list[dict]) -> dict[str, Any]:
     adapt_records = [r for p in passes for r in p["records"]["adapt"]]
     out["adapt"].update(updates=sum(r["updated"] for r in adapt_records),
                         kept=sum(r["kept"] for r in adapt_records),
+                        probes=sum(r["probed"] for r in adapt_records),
                         shifts=max(r["shifts"] for r in adapt_records),
                         adapt_time_share=out["adapt"]["adapt_s"] / out["adapt"]["seconds"])
     ratios = [totals(p["records"]["adapt"])["tokens_per_s"] / totals(p["records"]["static"])["tokens_per_s"]

@@ -287,18 +287,30 @@ class Paired(NamedTuple):
     stderr: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("config", "records"))
+@functools.partial(jax.jit, static_argnames=("method", "records"))
 def chain_gains(serving: Any, others: tuple[Any, ...], feedback: Feedback, window: jax.Array, *,
-                config: specblock.SpecBlockConfig, records: int) -> tuple[Paired, ...]:
-    """Greedy-chain differences other - serving, for each of `others`, over the newest `records` records
-    that belong to `window`: paired estimates in accepted tokens per step. A chain counts the leading
-    block-1 slots whose greedy token is the target's, within the slots the target reached."""
+                method: SpecBlockMethod, records: int) -> tuple[Paired, ...]:
+    """Differences other - serving of block 1's accepted depth, for each of `others`, over the newest
+    `records` records that belong to `window`: paired estimates in accepted tokens per step. Block 1's
+    tree hangs the greedy chain from the root and each slot's alternatives (its width of top tokens)
+    beside the chain's token, as leaves: it accepts the greedy chain (the leading slots whose greedy
+    token is the target's, within the slots the target reached), plus one where the target's token at
+    the first miss is among that slot's alternatives. Counting the alternatives keeps a head that only
+    swaps a slot's first and second token (more of the greedy chain, as many tokens accepted) from
+    looking like a gain."""
+    config = method.config
     newest = take(feedback, (feedback.written - 1 - jnp.arange(records)) % feedback.window_C.shape[0])
 
-    def chain_M(params):
-        logits_MxKxV, _ = specblock.heads(params, config, newest.hidden_CxKxH)
-        hit_MxK = (jnp.argmax(logits_MxKxV, axis=-1) == newest.labels_CxK) & newest.valid_CxK
-        return jnp.sum(jnp.cumprod(hit_MxK, axis=-1), axis=-1).astype(jnp.float32)
+    def accepted_M(params):
+        logits_MxKxV, rank_MxKxC = specblock.heads(params, config, newest.hidden_CxKxH)
+        label_MxKx1 = jnp.take_along_axis(logits_MxKxV, newest.labels_CxK[..., None], axis=-1)
+        above_MxK = jnp.sum(logits_MxKxV > label_MxKx1, axis=-1)  # tokens the head ranks above the target's
+        chain_M = jnp.sum(jnp.cumprod((above_MxK == 0) & newest.valid_CxK, axis=-1), axis=-1)
+        width_MxK = method.slot_widths(rank_MxKxC, above_MxK.shape, first_block=True)
+        sibling_MxK = (above_MxK < width_MxK) & newest.valid_CxK
+        k = above_MxK.shape[1]
+        at_miss_M = jnp.take_along_axis(sibling_MxK, jnp.minimum(chain_M, k - 1)[:, None], axis=1)[:, 0]
+        return (chain_M + (at_miss_M & (chain_M < k))).astype(jnp.float32)
 
     mine_M = (newest.window_C == window) & (jnp.arange(records) < feedback.written)
     count = jnp.sum(mine_M)
@@ -309,8 +321,8 @@ def chain_gains(serving: Any, others: tuple[Any, ...], feedback: Feedback, windo
         var = jnp.sum(jnp.where(mine_M, (diff_M - mean) ** 2, 0.0)) / jnp.maximum(count - 1, 1)
         return Paired(mean, jnp.sqrt(var / n))
 
-    serving_M = chain_M(serving)
-    return tuple(paired(chain_M(other) - serving_M) for other in others)
+    serving_M = accepted_M(serving)
+    return tuple(paired(accepted_M(other) - serving_M) for other in others)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -498,7 +510,7 @@ class Adapter:
     def _chain_gains(self, *others: dict) -> list[Paired]:
         """This window's greedy-chain gains of `others` (trainables) over the heads serving."""
         gains = chain_gains(merge(self.base, self.trainable), tuple(merge(self.base, t) for t in others),
-                            self.feedback, jnp.asarray(self.window, jnp.int32), config=self.method.config,
+                            self.feedback, jnp.asarray(self.window, jnp.int32), method=self.method,
                             records=self._gain_records)
         return [Paired(float(p.mean), float(p.stderr)) for p in gains]
 

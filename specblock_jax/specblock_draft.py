@@ -114,6 +114,14 @@ class SpecBlockMethod:
         """W: candidates computed per slot (the widest slot); narrower slots mark the rest invalid."""
         return max(*self.widths, self.slot0_width) if self.config.rank_head else self.topk
 
+    def slot_widths(self, rank_xKxC: jax.Array | None, shape: tuple[int, ...], first_block: bool) -> jax.Array:
+        """Tokens kept per slot (`shape`: [..., K]): its rank class's width (block 1's slot 0:
+        `slot0_width`), or `topk` without a rank head."""
+        if rank_xKxC is None:
+            return jnp.full(shape, self.topk)
+        width_xK = jnp.asarray(self.widths)[jnp.argmax(rank_xKxC, axis=-1)]
+        return width_xK.at[..., 0].set(self.slot0_width) if first_block else width_xK
+
     @property
     def scratch(self) -> int:
         """Cache slots past the committed rows: K per expanded node of every round."""
@@ -226,12 +234,7 @@ class SpecBlockMethod:
         k_slots, w = c.block_size, self.width
         b, r = parent_scores_BxR.shape
         top_lp_BxRxKxW, top_tok_BxRxKxW = layers.top_k(jax.nn.log_softmax(logits_BxRxKxV, axis=-1), w)
-        if rank_BxRxKxC is None:
-            width_BxRxK = jnp.full((b, r, k_slots), self.topk)
-        else:
-            width_BxRxK = jnp.asarray(self.widths)[jnp.argmax(rank_BxRxKxC, axis=-1)]
-            if first_block:
-                width_BxRxK = width_BxRxK.at[..., 0].set(self.slot0_width)
+        width_BxRxK = self.slot_widths(rank_BxRxKxC, (b, r, k_slots), first_block)
         greedy_BxRxK = parent_scores_BxR[..., None] + jnp.cumsum(top_lp_BxRxKxW[..., 0], axis=-1)
         above_BxRxK = jnp.concatenate([parent_scores_BxR[..., None], greedy_BxRxK[..., :-1]], axis=-1)
         greedy_index_RxK = first_index + (jnp.arange(r)[:, None] * k_slots + jnp.arange(k_slots)) * w
