@@ -19,11 +19,11 @@ whole records, slot k with probability proportional to the position weight w**k:
 records hold a single valid slot of K, and the head's logits cost per slot.
 
 Validation. An update at the end of a window (an `Adapter.generate` call) trains on the records of
-earlier windows only, and is measured on the window's own records, which it has not seen: the
-greedy-chain length (leading block-1 slots whose greedy token is the target's) under the new heads
-minus under the old ones, per record, gives the gain in accepted tokens per step and its standard
-error. The records were drafted by the old heads, so the new heads' chains can be cut short where
-the old drafts stopped: the estimate errs against the update. An update that measures worse by more
+earlier windows only, and is measured on the window's own records, which it has not seen: the depth
+block 1's tree would accept (its greedy chain, plus an alternative at the first miss; `chain_gains`)
+under the new heads minus under the old ones, per record, gives the gain in accepted tokens per step
+and its standard error. The records were drafted by the old heads, so the new heads' chains can be
+cut short where the old drafts stopped: the estimate errs against the update. An update that measures worse by more
 than its standard error is discarded at once (the drafter never serves it); any other is kept, so
 small steps, each within the noise of one window, can add up.
 
@@ -281,7 +281,7 @@ def update(trainable: dict, opt_state: Any, base: Any, feedback: Feedback, key: 
 
 
 class Paired(NamedTuple):
-    """A paired difference of greedy-chain lengths over one window's records: mean, standard error."""
+    """A paired difference of accepted depths over one window's records: mean, standard error."""
 
     mean: jax.Array
     stderr: jax.Array
@@ -508,7 +508,7 @@ class Adapter:
         return min(self.config.batch_records, self.config.buffer_size)
 
     def _chain_gains(self, *others: dict) -> list[Paired]:
-        """This window's greedy-chain gains of `others` (trainables) over the heads serving."""
+        """This window's gains in accepted depth of `others` (trainables) over the heads serving."""
         gains = chain_gains(merge(self.base, self.trainable), tuple(merge(self.base, t) for t in others),
                             self.feedback, jnp.asarray(self.window, jnp.int32), method=self.method,
                             records=self._gain_records)
@@ -557,15 +557,15 @@ class Adapter:
         fresh = int(self.feedback.written) - written_before
         older = min(written_before, self.config.buffer_size - fresh)  # earlier windows' records still held
         decision = self.bandit.decide(older)
-        loss = gain = None
+        loss = gain = stderr = None
         kept = probed = False
         if decision.update and fresh:
             trainable, opt_state, loss, measured, returns = self._update(fresh)
-            gain = measured.mean
+            gain, stderr = measured
             if self.bandit.tries:  # the serving heads hold earlier updates, and were not kept for this window
                 self.bandit.observe_returns(*returns)
             self.bandit.observe_gain(*measured)
-            kept = measured.mean + measured.stderr >= 0  # discarded only when worse beyond noise: small steps add up
+            kept = gain + stderr >= 0  # discarded only when worse beyond noise: small steps add up
             if kept:
                 self.trainable, self.opt_state = trainable, opt_state
             self.bandit.observe_update(time.perf_counter() - start)
@@ -575,7 +575,8 @@ class Adapter:
             probed = True
         record = dict(window=self.window, tau=stats["tau"], new_tokens=int(np.sum(stats["new_tokens"])),
                       seconds=stats["prefill_s"] + stats["decode_s"], adapt_s=time.perf_counter() - start,
-                      updated=decision.update and bool(fresh), kept=kept, probed=probed, measured_gain=gain, loss=loss,
+                      updated=decision.update and bool(fresh), kept=kept, probed=probed, measured_gain=gain,
+                      measured_stderr=stderr, loss=loss,
                       predicted_gain=decision.gain, saving_s=decision.saving_s, cost_s=decision.cost_s,
                       reason=decision.reason, shifts=self.bandit.shifts)
         self.history.append(record)
