@@ -20,12 +20,12 @@ records hold a single valid slot of K, and the head's logits cost per slot.
 
 Validation. An update at the end of a window (an `Adapter.generate` call) trains on the records of
 earlier windows only, and is measured on the window's own records, which it has not seen: the depth
-block 1's tree would accept (its greedy chain, plus an alternative at the first miss; `chain_gains`)
+block 1's tree would accept (its greedy chain, plus an alternative at the first miss; `depth_gains`)
 under the new heads minus under the old ones, per record, gives the gain in accepted tokens per step
 and its standard error. The records were drafted by the old heads, so the new heads' chains can be
-cut short where the old drafts stopped: the estimate errs against the update. An update that measures worse by more
-than its standard error is discarded at once (the drafter never serves it); any other is kept, so
-small steps, each within the noise of one window, can add up.
+cut short where the old drafts stopped: the estimate errs against the update. An update that
+measures worse by more than its standard error is discarded at once (the drafter never serves it);
+any other is kept, so small steps, each within the noise of one window, can add up.
 
 Bandit. At the end of every window it chooses between two arms, update or not. Measured gains are
 kept as discounted statistics (`discount` per measurement, `idle_discount` per window without one,
@@ -35,14 +35,14 @@ sqrt(weight), and with no evidence the largest plausible gain (every remaining d
 update's gain is small (a few thousandths of a token per step, in-domain or not) and one window
 cannot resolve it; what the updates return together can be. So each update also measures the heads
 serving (all kept updates so far) against the reference heads (those loaded, or serving at the last
-shift), on its window: one those heads were not kept for, as the heads an update keeps measure well on
-its own window by selection. Once `returns_after` updates were tried, that return (optimistic, as
+shift) on its window, one those heads were not kept for (the heads an update keeps measure well on
+its own window, by selection). Once `returns_after` updates were tried, that return (optimistic, as
 above) divided by the updates tried caps the gain: updates that, together, return too little for
 their cost stop. While the cap alone declines, a probe measures the return again every `probe_every`
-windows, at a fifth of an update's cost, so one unlucky measurement cannot hold it shut. The gain becomes time
-through measured costs: over the `horizon_tokens` the drafter will still serve, a row-step costs
-`step_s` at the accepted length tau, plus `slope` seconds per further accepted token (fitted over
-the windows: on this CPU a step that accepts more costs more), so the update saves
+windows, at a fifth of an update's cost, so one unlucky measurement cannot hold it shut. The gain
+becomes time through measured costs: over the `horizon_tokens` the drafter will still serve, a
+row-step costs `step_s` at the accepted length tau, plus `slope` seconds per further accepted token
+(fitted over the windows: on this CPU a step that accepts more costs more), so the update saves
 horizon * (step_s / tau - (step_s + slope * gain) / (tau + gain)) seconds; it runs only when that
 beats the measured update time. A recent accepted length (EMA weight `tau_fast`) below the
 long-run one (`tau_slow`) by the fraction `drift` is read as a shift: the gain and return statistics
@@ -288,7 +288,7 @@ class Paired(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("method", "records"))
-def chain_gains(serving: Any, others: tuple[Any, ...], feedback: Feedback, window: jax.Array, *,
+def depth_gains(serving: Any, others: tuple[Any, ...], feedback: Feedback, window: jax.Array, *,
                 method: SpecBlockMethod, records: int) -> tuple[Paired, ...]:
     """Differences other - serving of block 1's accepted depth, for each of `others`, over the newest
     `records` records that belong to `window`: paired estimates in accepted tokens per step. Block 1's
@@ -453,10 +453,11 @@ class Bandit:
             if average < gain:
                 gain = average
                 why += f"; capped by the {self.tries} updates' returns {r.mean:+.3f}"
-        update = self._saving(gain) > self.update_s
+        saving = self._saving(gain)
+        update = saving > self.update_s
         probe = not update and self._saving(uncapped) > self.update_s and self.returns_age >= c.probe_every
-        return Decision(update, gain, self._saving(gain), self.update_s,
-                        f"{why}; optimistic gain {gain:.3f} saves {self._saving(gain) * 1e3:.0f} ms "
+        return Decision(update, gain, saving, self.update_s,
+                        f"{why}; optimistic gain {gain:.3f} saves {saving * 1e3:.0f} ms "
                         f"{'>' if update else '<='} update {self.update_s * 1e3:.0f} ms", probe)
 
     def _saving(self, gain: float) -> float:
@@ -507,9 +508,9 @@ class Adapter:
     def _gain_records(self) -> int:
         return min(self.config.batch_records, self.config.buffer_size)
 
-    def _chain_gains(self, *others: dict) -> list[Paired]:
+    def _depth_gains(self, *others: dict) -> list[Paired]:
         """This window's gains in accepted depth of `others` (trainables) over the heads serving."""
-        gains = chain_gains(merge(self.base, self.trainable), tuple(merge(self.base, t) for t in others),
+        gains = depth_gains(merge(self.base, self.trainable), tuple(merge(self.base, t) for t in others),
                             self.feedback, jnp.asarray(self.window, jnp.int32), method=self.method,
                             records=self._gain_records)
         return [Paired(float(p.mean), float(p.stderr)) for p in gains]
@@ -522,14 +523,14 @@ class Adapter:
                                             jax.random.fold_in(self.key, self.window),
                                             jnp.asarray(held_out, jnp.int32), cfg=self.config,
                                             config=self.method.config)
-        gain, behind = self._chain_gains(trainable, self.reference)
+        gain, behind = self._depth_gains(trainable, self.reference)
         return trainable, opt_state, float(loss), gain, Paired(-behind.mean, behind.stderr)
 
     def _time_update(self) -> float:
         """Compile the update and the measurements (a probe's too), then time one update on the (empty)
         buffer; nothing is kept."""
         self._update(0)
-        self._chain_gains(self.reference)
+        self._depth_gains(self.reference)
         start = time.perf_counter()
         self._update(0)
         return time.perf_counter() - start
@@ -570,7 +571,7 @@ class Adapter:
                 self.trainable, self.opt_state = trainable, opt_state
             self.bandit.observe_update(time.perf_counter() - start)
         elif decision.probe and fresh:
-            behind, = self._chain_gains(self.reference)
+            behind, = self._depth_gains(self.reference)
             self.bandit.observe_returns(-behind.mean, behind.stderr)
             probed = True
         record = dict(window=self.window, tau=stats["tau"], new_tokens=int(np.sum(stats["new_tokens"])),

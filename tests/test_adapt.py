@@ -372,7 +372,7 @@ def test_gains_count_block_ones_accepted_depth_not_the_greedy_chain_alone(drafte
     fb = fb._replace(hidden_CxKxH=jnp.eye(k, h)[None], labels_CxK=jnp.asarray(labels, jnp.int32)[None],
                      valid_CxK=jnp.ones((1, k), bool), window_C=jnp.zeros((1,), jnp.int32), written=jnp.int32(1))
     swapped, greedy, worse = heads([0, 1, 0, 0]), heads([0, 0, 2, 0]), heads([0, 2, 0, 0])
-    same, fewer = adapt.chain_gains(swapped, (greedy, worse), fb, jnp.int32(0), method=method, records=1)
+    same, fewer = adapt.depth_gains(swapped, (greedy, worse), fb, jnp.int32(0), method=method, records=1)
     assert float(same.mean) == 0.0 and float(fewer.mean) == -1.0
 
 
