@@ -158,7 +158,7 @@ def top_k(x_xV: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """`jax.lax.top_k` over the last axis, same values and indices (ties to the lower index), in two
     stages: the k groups of `group` entries with the largest maxima hold every top-k entry, so a top-k
     over the group maxima and one over those k groups replace one over the vocabulary. On XLA's CPU
-    backend that is 3-6x faster at a 4k-32k vocabulary (top_k is a per-row selection pass there; a
+    backend that is 2.5-8x faster at a 4k-32k vocabulary (top_k is a per-row selection pass there; a
     rank > 2 input even lowers to a full sort, hence the 2-D view)."""
     v = x_xV.shape[-1]
     x_RxV = x_xV.reshape(-1, v)
