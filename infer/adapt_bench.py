@@ -8,8 +8,8 @@ adapting (specblock_jax.adapt), interleaved prompt by prompt so machine drift ca
 A stream is held-out prompts of one domain, or of several joined with '+' (prose+code: every prose
 prompt, then every code prompt): the embedded target's 48 per domain, or (`--source corpus`) prompts
 cut apart through the held-out documents of its corpus, as many as asked. Per stream and repeat the
-adapter starts from the trained drafter. Each prompt is decoded by both methods in turn (alternating which goes
-first); an adapting method's time includes its bandit step and updates (`adapt_s`). Reported per
+adapter starts from the trained drafter. Each prompt is decoded by both methods in turn (alternating
+which goes first); an adapting method's time includes its bandit step, updates and probes (`adapt_s`). Reported per
 stream: tokens/s (all tokens over all seconds) and its ratio adapt / static (the median over
 repeats), tau, the updates tried and kept, the share of time spent adapting, and, greedy,
 whether every output matched the static drafter's (adaptation is lossless, so any mismatch is a bug:

@@ -517,14 +517,17 @@ class Adapter:
 
     def _update(self, held_out: int) -> tuple[dict, Any, float, Paired, Paired]:
         """Train on all but the newest `held_out` records, measure on those: (trainable, optimizer state,
-        mean loss, the chain gain of the new heads over the serving ones, and the serving heads' return
-        over the reference)."""
+        mean loss, and the depth gains of the new heads and of the reference over the serving ones)."""
         trainable, opt_state, loss = update(self.trainable, self.opt_state, self.base, self.feedback,
                                             jax.random.fold_in(self.key, self.window),
                                             jnp.asarray(held_out, jnp.int32), cfg=self.config,
                                             config=self.method.config)
-        gain, behind = self._depth_gains(trainable, self.reference)
-        return trainable, opt_state, float(loss), gain, Paired(-behind.mean, behind.stderr)
+        gain, reference = self._depth_gains(trainable, self.reference)
+        return trainable, opt_state, float(loss), gain, reference
+
+    def _observe_returns(self, reference: Paired) -> None:
+        """The serving heads' return: the reference's depth gain over them, negated."""
+        self.bandit.observe_returns(-reference.mean, reference.stderr)
 
     def _time_update(self) -> float:
         """Compile the update and the measurements (a probe's too), then time one update on the (empty)
@@ -561,18 +564,17 @@ class Adapter:
         loss = gain = stderr = None
         kept = probed = False
         if decision.update and fresh:
-            trainable, opt_state, loss, measured, returns = self._update(fresh)
+            trainable, opt_state, loss, measured, reference = self._update(fresh)
             gain, stderr = measured
             if self.bandit.tries:  # the serving heads hold earlier updates, and were not kept for this window
-                self.bandit.observe_returns(*returns)
+                self._observe_returns(reference)
             self.bandit.observe_gain(*measured)
             kept = gain + stderr >= 0  # discarded only when worse beyond noise: small steps add up
             if kept:
                 self.trainable, self.opt_state = trainable, opt_state
             self.bandit.observe_update(time.perf_counter() - start)
         elif decision.probe and fresh:
-            behind, = self._depth_gains(self.reference)
-            self.bandit.observe_returns(-behind.mean, behind.stderr)
+            self._observe_returns(*self._depth_gains(self.reference))
             probed = True
         record = dict(window=self.window, tau=stats["tau"], new_tokens=int(np.sum(stats["new_tokens"])),
                       seconds=stats["prefill_s"] + stats["decode_s"], adapt_s=time.perf_counter() - start,
