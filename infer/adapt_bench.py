@@ -6,7 +6,7 @@ adapting (specblock_jax.adapt), interleaved prompt by prompt so machine drift ca
     python -m infer.adapt_bench --drafter DIR --source corpus --max-prompts 320   # streams long enough to learn
 
 A stream is held-out prompts of one domain, or of several joined with '+' (prose+code: every prose
-prompt, then every code prompt): the embedded target's 48 per domain, or (`--source corpus`) prompts
+prompt, then every code prompt): the toy target's 48 per domain, or (`--source corpus`) prompts
 cut apart through the held-out documents of its corpus, as many as asked. Per stream and repeat the
 adapter starts from the trained drafter. Each prompt is decoded by both methods in turn (alternating
 which goes first); an adapting method's time includes its bandit step, updates and probes (`adapt_s`). Reported per
@@ -41,12 +41,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="infer.adapt_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--drafter", required=True,
-                   help="trained SpecBlock drafter directory (or 'specblock': the shipped one)")
+                   help="trained SpecBlock drafter directory (or 'specblock': the one shipped for --target)")
+    p.add_argument("--target", help="Hugging Face directory or .gguf file of the target (default: the embedded "
+                                    "default; the drafters in specblock_jax/assets/toy/drafters are for "
+                                    "specblock_jax/assets/toy/target)")
     p.add_argument("--streams", default="code,prose",
                    help="comma-separated streams, each a domain or domains joined with '+' (default: code,prose)")
     p.add_argument("--max-prompts", type=int, default=48, help="prompts per domain")
     p.add_argument("--source", choices=("embedded", "corpus"), default="embedded",
-                   help="embedded: the embedded target's 48 held-out prompts per domain; corpus: prompts cut "
+                   help="embedded: the toy target's 48 held-out prompts per domain; corpus: prompts cut "
                         "apart through the held-out documents of its training corpus (up to 840 code and 383 "
                         "prose), for streams long enough for adaptation to pay")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -77,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def stream_prompts(stream: str, max_prompts: int, source: str = "embedded") -> list[str]:
     """The stream's prompts, `max_prompts` per domain, domain after domain."""
     if source == "embedded":
-        prompt_dir = pathlib.Path(hf.EMBEDDED_TARGET_DIR) / "prompts"
+        prompt_dir = hf.TOY_TARGET_DIR / "prompts"
         return [p for domain in stream.split("+")
                 for p in data.read_prompts_jsonl(prompt_dir / f"{domain}.jsonl")[:max_prompts]]
     splits = data.corpus_splits()  # the split the embedded target was trained with: "test" is held out
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     """0 when done, 1 when an adapting output differed from the static one, 2 on bad input."""
     args = parse_args(argv)
     try:
-        target = load_target(None)
+        target = load_target(args.target)
         drafter = load_drafter(args.drafter, target)
         if type(drafter.method).__name__ != "SpecBlockMethod":
             raise ValueError(f"{args.drafter} is not a SpecBlock drafter")

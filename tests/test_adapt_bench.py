@@ -7,7 +7,7 @@ import jax
 import pytest
 
 from infer import adapt_bench
-from specblock_jax import drafter_io, load_target
+from specblock_jax import drafter_io, hf, load_target
 from specblock_jax.data import Document
 from specblock_jax.eagle3_draft import Eagle3Method
 from specblock_jax.models import eagle3, specblock
@@ -16,7 +16,7 @@ from specblock_jax.specblock_draft import SpecBlockMethod
 
 @pytest.fixture(scope="module")
 def target():
-    return load_target()
+    return load_target(hf.TOY_TARGET_DIR)
 
 
 @pytest.fixture(autouse=True)

@@ -266,17 +266,17 @@ def test_config_rejects_what_the_model_cannot_compute(change, message):
         hf.config_from_hf({**_v5_llama3(), **change})
 
 
-def test_embedded_target_loads_with_its_tokenizer_and_matches_transformers():
-    """The shipped default: `load_target()` with no path, checked against transformers' own loading."""
+def test_toy_target_loads_with_its_tokenizer_and_matches_transformers():
+    """The 5M toy target (the tests' fixture), checked against transformers' own loading."""
     torch = pytest.importorskip("torch")
     import transformers
 
-    target = hf.load_target()
+    target = hf.load_target(hf.TOY_TARGET_DIR)
     assert target.config.num_params == 5_245_184 and target.tokenizer is not None
     text = "def fibonacci(n):\n    if n < 2:\n        return n\n"
     ids = target.tokenizer.encode(text, add_special_tokens=False)
     assert target.tokenizer.decode(ids) == text
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf.EMBEDDED_TARGET_DIR)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf.TOY_TARGET_DIR)
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits.numpy()
     assert np.abs(np.asarray(target.logits([ids])) - ref).max() < 1e-4

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from specblock_jax import decode, verify
+from specblock_jax import decode, hf, verify
 from specblock_jax.config import ModelConfig
 from specblock_jax import drafter as drafter_lib
 from specblock_jax.drafter import Drafter, load_drafter
@@ -347,10 +347,13 @@ def test_feature_layers_must_exist_in_the_target(target, monkeypatch):
 
 def test_load_drafter(tmp_path, target, monkeypatch):
     assert load_drafter("ngram", target) == Drafter(NgramMethod())
-    monkeypatch.setattr(drafter_lib, "SHIPPED_DRAFTERS_DIR", tmp_path / "drafters")
+    with pytest.raises(FileNotFoundError, match="no eagle3 drafter ships for the target at None .*: train one"):
+        load_drafter("eagle3", target)  # built in memory: no shipped drafter is for it
+    monkeypatch.setattr(drafter_lib, "TOY_DRAFTERS_DIR", tmp_path / "drafters")
+    toy = dataclasses.replace(target, path=hf.TOY_TARGET_DIR)
     for kind in ("eagle3", "specblock"):
         with pytest.raises(FileNotFoundError, match=f"no {kind} drafter is shipped at .*drafters/{kind}: train one"):
-            load_drafter(kind, target)
+            load_drafter(kind, toy)
     with pytest.raises(FileNotFoundError, match="is not a trained drafter directory: .*drafter.json does not exist"):
         load_drafter(str(tmp_path), target)
     with pytest.raises(ValueError, match="NgramMethod budget must be an integer >= 1, got 0"):

@@ -37,10 +37,10 @@ def _simulate_devices(n: int) -> None:
 
 def target_config_path(target: str | None) -> pathlib.Path:
     """The config.json to plan with: the recipe's target directory, or its namesake under configs/targets."""
-    if target is None:
-        from specblock_jax.hf import EMBEDDED_TARGET_DIR
+    if target is None:  # the embedded default: its GGUF's conversion (made once, then cached)
+        from specblock_jax import gguf
 
-        return EMBEDDED_TARGET_DIR / "config.json"
+        return gguf.convert(gguf.default_gguf()) / "config.json"
     local = pathlib.Path(target) / "config.json"
     if local.is_file():
         return local

@@ -7,6 +7,7 @@ tokens, their positions, the cache slots they are written to and an explicit att
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -96,11 +97,13 @@ _causal_logits_jit = jax.jit(causal_logits, static_argnums=1)
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """A loaded target model: config, parameter pytree and (optionally) its tokenizer."""
+    """A loaded target model: config, parameter pytree, (optionally) its tokenizer, and the Hugging Face
+    directory it was loaded from (None when built in memory)."""
 
     config: ModelConfig
     params: Any
     tokenizer: Any = None
+    path: pathlib.Path | None = None
 
     def logits(self, token_ids) -> jax.Array:
         """[B, T] token ids (array or nested lists) -> [B, T, V] float32 logits of a causal forward."""
