@@ -28,6 +28,8 @@ import numpy as np
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from specblock_jax import chat
+
 DOMAINS = ("code", "prose")
 SPLITS = ("train", "validation", "test")
 EOS_TOKEN = "<|endoftext|>"
@@ -440,8 +442,9 @@ def write_jsonl(rows: Iterable[dict], path: str | os.PathLike) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def read_prompts_jsonl(path: str | os.PathLike) -> list[str]:
-    """The ``prompt`` field of every line; blank lines are skipped, other bad lines raise."""
+def read_prompts_jsonl(path: str | os.PathLike) -> list[str | list[dict[str, str]]]:
+    """Every line's prompt: the string ``prompt``, or the conversation ``messages`` (a list of
+    ``{"role", "content"}`` messages, see `chat`); blank lines are skipped, other bad lines raise."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {str(path)!r} does not exist")
@@ -453,8 +456,11 @@ def read_prompts_jsonl(path: str | os.PathLike) -> list[str]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+        if isinstance(row, dict) and "messages" in row:
+            prompts.append(chat.check_conversation(row["messages"], f"{path}:{lineno}"))
+            continue
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise ValueError(f"{path}:{lineno}: expected an object with a string 'prompt'")
+            raise ValueError(f"{path}:{lineno}: expected an object with a string 'prompt' or a list of 'messages'")
         prompts.append(row["prompt"])
     if not prompts:
         raise ValueError(f"prompt file {str(path)!r} holds no prompts")

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specblock_jax import kvcache, verify
+from specblock_jax import chat, kvcache, verify
 from specblock_jax import tree as tree_lib
 from specblock_jax.config import ModelConfig
 from specblock_jax.drafter import Drafter, load_drafter
@@ -326,11 +326,13 @@ def check_max_new_tokens(max_new_tokens: Any) -> None:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
 
 
-def generate(target: target_lib.Target, prompts: Sequence[str] | Sequence[Sequence[int]], *,
+def generate(target: target_lib.Target, prompts: Sequence[str | Sequence[dict] | Sequence[int]], *,
              max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              seed: int = 0, drafter: Drafter | str | None = None, max_len: int | None = None,
              stop_on_eos: bool = True, collect: Any = None, feedback: Any = None) -> GenerateOutput:
-    """Generate continuations of a batch of prompts (strings, or token-id lists).
+    """Generate continuations of a batch of prompts: strings, conversations (lists of `{"role",
+    "content"}` messages, formatted with the target's chat template and answered as the assistant) or
+    token-id lists.
 
     With a `drafter` (a `Drafter`, or a kind / directory for `load_drafter`) decoding is speculative
     and lossless: greedy output is identical to plain decoding's, sampled output has the same
@@ -348,7 +350,7 @@ def generate(target: target_lib.Target, prompts: Sequence[str] | Sequence[Sequen
     """
     sampling = SamplingParams(temperature, top_k, top_p)
     config = target.config
-    prompt_ids = _encode_prompts(target, prompts)
+    prompt_ids = encode_prompts(target, prompts)
     check_max_new_tokens(max_new_tokens)
     if isinstance(drafter, (str, os.PathLike)):
         drafter = load_drafter(drafter, target)
@@ -453,21 +455,27 @@ def _spec_stats(stats: SpecStats, iterations: int, vocab_size: int) -> dict[str,
                 tau_per_row=[float(e / n) if n else float("nan") for e, n in zip(emitted_B, row_steps_B)])
 
 
-def _encode_prompts(target: target_lib.Target, prompts) -> list[list[int]]:
-    """Strings are tokenized (no special tokens added); id lists are checked against the vocabulary."""
+def encode_prompts(target: target_lib.Target, prompts) -> list[list[int]]:
+    """Strings are tokenized (no special tokens added), conversations formatted with the chat template
+    (`chat.encode`); the ids are checked against the vocabulary."""
     if isinstance(prompts, np.ndarray):
         prompts = prompts.tolist()
-    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
-        raise ValueError(f"prompts must be a list of strings or of token-id lists, got {type(prompts).__name__}")
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or chat.is_conversation(prompts):
+        raise ValueError(f"prompts must be a list of strings, of conversations (lists of {{'role', 'content'}} "
+                         f"messages) or of token-id lists, got {type(prompts).__name__}"
+                         + (" of messages: wrap one conversation in a list" if chat.is_conversation(prompts) else ""))
     if len(prompts) == 0:
         raise ValueError("prompts is empty: give at least one prompt")
-    if any(isinstance(p, str) for p in prompts):
-        if not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompts mix strings and token-id lists; give one kind")
-        if target.tokenizer is None:
-            raise ValueError("prompts are strings but the target has no tokenizer; "
-                             "pass token-id lists or load the target with its tokenizer")
+    kinds = {"string" if isinstance(p, str) else "conversation" if chat.is_conversation(p) else "ids" for p in prompts}
+    if len(kinds) > 1:
+        raise ValueError(f"prompts mix {' and '.join(sorted(kinds))} prompts; give one kind")
+    if kinds & {"string", "conversation"} and target.tokenizer is None:
+        raise ValueError("prompts are text but the target has no tokenizer; "
+                         "pass token-id lists or load the target with its tokenizer")
+    if kinds == {"string"}:
         prompts = [target.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    elif kinds == {"conversation"}:
+        prompts = [chat.encode(target.tokenizer, p, f"prompt {i}") for i, p in enumerate(prompts)]
     vocab = target.config.vocab_size
     prompt_ids = []
     for i, p in enumerate(prompts):

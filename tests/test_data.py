@@ -280,16 +280,20 @@ def test_spaced_prompts_share_no_text_and_come_shuffled():
 
 
 def test_jsonl_round_trip_and_errors(tmp_path):
+    chat = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi?"}]
     rows = [{"domain": "prose", "source": "a", "prompt": "Hark — ünïcode\nline"},
-            {"prompt": "x"}]
+            {"prompt": "x"}, {"messages": chat}]
     path = tmp_path / "sub" / "prompts.jsonl"
     data.write_jsonl(rows, path)
-    assert data.read_prompts_jsonl(path) == ["Hark — ünïcode\nline", "x"]
+    assert data.read_prompts_jsonl(path) == ["Hark — ünïcode\nline", "x", chat]
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         data.read_prompts_jsonl(tmp_path / "missing.jsonl")
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="no prompts"):
         data.read_prompts_jsonl(tmp_path / "empty.jsonl")
     (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
-    with pytest.raises(ValueError, match=":2:"):
+    with pytest.raises(ValueError, match=":2: expected an object with a string 'prompt' or a list of 'messages'"):
+        data.read_prompts_jsonl(tmp_path / "bad.jsonl")
+    (tmp_path / "bad.jsonl").write_text('{"messages": [{"role": "user"}]}\n')
+    with pytest.raises(ValueError, match=":1: message 0 must be"):
         data.read_prompts_jsonl(tmp_path / "bad.jsonl")

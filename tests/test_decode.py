@@ -163,8 +163,11 @@ def test_string_prompts_are_tokenized_and_decoded(target, batch_greedy):
     ([[1, 64]], {}, "prompt 0: token id 64 outside the vocabulary [0, 64)"),
     ([[3], [-1, 2]], {}, "prompt 1: token id -1 outside the vocabulary [0, 64)"),
     ([[3, 1.5]], {}, "prompt 0: token 1.5 is not an integer id"),
-    ("hello", {}, "prompts must be a list of strings or of token-id lists, got str"),
-    (["hi", [1]], {}, "prompts mix strings and token-id lists"),
+    ("hello", {}, "prompts must be a list of strings, of conversations"),
+    ([{"role": "user", "content": "hi"}], {}, "got list of messages: wrap one conversation in a list"),
+    ([[{"role": "user", "content": "hi"}], "hi"], {}, "prompts mix conversation and string prompts"),
+    ([[{"role": "user", "content": "hi"}]], {}, "prompts are text but the target has no tokenizer"),
+    (["hi", [1]], {}, "prompts mix ids and string prompts"),
     ([[1]], dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1, got 0"),
     ([[1] * 10], dict(max_len=8), "prompt 0 has 10 tokens, more than max_len 8"),
     ([[1], [1] * 130], {}, "prompt 1 has 130 tokens, more than max_len 128 (the default, capped at "
@@ -172,7 +175,7 @@ def test_string_prompts_are_tokenized_and_decoded(target, batch_greedy):
     ([[1]], dict(max_len=256), "max_len 256 exceeds max_position_embeddings 128"),
     ([[1] * 10], dict(max_len=16), "prompt 0 (10 tokens) + max_new_tokens 10 = 20 exceeds max_len 16"),
     ([[1] * 100], dict(max_new_tokens=40), "prompt 0 (100 tokens) + max_new_tokens 40 = 140 exceeds max_len 128"),
-    (["hello"], {}, "prompts are strings but the target has no tokenizer"),
+    (["hello"], {}, "prompts are text but the target has no tokenizer"),
     ([[1]], dict(temperature=-1.0), "temperature must be a number >= 0"),
     ([[1]], dict(top_p=0.0), "top_p must be a number in (0, 1]"),
 ])

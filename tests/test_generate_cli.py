@@ -9,23 +9,22 @@ import pytest
 from infer import bench
 from infer import generate as cli
 from specblock_jax import drafter as drafter_lib
-from specblock_jax import drafter_io, load_target
+from specblock_jax import drafter_io, hf, load_target
 from specblock_jax.models import specblock
 from specblock_jax.specblock_draft import SpecBlockMethod
 
 
 @pytest.fixture(scope="module")
 def target():
-    return load_target()
+    return load_target(hf.TOY_TARGET_DIR)
 
 
 @pytest.fixture(autouse=True)
 def setup(tmp_path, monkeypatch, target):
-    """No shipped drafter is visible (whatever assets/drafters holds); one target loaded for all tests."""
+    """No shipped drafter is visible (whatever assets hold); one target loaded for all tests."""
     empty = tmp_path / "shipped"
     empty.mkdir()
-    monkeypatch.setattr(bench, "SHIPPED_DRAFTERS_DIR", empty)
-    monkeypatch.setattr(drafter_lib, "SHIPPED_DRAFTERS_DIR", empty)
+    monkeypatch.setattr(drafter_lib, "shipped_drafters_dir", lambda path: empty)
     monkeypatch.setattr(cli, "load_target", lambda path=None: target if path is None else load_target(path))
 
 
@@ -90,3 +89,8 @@ def test_bad_prompt_file_is_a_clear_error(tmp_path, capsys, content, message):
         path.write_text(content)
     assert cli.main(["--prompt-file", str(path)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_chat_needs_a_chat_template(capsys):
+    assert cli.main(["--chat", "--prompt", "Hi!"]) == 2  # the toy target was trained without one
+    assert "prompt 0: the target's tokenizer has no chat template" in capsys.readouterr().err
