@@ -1,12 +1,19 @@
-"""Side-by-side benchmark of decoding methods on held-out prompts, interleaved so machine drift cancels.
+"""Side-by-side benchmark of decoding methods on a question suite, interleaved so machine drift cancels.
 
-    python -m infer.bench                                   # every method with a drafter at hand
-    python -m infer.bench --methods ar,ngram,eagle3 --drafter eagle3=runs/eagle3 --max-prompts 16
+    python -m infer.bench --methods ar,ngram                # the suite, every category, 128 new tokens
+    python -m infer.bench --categories math,code --max-prompts 8 --drafter eagle3=runs/eagle3/drafter
     python -m infer.bench --prompts my_prompts.jsonl --target /models/Llama-3.1-8B --drafter DIR
 
+Prompts: by default the suite shipped in specblock_jax/assets/suite (MT-Bench's layout, 7 categories,
+see its README.md), or `--prompts FILE`: questions in that layout, whose turns are user messages
+formatted with the target's chat template and answered turn by turn, each method's own answer
+appended to its conversation before the next turn (MT-Bench's protocol); or a prompt file, one
+`{"prompt"}` (continued as it is) or `{"messages"}` (a conversation) per line. Every figure is
+reported overall and per category.
+
 Methods: `ar` (plain decoding, the reference), `ngram` (prompt lookup, no training), `eagle3` and
-`specblock` (trained drafters: the ones shipped for the embedded target under
-specblock_jax/assets/drafters/<kind>/, or `--drafter KIND=DIR`; a bare `--drafter DIR` takes its kind
+`specblock` (trained drafters: the ones shipped for the target, `specblock_jax.drafter.shipped_drafters_dir`,
+or `--drafter KIND=DIR`; a bare `--drafter DIR` takes its kind
 from DIR/drafter.json), and `specblock+adapt` (the SpecBlock drafter adapting as it serves,
 specblock_jax.adapt: it starts from the trained drafter at every repeat and serves the batches in
 order; its time includes the bandit's steps and updates). The default is every method but
@@ -14,10 +21,10 @@ order; its time includes the bandit's steps and updates). The default is every m
 Variants of a trained kind run side by side as `KIND:LABEL` methods, each with its own
 `--drafter KIND:LABEL=DIR` (say the ablations: `specblock:no-shift=runs/ablation/no_shift/drafter`).
 
-Protocol: every input is checked and every method is compiled and warmed up on the first prompt batch
+Protocol: every input is checked and every method is compiled and warmed up on the first batch
 before timing starts (`generate` also compiles ahead and times execution only). Then, for each repeat
-and each prompt batch, every method runs once, in turn. The JSON report is rewritten after every
-repeat (`"complete": false` until the end, and also after an interruption or an error), then each
+and each batch's turn, every method runs once, in turn. The JSON report is rewritten every 10 units and after
+every repeat (`"complete": false` until the end, and also after an interruption or an error), then each
 method's phases are timed (infer/timing.py) and the final report, a markdown table and PNG plots are
 written. Per method: medians of per-run tokens/s (new tokens over prefill + decode seconds) and of the
 per-run ratio to `ar` (`speedup_vs_ar`; `speedup_vs_ar_total` is the ratio of all tokens over all
@@ -26,7 +33,7 @@ acceptance-length histogram); ms per loop iteration (`iteration_ms`, from the ti
 apart on the first batch, split into draft / verify / other (infer/timing.py); the ceiling
 (`speedup_ceiling`: the speedup if every step committed the tree's deepest path, at the measured ms per
 iteration: what no drafter of this cost and tree shape can beat here); and, when
-greedy, the prompts whose output differs from `ar`'s: verification is lossless, so any mismatch is a
+greedy, the answers (question and turn) that differ from `ar`'s: verification is lossless, so any mismatch is a
 bug, reported loudly and with exit status 1.
 """
 
@@ -49,15 +56,16 @@ from typing import Any
 import jax
 from tqdm import tqdm
 
-from specblock_jax import Drafter, adapt, data, generate, hf, load_drafter, load_target
-from specblock_jax.drafter import SHIPPED_DRAFTERS_DIR
+from specblock_jax import Drafter, adapt, chat, data, generate, hf, load_drafter, load_target
+from specblock_jax import decode as decode_lib
+from specblock_jax import drafter as drafter_lib
 
 from infer import timing
 
 METHODS = ("ar", "ngram", "eagle3", "specblock", "specblock+adapt")
 TRAINED = ("eagle3", "specblock")  # drafter kinds trained into a drafter directory
 ADAPTING = {"specblock+adapt": "specblock"}  # method -> the kind of drafter it adapts
-DOMAINS = ("code", "prose", "all")
+SUITE = pathlib.Path(hf.__file__).parent / "assets" / "suite" / "questions.jsonl"  # see its README.md
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,11 +74,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", help=f"comma-separated, from {', '.join(METHODS)} and the KIND:LABEL variants given "
                                      "by --drafter (default: every method whose drafter is shipped or given); ar is "
                                      "always run, as the reference")
-    p.add_argument("--prompts", help='JSONL prompt file ({"prompt": ...} per line); default: the embedded '
-                                     "target's held-out prompts of --domain")
-    p.add_argument("--domain", choices=DOMAINS, default="code",
-                   help="embedded held-out prompt set when --prompts is not given (all: code and prose alternating)")
-    p.add_argument("--target", help="Hugging Face target directory (default: the embedded target)")
+    p.add_argument("--prompts", help="questions in MT-Bench's layout ({\"question_id\", \"category\", \"turns\": "
+                                     "[...]} per line; turns are user messages, answered in turn) or a prompt file "
+                                     "({\"prompt\": ...} or {\"messages\": [...]} per line); default: the "
+                                     "suite in specblock_jax/assets/suite")
+    p.add_argument("--categories", help="comma-separated categories to run (default: all in the file)")
+    p.add_argument("--target", help="Hugging Face directory or .gguf file of the target (default: the embedded "
+                                    "SmolLM2-135M-Instruct)")
     p.add_argument("--drafter", action="append", default=[], metavar="[KIND[:LABEL]=]DIR",
                    help="trained drafter directory for method KIND (eagle3, specblock); without KIND=, the kind "
                         "in DIR/drafter.json; KIND:LABEL=DIR adds the variant method KIND:LABEL. Repeat for "
@@ -83,11 +93,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         '"widths": [1, 2, 3, 2]}\' (fields a drafting method lacks are ignored for it, with a '
                         'note); METHOD=JSON for one method only (say eagle3:deep=\'{"max_depth": 7}\'), '
                         "applied after the ones for all. Repeatable")
-    p.add_argument("--max-prompts", type=int, default=16)
+    p.add_argument("--max-prompts", type=int, help="at most this many questions per category (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the only mode with a mismatch check)")
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=1, help="passes over the questions (default 1)")
     p.add_argument("--timing-calls", type=int, default=16,
                    help="chained calls per dispatch when timing the draft / verify phases (0: skip that timing)")
     p.add_argument("--out", default="results.json", help="where to write the JSON report")
@@ -175,17 +185,18 @@ def parse_drafter_specs(specs: list[str]) -> dict[str, pathlib.Path]:
     return dirs
 
 
-def shipped_drafter(kind: str) -> pathlib.Path | None:
-    path = SHIPPED_DRAFTERS_DIR / kind
-    return path if path.is_dir() else None
+def shipped_drafter(kind: str, shipped_dir: pathlib.Path | None) -> pathlib.Path | None:
+    path = None if shipped_dir is None else shipped_dir / kind
+    return path if path is not None and path.is_dir() else None
 
 
 def select_methods(requested: list[str] | None, drafter_dirs: dict[str, pathlib.Path],
-                   embedded_target: bool) -> list[str]:
+                   shipped_dir: pathlib.Path | None) -> list[str]:
     """The methods to run, `ar` first: the requested ones (each trained one needs a drafter), or every
-    method whose drafter is given or shipped. Shipped drafters serve only the embedded target."""
+    method whose drafter is given or shipped in `shipped_dir` (the target's, `drafter.shipped_drafters_dir`;
+    None: no drafter ships for it)."""
     def available(kind: str) -> bool:
-        return kind in drafter_dirs or (embedded_target and shipped_drafter(kind) is not None)
+        return kind in drafter_dirs or shipped_drafter(kind, shipped_dir) is not None
 
     variants = [name for name in drafter_dirs if is_variant(name)]
     if requested is None:
@@ -194,8 +205,8 @@ def select_methods(requested: list[str] | None, drafter_dirs: dict[str, pathlib.
         missing = [k for k in requested if (k not in drafter_dirs if is_variant(k) else
                                             kind_of(k) in TRAINED and not available(kind_of(k)))]
         if missing:
-            where = (f"none is shipped at {SHIPPED_DRAFTERS_DIR}/<kind>" if embedded_target
-                     else "shipped drafters serve only the embedded target")
+            where = (f"none is shipped at {shipped_dir}/<kind>" if shipped_dir is not None
+                     else "drafters ship only for the embedded default target")
             raise ValueError(f"method(s) {', '.join(missing)} need a trained drafter: {where}; "
                              f"give --drafter {missing[0]}=DIR")
         methods = list(dict.fromkeys(["ar"] + requested))  # ar: the reference for speedups and mismatches
@@ -205,15 +216,50 @@ def select_methods(requested: list[str] | None, drafter_dirs: dict[str, pathlib.
     return methods
 
 
-def load_prompts(args: argparse.Namespace) -> tuple[list[str], str]:
-    """The benchmark prompts (at most --max-prompts) and where they came from."""
-    if args.prompts:
-        return data.read_prompts_jsonl(args.prompts)[:args.max_prompts], str(args.prompts)
-    prompt_dir = pathlib.Path(hf.EMBEDDED_TARGET_DIR) / "prompts"
-    domains = ("code", "prose") if args.domain == "all" else (args.domain,)
-    per_domain = [data.read_prompts_jsonl(prompt_dir / f"{d}.jsonl") for d in domains]
-    alternating = [p for group in zip(*per_domain) for p in group]  # code, prose, code, ... for "all"
-    return alternating[:args.max_prompts], f"embedded held-out prompts ({'+'.join(domains)})"
+def load_questions(args: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
+    """The questions to answer (at most --max-prompts per category, of --categories) and where they
+    came from. Each is `{"question_id", "category", "turns", "chat"}`: a question file's turns are user
+    messages (`chat`); a prompt file's prompt is one turn, taken as it is (category "prompts")."""
+    path = pathlib.Path(args.prompts or SUITE)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {str(path)!r} does not exist")
+    if chat.is_question_file(path):
+        questions = [{**q, "chat": True} for q in chat.read_questions(path)]
+    else:
+        questions = [{"question_id": i, "category": "prompts", "turns": [prompt], "chat": False}
+                     for i, prompt in enumerate(data.read_prompts_jsonl(path))]
+    categories = list(dict.fromkeys(q["category"] for q in questions))
+    if args.categories:
+        wanted = [c.strip() for c in args.categories.split(",") if c.strip()]
+        unknown = [c for c in wanted if c not in categories]
+        if unknown:
+            raise ValueError(f"--categories: {', '.join(unknown)} not in {path}; it has {', '.join(categories)}")
+        categories = wanted
+    chosen = [q for c in categories for q in [q for q in questions if q["category"] == c][:args.max_prompts]]
+    return chosen, "the suite (specblock_jax/assets/suite)" if args.prompts is None else str(path)
+
+
+def plan_units(questions: list[dict[str, Any]], batch_size: int) -> list[dict[str, Any]]:
+    """One repeat's runs in order: per category, batches of `batch_size` questions, each batch's turns
+    in turn. A unit is `{"category", "turn", "rows"}`, `rows` the indices of the batch's questions that
+    have that turn."""
+    units = []
+    for category in dict.fromkeys(q["category"] for q in questions):
+        members = [i for i, q in enumerate(questions) if q["category"] == category]
+        for start in range(0, len(members), batch_size):
+            batch = members[start:start + batch_size]
+            for turn in range(max(len(questions[i]["turns"]) for i in batch)):
+                units.append({"category": category, "turn": turn,
+                              "rows": [i for i in batch if turn < len(questions[i]["turns"])]})
+    return units
+
+
+def turn_prompt(question: dict[str, Any], turn: int, history: list[dict[str, str]]) -> Any:
+    """The prompt of a question's turn: the conversation so far and the turn's user message (MT-Bench's
+    multi-turn protocol: every earlier answer is in the conversation), or a prompt file's prompt."""
+    if not question["chat"]:
+        return question["turns"][turn]
+    return history + [{"role": "user", "content": question["turns"][turn]}]
 
 
 def with_tree(drafter: Drafter, args: argparse.Namespace, method: str = "") -> Drafter:
@@ -260,17 +306,24 @@ def tree_shape(drafter: Drafter) -> dict[str, Any]:
             "budget": drafter.method.budget, "max_depth": drafter.method.max_depth}
 
 
-def check_lengths(target: Any, prompts: list[str], drafters: dict[str, Drafter | None], max_new_tokens: int) -> None:
-    """Every prompt fits the target's context with max_new_tokens and the largest tree's scratch."""
+def check_lengths(target: Any, questions: list[dict[str, Any]], drafters: dict[str, Drafter | None],
+                  max_new_tokens: int) -> None:
+    """Every question fits the target's context: all its turns, an answer of max_new_tokens to each,
+    and the largest tree's scratch. A conversation the target cannot format is an error here too."""
     limit = target.config.max_position_embeddings
     scratch = max((d.method.budget + 1 for d in drafters.values() if d is not None), default=0)
-    for i, prompt in enumerate(prompts):
-        n = len(target.tokenizer.encode(prompt, add_special_tokens=False)) if target.tokenizer else len(prompt)
-        if n == 0:
-            raise ValueError(f"prompt {i} is empty (0 tokens)")
-        if n + max_new_tokens + scratch > limit:
-            raise ValueError(f"prompt {i} has {n} tokens: with --max-new-tokens {max_new_tokens} and a tree scratch "
-                             f"of {scratch} it exceeds the target's {limit} positions")
+    for q in questions:
+        where = f"question {q['question_id']}"
+        if q["chat"]:
+            messages = [m for t in q["turns"] for m in ({"role": "user", "content": t},
+                                                          {"role": "assistant", "content": ""})][:-1]
+            n = len(chat.encode(target.tokenizer, messages, where))
+        else:
+            n = len(decode_lib.encode_prompts(target, q["turns"])[0])
+        need = n + len(q["turns"]) * max_new_tokens + scratch
+        if need > limit:
+            raise ValueError(f"{where} has {n} tokens: with {len(q['turns'])} answer(s) of --max-new-tokens "
+                             f"{max_new_tokens} and a tree scratch of {scratch} it exceeds the target's {limit} positions")
 
 
 def versions() -> dict[str, str]:
@@ -300,43 +353,54 @@ def write_json(report: dict, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-def run(args: argparse.Namespace, target: Any, prompts: list[str], drafters: dict[str, Drafter | None],
+def run(args: argparse.Namespace, target: Any, questions: list[dict[str, Any]], drafters: dict[str, Drafter | None],
         header: dict) -> dict:
-    """Warm up, run the interleaved repeats (rewriting the report after each), time the phases, and
-    return the final report. An exception or interrupt writes the partial report and propagates."""
+    """Warm up, run the interleaved repeats (rewriting the report every 10 units), time the phases, and
+    return the final report. An exception or interrupt writes the partial report and propagates.
+    Every method answers each unit (a batch's turn) in turn, each with its own conversations: a turn's
+    prompt holds the method's own earlier answers, as MT-Bench has it."""
     methods = list(drafters)
-    batches = [prompts[i:i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
-    runs: dict[str, list] = {m: [] for m in methods}  # method -> [(repeat, batch index, GenerateOutput)]
+    units = plan_units(questions, args.batch_size)
+    runs: dict[str, list] = {m: [] for m in methods}  # method -> [(repeat, unit index, GenerateOutput)]
     phases: dict[str, dict] = {}
     adapters: dict[str, adapt.Adapter] = {}
+    histories: dict[str, dict[int, list]] = {}  # method -> question index -> its conversation so far
 
-    def restart_adapters():
+    def restart():
         adapters.update({m: adapt.Adapter(target, drafters[m]) for m in methods if m in ADAPTING})
+        histories.update({m: {i: [] for i in range(len(questions))} for m in methods})
 
-    def decode(method, batch):
+    def decode(method, unit):
         kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=0)
-        if method in adapters:
-            return adapters[method].generate(batch, **kwargs)
-        return generate(target, batch, drafter=drafters[method], **kwargs)
+        batch = [turn_prompt(questions[i], unit["turn"], histories[method][i]) for i in unit["rows"]]
+        out = (adapters[method].generate(batch, **kwargs) if method in adapters
+               else generate(target, batch, drafter=drafters[method], **kwargs))
+        for i, prompt, text in zip(unit["rows"], batch, out.texts or [None] * len(batch)):
+            if questions[i]["chat"]:
+                histories[method][i] = prompt + [{"role": "assistant", "content": text}]
+        return out
 
     def report(complete: bool, interrupted: str | None = None) -> dict:
-        out = summarize(args, runs, phases, args.batch_size, header["config"]["tree"])
+        out = summarize(args, runs, phases, units, questions, header["config"]["tree"])
         return {**header, "complete": complete, "interrupted": interrupted, "finished_utc": _now(), **out}
 
     try:
-        restart_adapters()
+        restart()
         for method in tqdm(methods, desc="compile + warm-up", unit="method"):
-            decode(method, batches[0])
-        with tqdm(total=args.repeats * len(batches) * len(methods), desc="timed runs", unit="run") as bar:
+            decode(method, units[0])
+        with tqdm(total=args.repeats * len(units) * len(methods), desc="timed runs", unit="run") as bar:
             for repeat in range(args.repeats):
-                restart_adapters()  # each repeat adapts from the trained drafter
-                for b, batch in enumerate(batches):
+                restart()  # each repeat adapts from the trained drafter, and starts every conversation anew
+                for u, unit in enumerate(units):
                     for method in methods:
-                        runs[method].append((repeat, b, decode(method, batch)))
+                        runs[method].append((repeat, u, decode(method, unit)))
                         bar.update(1)
+                    if u % 10 == 9:
+                        write_json(report(complete=False), args.out)
                 write_json(report(complete=False), args.out)
         if args.timing_calls:
-            fns = {method: timing.phase_calls(target, drafters[method], batches[0], max_new_tokens=args.max_new_tokens,
+            first = [turn_prompt(questions[i], 0, []) for i in units[0]["rows"]]
+            fns = {method: timing.phase_calls(target, drafters[method], first, max_new_tokens=args.max_new_tokens,
                                               max_len=runs[method][0][2].stats["max_len"],
                                               temperature=args.temperature, calls=args.timing_calls)
                    for method in tqdm([m for m in methods if m not in ADAPTING], desc="phase timing: compile",
@@ -381,14 +445,28 @@ def _add(a: list[int], b: list[int]) -> list[int]:
     return [(a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(n)]
 
 
-def summarize(args: argparse.Namespace, runs: dict[str, list], phases: dict[str, dict], batch_size: int,
-              trees: dict[str, dict]) -> dict:
-    """The report's per-method figures from whatever runs exist (a partial run gives partial figures).
+def summarize(args: argparse.Namespace, runs: dict[str, list], phases: dict[str, dict], units: list[dict],
+              questions: list[dict], trees: dict[str, dict]) -> dict:
+    """The report's per-method figures, overall and per category (`categories`), from whatever runs
+    exist (a partial run gives partial figures). Phases are timed once, on the first unit: the
+    per-category figures have no phase breakdown.
 
     `speedup_ceiling`: the speedup over `ar` this method's loop would reach if every step committed its
     most tokens (`max_tokens_per_iter`: the tree's deepest possible path plus the bonus), at its measured
     ms per iteration. Shapes are static, so an iteration costs the same whatever is accepted: no drafter
     of this cost and tree shape can beat it on this machine."""
+    overall = method_figures(args, runs, phases, units, questions, trees)
+    categories = {}
+    for category in dict.fromkeys(unit["category"] for unit in units):
+        subset = {m: [(r, u, out) for r, u, out in outs if units[u]["category"] == category] for m, outs in runs.items()}
+        if any(subset.values()):
+            categories[category] = method_figures(args, subset, {}, units, questions, trees)["methods"]
+    return {**overall, "categories": categories}
+
+
+def method_figures(args: argparse.Namespace, runs: dict[str, list], phases: dict[str, dict], units: list[dict],
+                   questions: list[dict], trees: dict[str, dict]) -> dict:
+    """`summarize`'s figures over these runs: {"methods": {method: figures}, "warnings": [...]}."""
     ar = {(r, b): out for r, b, out in runs["ar"]}
     greedy = args.temperature == 0
     methods, warnings = {}, []
@@ -403,8 +481,8 @@ def summarize(args: argparse.Namespace, runs: dict[str, list], phases: dict[str,
         for b, out in first:
             hist = _add(hist, _histogram(out))
             if (0, b) in ar:
-                mismatched += [b * batch_size + i for i, (x, y) in enumerate(zip(out.token_ids, ar[0, b].token_ids))
-                               if x != y]
+                mismatched += [{"question_id": questions[i]["question_id"], "turn": units[b]["turn"] + 1}
+                               for i, x, y in zip(units[b]["rows"], out.token_ids, ar[0, b].token_ids) if x != y]
         iterations = sum(out.stats["iterations"] for _, out in first)
         verify_steps = sum(out.stats.get("verify_steps", out.stats["iterations"]) for _, out in first)
         row_steps = sum(hist)
@@ -435,8 +513,9 @@ def summarize(args: argparse.Namespace, runs: dict[str, list], phases: dict[str,
                      max_tokens_per_iter=(min(trees[method]["budget"], trees[method]["max_depth"]) + 1
                                           if method in trees else 1))
         if greedy and mismatched:
-            warnings.append(f"{method}: {len(mismatched)} of {entry['prompts']} prompts differ from ar's greedy output "
-                            f"(prompts {mismatched[:10]}{' ...' if len(mismatched) > 10 else ''}). Speculative "
+            shown = ", ".join(f"{m['question_id']} turn {m['turn']}" for m in mismatched[:10])
+            warnings.append(f"{method}: {len(mismatched)} of {entry['prompts']} answers differ from ar's greedy output "
+                            f"(questions {shown}{' ...' if len(mismatched) > 10 else ''}). Speculative "
                             "decoding is lossless by construction, so this is a bug in the decoding path.")
     ar_ms = methods.get("ar", {}).get("iteration_ms")
     for entry in methods.values():
@@ -462,6 +541,18 @@ def table(report: dict) -> str:
                      f"{f(m['verify_ms_per_iter'], '.2f')} | {f(m['other_ms_per_iter'], '.2f')} | "
                      f"{m['drafter_forwards_per_iter']:.2f} | {m['iterations']} | {f(m['speedup_ceiling'], '.2f')} | "
                      f"{f(m['mismatches_vs_ar'], 'd')} |")
+    methods = [name for name in report["methods"] if name != "ar"]
+    if len(report.get("categories", {})) > 1:
+        lines += ["", "| category | answers | ar tokens/s | " + " | ".join(f"{m} tokens/s | {m} speedup | {m} tau"
+                                                                       for m in methods) + " |",
+                  "|---" * (3 + 3 * len(methods)) + "|"]
+        for category, figures in report["categories"].items():
+            ar = figures.get("ar", {})
+            cells = [f"{f(figures.get(m, {}).get('tokens_per_s'), '.0f')} | "
+                     f"{f(figures.get(m, {}).get('speedup_vs_ar'), '.3f')} | {f(figures.get(m, {}).get('tau'), '.2f')}"
+                     for m in methods]
+            lines.append(f"| {category} | {ar.get('prompts', 0)} | {f(ar.get('tokens_per_s'), '.0f')} | "
+                         + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -478,23 +569,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:  # every input checked before any compute
         drafter_dirs = parse_drafter_specs(args.drafter)
-        methods = select_methods(args.methods, drafter_dirs, embedded_target=args.target is None)
-        prompts, source = load_prompts(args)
+        questions, source = load_questions(args)
         target = load_target(args.target)
+        shipped_dir = drafter_lib.shipped_drafters_dir(target.path)
+        methods = select_methods(args.methods, drafter_dirs, shipped_dir)
         drafters = resolve_drafters(methods, drafter_dirs, target, args)
-        check_lengths(target, prompts, drafters, args.max_new_tokens)
+        check_lengths(target, questions, drafters, args.max_new_tokens)
     except (FileNotFoundError, ValueError) as e:
         print(f"infer.bench: error: {e}", file=sys.stderr)
         return 2
     header = {"started_utc": _now(), "config": {**vars(args), "methods": methods, "prompt_source": source,
-                                                "num_prompts": len(prompts),
-                                                "target": args.target or str(hf.EMBEDDED_TARGET_DIR),
-                                                "drafters": {m: str(drafter_dirs.get(m, shipped_drafter(m) or m))
+                                                "num_questions": len(questions),
+                                                "num_turns": sum(len(q["turns"]) for q in questions),
+                                                "target": str(target.path),
+                                                "drafters": {m: str(drafter_dirs.get(m, shipped_drafter(m, shipped_dir) or m))
                                                              for m in methods if m != "ar"},
                                                 "tree": {m: tree_shape(d) for m, d in drafters.items() if d}},
               "versions": versions(), "timing_method": timing.TIMING_METHOD}
     try:
-        report = run(args, target, prompts, drafters, header)
+        report = run(args, target, questions, drafters, header)
     except KeyboardInterrupt:
         print(f"\ninterrupted: the partial report (\"complete\": false) is in {args.out}", file=sys.stderr)
         return 130

@@ -107,10 +107,9 @@ def _forward_calls(params: Any, cache: Any, tree: Any, *, config: Any, max_depth
     return jax.lax.fori_loop(0, calls, body, (cache, tree, jnp.zeros((), jnp.float32)))[2]
 
 
-def prompt_array(target: Any, prompts: Sequence[str] | Sequence[Sequence[int]], max_len: int
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded prompt ids [B, T] and lengths [B], padded as `generate` pads them."""
-    ids = [target.tokenizer.encode(p, add_special_tokens=False) if isinstance(p, str) else list(p) for p in prompts]
+def prompt_array(target: Any, prompts: Sequence[Any], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded prompt ids [B, T] and lengths [B], encoded and padded as `generate` does."""
+    ids = decode.encode_prompts(target, prompts)
     width = min(-(-max(map(len, ids)) // decode.MAX_LEN_MULTIPLE) * decode.MAX_LEN_MULTIPLE, max_len)
     prompt_BxT = np.zeros((len(ids), width), np.int32)
     for i, row in enumerate(ids):

@@ -1,7 +1,8 @@
-"""The benchmark harness (infer/bench.py) end to end at micro scale on the embedded target: the report's
+"""The benchmark harness (infer/bench.py) end to end at micro scale on the toy target: the report's
 schema, zero greedy mismatches for sound methods, a broken decoding path reported (not hidden), clear
 errors for bad input, and a partial report when a run is cut short."""
 
+import copy
 import dataclasses
 import json
 import pathlib
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from infer import bench, plots, timing
-from specblock_jax import Drafter, drafter_io, load_target, verify
+from specblock_jax import Drafter, chat, drafter_io, generate, hf, load_target, verify
 from specblock_jax.eagle3_draft import Eagle3Method
 from specblock_jax.models import eagle3, specblock
 from specblock_jax.ngram import NgramMethod
@@ -27,7 +28,7 @@ METHOD_KEYS = {"tau", "tokens_per_s", "speedup_vs_ar", "speedup_vs_ar_total", "d
 
 @pytest.fixture(scope="module")
 def target():
-    return load_target()
+    return load_target(hf.TOY_TARGET_DIR)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def no_shipped_drafters(tmp_path, monkeypatch, target):
     """Tests see no shipped drafter (whatever assets/drafters holds) and share one loaded target."""
     empty = tmp_path / "shipped"
     empty.mkdir()
-    monkeypatch.setattr(bench, "SHIPPED_DRAFTERS_DIR", empty)
+    monkeypatch.setattr(bench.drafter_lib, "shipped_drafters_dir", lambda path: empty)
     monkeypatch.setattr(bench, "load_target", lambda path=None: target if path is None else load_target(path))
     return empty
 
@@ -143,11 +144,12 @@ def test_broken_decoding_is_reported_not_hidden(small, tmp_path, target, monkeyp
     report = read(out)
     assert report["complete"] is True
     ngram = report["methods"]["ngram"]
-    assert ngram["mismatches_vs_ar"] == 2 and ngram["mismatched_prompts"] == [0, 1]
+    assert ngram["mismatches_vs_ar"] == 2
+    assert ngram["mismatched_prompts"] == [{"question_id": 0, "turn": 1}, {"question_id": 1, "turn": 1}]
     assert report["methods"]["ar"]["mismatches_vs_ar"] == 0
-    assert len(report["warnings"]) == 1 and "ngram: 2 of 2 prompts differ" in report["warnings"][0]
+    assert len(report["warnings"]) == 1 and "ngram: 2 of 2 answers differ" in report["warnings"][0]
     stdout = capsys.readouterr().out
-    assert "WARNING: ngram: 2 of 2 prompts differ from ar's greedy output" in stdout
+    assert "WARNING: ngram: 2 of 2 answers differ from ar's greedy output (questions 0 turn 1, 1 turn 1)" in stdout
 
 
 @pytest.mark.parametrize("interrupt", [KeyboardInterrupt, RuntimeError])
@@ -223,22 +225,22 @@ def test_drafter_specs(tmp_path, no_shipped_drafters):
         bench.parse_drafter_specs([f"ngram={e3}"])
     with pytest.raises(FileNotFoundError, match="not a trained drafter directory"):
         bench.parse_drafter_specs([str(tmp_path)])
-    # Default methods: every one whose drafter is at hand; shipped ones only for the embedded target.
-    assert bench.select_methods(None, {}, embedded_target=True) == ["ar", "ngram"]
-    assert bench.select_methods(None, {"eagle3": e3}, embedded_target=False) == ["ar", "ngram", "eagle3"]
+    # Default methods: every one whose drafter is given or shipped for the target.
+    assert bench.select_methods(None, {}, shipped_dir=no_shipped_drafters) == ["ar", "ngram"]
+    assert bench.select_methods(None, {"eagle3": e3}, shipped_dir=None) == ["ar", "ngram", "eagle3"]
     (no_shipped_drafters / "specblock").mkdir()
-    assert bench.select_methods(None, {}, embedded_target=True) == ["ar", "ngram", "specblock"]
-    assert bench.select_methods(None, {}, embedded_target=False) == ["ar", "ngram"]
-    assert bench.select_methods(["specblock"], {}, embedded_target=True) == ["ar", "specblock"]
+    assert bench.select_methods(None, {}, shipped_dir=no_shipped_drafters) == ["ar", "ngram", "specblock"]
+    assert bench.select_methods(None, {}, shipped_dir=None) == ["ar", "ngram"]
+    assert bench.select_methods(["specblock"], {}, shipped_dir=no_shipped_drafters) == ["ar", "specblock"]
     with pytest.raises(ValueError, match="not among --methods"):
-        bench.select_methods(["ngram"], {"eagle3": e3}, embedded_target=True)
+        bench.select_methods(["ngram"], {"eagle3": e3}, shipped_dir=no_shipped_drafters)
     # Variants: KIND:LABEL, each with its own directory of that kind.
     variants = bench.parse_drafter_specs([f"eagle3={e3}", f"eagle3:deep={e3}"])
     assert variants == {"eagle3": e3, "eagle3:deep": e3} and bench.kind_of("eagle3:deep") == "eagle3"
-    assert bench.select_methods(None, variants, embedded_target=False) == ["ar", "ngram", "eagle3", "eagle3:deep"]
-    assert bench.select_methods(["eagle3:deep"], {"eagle3:deep": e3}, embedded_target=False) == ["ar", "eagle3:deep"]
+    assert bench.select_methods(None, variants, shipped_dir=None) == ["ar", "ngram", "eagle3", "eagle3:deep"]
+    assert bench.select_methods(["eagle3:deep"], {"eagle3:deep": e3}, shipped_dir=None) == ["ar", "eagle3:deep"]
     with pytest.raises(ValueError, match="need a trained drafter"):
-        bench.select_methods(["eagle3:wide"], variants, embedded_target=False)
+        bench.select_methods(["eagle3:wide"], variants, shipped_dir=None)
     with pytest.raises(ValueError, match="holds a eagle3 drafter, not specblock"):
         bench.parse_drafter_specs([f"specblock:x={e3}"])
     for bad in (f"ngram:x={e3}", f"eagle3:={e3}", f"eagle3:a b={e3}"):
@@ -294,12 +296,62 @@ def test_plots_of_a_partial_report(tmp_path):
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
 
 
-def test_default_prompts_are_the_held_out_split():
-    args = bench.parse_args(["--domain", "all", "--max-prompts", "3"])
-    prompts, source = bench.load_prompts(args)
-    prompt_dir = pathlib.Path(bench.hf.EMBEDDED_TARGET_DIR) / "prompts"
-    code, prose = (bench.data.read_prompts_jsonl(prompt_dir / f"{d}.jsonl") for d in ("code", "prose"))
-    assert prompts == [code[0], prose[0], code[1]] and "code+prose" in source
+def test_default_prompts_are_the_suite_per_category():
+    questions, source = bench.load_questions(bench.parse_args(["--max-prompts", "2"]))
+    suite = chat.read_questions(bench.SUITE)
+    categories = list(dict.fromkeys(q["category"] for q in suite))
+    assert len(categories) >= 6 and "suite" in source
+    assert [q["question_id"] for q in questions] == [q["question_id"] for c in categories
+                                                     for q in [q for q in suite if q["category"] == c][:2]]
+    assert all(q["chat"] for q in questions)
+    picked, _ = bench.load_questions(bench.parse_args(["--categories", "math,code"]))
+    assert {q["category"] for q in picked} == {"math", "code"} and len(picked) >= 40
+    with pytest.raises(ValueError, match="--categories: poetry not in .*questions.jsonl; it has writing"):
+        bench.load_questions(bench.parse_args(["--categories", "poetry"]))
+
+
+def test_multi_turn_questions_answer_in_turn_with_figures_per_category(tmp_path, target, monkeypatch, capsys):
+    """Turn 2's prompt is the conversation with each method's own turn-1 answer; figures per category."""
+    tokenizer = copy.deepcopy(target.tokenizer)
+    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    templated = dataclasses.replace(target, tokenizer=tokenizer)
+    monkeypatch.setattr(bench, "load_target", lambda path=None: templated)
+    seen = []
+
+    def recording_generate(t, prompts, **kwargs):
+        seen.append((kwargs["drafter"] is not None, prompts))
+        return generate(t, prompts, **kwargs)
+
+    monkeypatch.setattr(bench, "generate", recording_generate)
+    path = tmp_path / "q.jsonl"
+    path.write_text("\n".join(json.dumps(q) for q in [
+        {"question_id": 7, "category": "code", "turns": ["def add(a, b):", "def sub(a, b):"]},
+        {"question_id": 8, "category": "prose", "turns": ["ROMEO."]}]) + "\n")
+    out = tmp_path / "r.json"
+    assert bench.main(["--prompts", str(path), "--methods", "ngram", "--max-new-tokens", "6", "--timing-calls", "0",
+                       "--plots-dir", "none", "--out", str(out)]) == 0
+    report = read(out)
+    assert report["config"]["num_questions"] == 2 and report["config"]["num_turns"] == 3
+    for method in ("ar", "ngram"):
+        turns = [p[0] for spec, p in seen[2:] if spec == (method == "ngram")]  # after the warm-up
+        assert [m["content"] for m in turns[0]] == ["def add(a, b):"]
+        assert [m["role"] for m in turns[1]] == ["user", "assistant", "user"]
+        assert turns[1][1]["content"] and turns[1][2]["content"] == "def sub(a, b):"
+    assert set(report["categories"]) == {"code", "prose"}
+    assert report["categories"]["code"]["ar"]["prompts"] == 2 and report["categories"]["prose"]["ngram"]["prompts"] == 1
+    assert report["methods"]["ngram"]["prompts"] == 3 and report["methods"]["ngram"]["mismatches_vs_ar"] == 0
+    stdout = capsys.readouterr().out
+    assert "| category | answers | ar tokens/s | ngram tokens/s | ngram speedup | ngram tau |" in stdout
+    assert "| prose | 1 |" in stdout
+
+
+def test_a_question_line_without_turns_is_an_error_before_compute(tmp_path, capsys):
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"question_id": 1, "turns": ["Hi?"]}) + "\n" + json.dumps({"question_id": 2}) + "\n")
+    assert bench.main(["--prompts", str(path), "--out", str(tmp_path / "r.json")]) == 2
+    assert "q.jsonl:2: a question needs 'turns'" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_tree_overrides_apply_where_the_method_has_the_field(capsys):
