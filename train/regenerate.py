@@ -28,7 +28,7 @@ from specblock_jax.decode import PAD_ID
 @dataclasses.dataclass(frozen=True)
 class RegenerateConfig:
     output_dir: str = "runs/regen"
-    target: str | None = None  # HF directory; default: the embedded target
+    target: str | None = None  # HF directory or .gguf; default: the embedded default (SmolLM2-135M-Instruct)
     domains: tuple[str, ...] = data.DOMAINS
     samples_per_domain: int = 512
     prompt_tokens: int = 64
