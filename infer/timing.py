@@ -107,14 +107,9 @@ def _forward_calls(params: Any, cache: Any, tree: Any, *, config: Any, max_depth
     return jax.lax.fori_loop(0, calls, body, (cache, tree, jnp.zeros((), jnp.float32)))[2]
 
 
-def prompt_array(target: Any, prompts: Sequence[Any], max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded prompt ids [B, T] and lengths [B], encoded and padded as `generate` does."""
-    ids = decode.encode_prompts(target, prompts)
-    width = min(-(-max(map(len, ids)) // decode.MAX_LEN_MULTIPLE) * decode.MAX_LEN_MULTIPLE, max_len)
-    prompt_BxT = np.zeros((len(ids), width), np.int32)
-    for i, row in enumerate(ids):
-        prompt_BxT[i, :len(row)] = row
-    return prompt_BxT, np.array([len(row) for row in ids], np.int32)
+def _fresh(loop: Callable[..., Any], state: Any) -> Callable[[], Any]:
+    """The loop on a copy of `state` at every call: the loops donate their state."""
+    return lambda: loop(jax.tree.map(jnp.copy, state))
 
 
 class Phases(NamedTuple):
@@ -131,27 +126,26 @@ def phase_calls(target: Any, drafter: Drafter | None, prompts: Sequence[Any], *,
     `loop` (the whole decoding loop from the prefilled state) and, with a drafter, `draft` and `verify`
     (the tree forward)."""
     config = target.config
-    prompt_BxT, lens_B = prompt_array(target, prompts, max_len)
     feature_layers = () if drafter is None else tuple(drafter.method.feature_layers)
     method = None if drafter is None else drafter.method
-    static = dict(sampling=SamplingParams(temperature), eos_ids=tuple(config.eos_token_ids))
-    init_args = (prompt_BxT, lens_B, jax.random.key(0))
+    request, shapes = decode.prepare(config, decode.encode_prompts(target, prompts), max_new_tokens=max_new_tokens,
+                                     sampling=SamplingParams(temperature), max_len=max_len)
+    eos_ids = tuple(config.eos_token_ids)
     fns = {}
     if drafter is not None:
-        state = decode.spec_init(target.params, config, drafter.params, *init_args, method=method,
-                                 max_new_tokens=max_new_tokens, max_len=max_len, **static)
+        state = decode.spec_init(target.params, config, drafter.params, request, method=method, eos_ids=eos_ids,
+                                 **shapes)
         cache, root_B = state.cache, state.root_B
         tree, _, _ = jax.jit(method.draft)(drafter.params, state.drafter_state, root_B, cache.lengths)
         # As the loop feeds it: the loop's root at node 0, invalid nodes as token 0.
         tree = tree.replace(tokens=jnp.where(tree.valid, tree.tokens, 0).at[:, 0].set(root_B))
-        fns["loop"] = functools.partial(decode.spec_loop, target.params, config, drafter.params, state, method=method,
-                                        **static)
+        fns["loop"] = _fresh(functools.partial(decode.spec_loop, target.params, config, drafter.params, method=method,
+                                               eos_ids=eos_ids), state)
     else:
-        state = decode.plain_init(target.params, config, *init_args, max_new_tokens=max_new_tokens, max_len=max_len,
-                                  **static)
+        state = decode.plain_init(target.params, config, request, eos_ids=eos_ids, **shapes)
         cache = state.cache
         tree = tree_lib.root_only(state.tokens_BxN[:, 0], 0)
-        fns["loop"] = functools.partial(decode.plain_loop, target.params, config, state, **static)
+        fns["loop"] = _fresh(functools.partial(decode.plain_loop, target.params, config, eos_ids=eos_ids), state)
     forward = functools.partial(_forward_calls, target.params, cache, tree, config=config,
                                 max_depth=1 if method is None else method.max_depth,
                                 feature_layers=feature_layers, calls=calls)

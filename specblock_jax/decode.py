@@ -6,6 +6,12 @@ accepts a path losslessly (`verify.accept`) and commits it (`kvcache.commit`). B
 `prefill`, the output bookkeeping (`_emit`), `DecodeResult` and `generate`'s validation and timing.
 Rows are independent: each has its own length, its own stop, and decodes greedily exactly as it
 would alone.
+
+Compiled programs are shared between calls: only the greedy-or-not choice, the drafter's method and
+the shapes are static, and the shapes come in few sizes (`bucket`: the batch, the prompt width, the
+output width and the cache length round up to powers of two). A call's prompts, sampling values,
+`max_new_tokens` and seed are run-time inputs (`Request`), so a second call that differs only in
+those compiles nothing. The loops donate their state: each step updates the caches in place.
 """
 
 from __future__ import annotations
@@ -32,11 +38,29 @@ from specblock_jax.sampling import SamplingParams, sample
 from specblock_jax.tree import Tree
 
 PAD_ID = -1  # fills generated-token slots after a row stopped
-MAX_LEN_MULTIPLE = 64  # default cache lengths and prompt widths are rounded up to this, to share compiles
+MIN_WIDTH = 64  # the smallest bucket of prompt and output widths
+MIN_MAX_LEN = 256  # the smallest bucket of default cache lengths
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """The smallest power of two >= n and >= `minimum`: sizes that vary between calls take one of a
+    few values, so the calls share compiled programs."""
+    return max(minimum, 1 << max(n - 1, 0).bit_length())
+
+
+class Request(NamedTuple):
+    """One call's run-time inputs, all traced: new values reuse the compiled programs."""
+
+    prompt_BxT: jax.Array  # int32 right-padded prompt ids
+    prompt_lens_B: jax.Array  # int32; 1 for padding rows
+    active_B: jax.Array  # bool; False for the padding rows that fill a batch up to its bucket
+    max_new_tokens: jax.Array  # [] int32, at most the output width
+    sampling: SamplingParams
+    rng: jax.Array
 
 
 class DecodeResult(NamedTuple):
-    tokens_BxN: jax.Array  # [B, max_new_tokens] int32 generated ids, PAD_ID after a row stopped
+    tokens_BxN: jax.Array  # [B, output width] int32 generated ids, PAD_ID after a row stopped
     num_generated_B: jax.Array  # [B] int32, EOS included
     iterations: jax.Array  # [] int32 decode-loop target forwards (the prefill forward not counted)
 
@@ -48,6 +72,8 @@ class PlainState(NamedTuple):
     done_B: jax.Array
     rng: jax.Array
     iterations: jax.Array
+    max_new_tokens: jax.Array  # [] int32
+    sampling: SamplingParams
 
 
 def prefill(params: Any, config: ModelConfig, prompt_BxT: jax.Array, prompt_lens_B: jax.Array,
@@ -60,7 +86,8 @@ def prefill(params: Any, config: ModelConfig, prompt_BxT: jax.Array, prompt_lens
     positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     out = target_lib.forward(params, config, prompt_BxT, positions_BxT, kvcache.causal_mask(t, max_len),
                              kvcache.init_cache(config, b, max_len), positions_BxT,
-                             feature_layers=feature_layers, logit_positions_BxP=(prompt_lens_B - 1)[:, None])
+                             feature_layers=feature_layers, logit_positions_BxP=(prompt_lens_B - 1)[:, None],
+                             kv_live=t)
     return out.cache.replace(lengths=prompt_lens_B.astype(jnp.int32)), out.logits[:, 0], out.features
 
 
@@ -73,17 +100,17 @@ def is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
 
 
 def _emit(tokens_BxN: jax.Array, num_generated_B: jax.Array, done_B: jax.Array, new_BxK: jax.Array,
-          count_B: jax.Array, eos_ids: tuple[int, ...]) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+          count_B: jax.Array, eos_ids: tuple[int, ...],
+          max_new_tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Append each running row's first `count_B` new tokens to its output, cut at max_new_tokens and
     just after the first stop token; a row that reaches either is done. Returns the output, the
     generated counts, `done_B` and how many tokens each row emitted."""
-    max_new_tokens = tokens_BxN.shape[1]
     k_K = jnp.arange(new_BxK.shape[1])
     stop_BxK = is_eos(new_BxK, eos_ids)
     no_stop_before_BxK = jnp.cumsum(stop_BxK, axis=1) - stop_BxK == 0
     emit_BxK = ((k_K < count_B[:, None]) & (num_generated_B[:, None] + k_K < max_new_tokens)
                 & no_stop_before_BxK & ~done_B[:, None])
-    slots_BxK = jnp.where(emit_BxK, num_generated_B[:, None] + k_K, max_new_tokens)  # past the end: dropped
+    slots_BxK = jnp.where(emit_BxK, num_generated_B[:, None] + k_K, tokens_BxN.shape[1])  # past the end: dropped
     tokens_BxN = tokens_BxN.at[jnp.arange(tokens_BxN.shape[0])[:, None], slots_BxK].set(new_BxK, mode="drop")
     emitted_B = jnp.sum(emit_BxK, axis=1, dtype=jnp.int32)
     num_generated_B = num_generated_B + emitted_B
@@ -91,34 +118,34 @@ def _emit(tokens_BxN: jax.Array, num_generated_B: jax.Array, done_B: jax.Array, 
     return tokens_BxN, num_generated_B, done_B, emitted_B
 
 
-def _start(params: Any, config: ModelConfig, prompt_BxT: jax.Array, prompt_lens_B: jax.Array, rng: jax.Array,
-           max_new_tokens: int, max_len: int, sampling: SamplingParams, eos_ids: tuple[int, ...],
-           feature_layers: tuple[int, ...] = ()):
-    """Prefill and sample each row's first new token from its last prompt position. Returns the cache,
-    the prompt features, the output (tokens, counts, done) holding that token, and the rng."""
-    cache, logits_BxV, features_BxTxF = prefill(params, config, prompt_BxT, prompt_lens_B, max_len, feature_layers)
-    rng, key = jax.random.split(rng)
-    first_B = sample(key, logits_BxV, sampling)
-    b = prompt_BxT.shape[0]
-    output = _emit(jnp.full((b, max_new_tokens), PAD_ID, jnp.int32), jnp.zeros((b,), jnp.int32),
-                   jnp.zeros((b,), bool), first_B[:, None], jnp.ones((b,), jnp.int32), eos_ids)[:3]
+def _start(params: Any, config: ModelConfig, request: Request, output_width: int, max_len: int,
+           eos_ids: tuple[int, ...], feature_layers: tuple[int, ...] = ()):
+    """Prefill and sample each row's first new token from its last prompt position (padding rows are
+    done from the start). Returns the cache, the prompt features, the output (tokens, counts, done)
+    holding that token, and the rng."""
+    cache, logits_BxV, features_BxTxF = prefill(params, config, request.prompt_BxT, request.prompt_lens_B, max_len,
+                                                feature_layers)
+    rng, key = jax.random.split(request.rng)
+    first_B = sample(key, logits_BxV, request.sampling)
+    b = request.prompt_BxT.shape[0]
+    output = _emit(jnp.full((b, output_width), PAD_ID, jnp.int32), jnp.zeros((b,), jnp.int32), ~request.active_B,
+                   first_B[:, None], jnp.ones((b,), jnp.int32), eos_ids, request.max_new_tokens)[:3]
     return cache, features_BxTxF, output, rng
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "max_len", "sampling", "eos_ids"))
-def plain_init(params: Any, config: ModelConfig, prompt_BxT: jax.Array, prompt_lens_B: jax.Array,
-               rng: jax.Array, *, max_new_tokens: int, max_len: int, sampling: SamplingParams,
+@functools.partial(jax.jit, static_argnames=("config", "output_width", "max_len", "eos_ids"))
+def plain_init(params: Any, config: ModelConfig, request: Request, *, output_width: int, max_len: int,
                eos_ids: tuple[int, ...]) -> PlainState:
     """Prefill and sample each row's first new token."""
-    cache, _, (tokens_BxN, num_generated_B, done_B), rng = _start(
-        params, config, prompt_BxT, prompt_lens_B, rng, max_new_tokens, max_len, sampling, eos_ids)
+    cache, _, (tokens_BxN, num_generated_B, done_B), rng = _start(params, config, request, output_width, max_len,
+                                                                  eos_ids)
     return PlainState(cache=cache, tokens_BxN=tokens_BxN, num_generated_B=num_generated_B, done_B=done_B, rng=rng,
-                      iterations=jnp.zeros((), jnp.int32))
+                      iterations=jnp.zeros((), jnp.int32), max_new_tokens=request.max_new_tokens,
+                      sampling=request.sampling)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "sampling", "eos_ids"))
-def plain_loop(params: Any, config: ModelConfig, state: PlainState, *, sampling: SamplingParams,
-               eos_ids: tuple[int, ...]) -> PlainState:
+@functools.partial(jax.jit, static_argnames=("config", "eos_ids"), donate_argnames="state")
+def plain_loop(params: Any, config: ModelConfig, state: PlainState, *, eos_ids: tuple[int, ...]) -> PlainState:
     """One target forward per step until every row has stopped (EOS emitted, or max_new_tokens)."""
     rows_B = jnp.arange(state.tokens_BxN.shape[0])
 
@@ -126,27 +153,26 @@ def plain_loop(params: Any, config: ModelConfig, state: PlainState, *, sampling:
         lengths_B = s.cache.lengths
         newest_B = s.tokens_BxN[rows_B, s.num_generated_B - 1]
         out = target_lib.forward(params, config, newest_B[:, None], lengths_B[:, None],
-                                 kvcache.decode_mask(lengths_B, s.cache.max_len), s.cache, lengths_B[:, None])
+                                 kvcache.decode_mask(lengths_B, s.cache.max_len), s.cache, lengths_B[:, None],
+                                 kv_live=jnp.max(lengths_B) + 1)
         rng, key = jax.random.split(s.rng)
-        next_B = sample(key, out.logits[:, 0], sampling)
+        next_B = sample(key, out.logits[:, 0], s.sampling)
         # Stopped rows keep computing (static batch) but commit nothing: their writes are dropped.
         tokens_BxN, num_generated_B, done_B, _ = _emit(
-            s.tokens_BxN, s.num_generated_B, s.done_B, next_B[:, None], jnp.ones_like(lengths_B), eos_ids)
-        return PlainState(cache=out.cache.replace(lengths=lengths_B + (~s.done_B)), tokens_BxN=tokens_BxN,
+            s.tokens_BxN, s.num_generated_B, s.done_B, next_B[:, None], jnp.ones_like(lengths_B), eos_ids,
+            s.max_new_tokens)
+        return s._replace(cache=out.cache.replace(lengths=lengths_B + (~s.done_B)), tokens_BxN=tokens_BxN,
                           num_generated_B=num_generated_B, done_B=done_B, rng=rng, iterations=s.iterations + 1)
 
     return jax.lax.while_loop(lambda s: ~jnp.all(s.done_B), step, state)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "max_len", "sampling", "eos_ids"))
-def decode_plain(params: Any, config: ModelConfig, prompt_BxT: jax.Array, prompt_lens_B: jax.Array,
-                 rng: jax.Array, *, max_new_tokens: int, max_len: int, sampling: SamplingParams,
+@functools.partial(jax.jit, static_argnames=("config", "output_width", "max_len", "eos_ids"))
+def decode_plain(params: Any, config: ModelConfig, request: Request, *, output_width: int, max_len: int,
                  eos_ids: tuple[int, ...]) -> DecodeResult:
-    """Plain decoding of right-padded prompts [B, T] (lengths [B]) in one dispatch, no host round trip."""
-    state = plain_init(params, config, prompt_BxT, prompt_lens_B, rng, max_new_tokens=max_new_tokens,
-                       max_len=max_len, sampling=sampling, eos_ids=eos_ids)
-    state = plain_loop(params, config, state, sampling=sampling, eos_ids=eos_ids)
-    return _result(state)
+    """Plain decoding of a request in one dispatch, no host round trip."""
+    state = plain_init(params, config, request, output_width=output_width, max_len=max_len, eos_ids=eos_ids)
+    return _result(plain_loop(params, config, state, eos_ids=eos_ids))
 
 
 def _result(state: PlainState | SpecState) -> DecodeResult:
@@ -172,25 +198,27 @@ class SpecState(NamedTuple):
     rng: jax.Array
     iterations: jax.Array
     stats: SpecStats
+    max_new_tokens: jax.Array  # [] int32
+    sampling: SamplingParams
     feedback: Any = None  # the `collect` buffer of `spec_loop` (None when not collecting)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "method", "max_new_tokens", "max_len", "sampling", "eos_ids"))
-def spec_init(params: Any, config: ModelConfig, drafter_params: Any, prompt_BxT: jax.Array,
-              prompt_lens_B: jax.Array, rng: jax.Array, *, method: Any, max_new_tokens: int, max_len: int,
-              sampling: SamplingParams, eos_ids: tuple[int, ...]) -> SpecState:
+@functools.partial(jax.jit, static_argnames=("config", "method", "output_width", "max_len", "eos_ids"))
+def spec_init(params: Any, config: ModelConfig, drafter_params: Any, request: Request, *, method: Any,
+              output_width: int, max_len: int, eos_ids: tuple[int, ...]) -> SpecState:
     """Prefill (with the drafter's feature layers), sample each row's first token (the first root),
     and initialise the drafter."""
     cache, features_BxTxF, (tokens_BxN, num_generated_B, done_B), rng = _start(
-        params, config, prompt_BxT, prompt_lens_B, rng, max_new_tokens, max_len, sampling, eos_ids,
-        tuple(method.feature_layers))
+        params, config, request, output_width, max_len, eos_ids, tuple(method.feature_layers))
     root_B = tokens_BxN[:, 0]
-    drafter_state = method.init(drafter_params, prompt_BxT, prompt_lens_B, features_BxTxF, root_B, max_len)
-    b, zero = prompt_BxT.shape[0], jnp.zeros((), jnp.int32)
+    drafter_state = method.init(drafter_params, request.prompt_BxT, request.prompt_lens_B, features_BxTxF, root_B,
+                                max_len)
+    b, zero = request.prompt_BxT.shape[0], jnp.zeros((), jnp.int32)
     stats = SpecStats(verify_steps=zero, steps_by_tokens_BxK=jnp.zeros((b, method.max_depth + 2), jnp.int32),
                       drafter_forwards=zero, malformed_trees=zero, first_malformed=jnp.full((3,), -1, jnp.int32))
     return SpecState(cache=cache, drafter_state=drafter_state, root_B=root_B, tokens_BxN=tokens_BxN,
-                     num_generated_B=num_generated_B, done_B=done_B, rng=rng, iterations=zero, stats=stats)
+                     num_generated_B=num_generated_B, done_B=done_B, rng=rng, iterations=zero, stats=stats,
+                     max_new_tokens=request.max_new_tokens, sampling=request.sampling)
 
 
 def verify_forward(params: Any, config: ModelConfig, cache: KVCache, tree: Tree, *, max_depth: int,
@@ -200,7 +228,8 @@ def verify_forward(params: Any, config: ModelConfig, cache: KVCache, tree: Tree,
     lengths_B = cache.lengths
     out = target_lib.forward(params, config, tree.tokens, tree_lib.positions(tree, lengths_B),
                              tree_lib.verify_mask(tree, lengths_B, cache.max_len, max_depth), cache,
-                             tree_lib.slots(tree, lengths_B), feature_layers=feature_layers)
+                             tree_lib.slots(tree, lengths_B), feature_layers=feature_layers,
+                             kv_live=jnp.max(lengths_B) + tree.tokens.shape[1])
     return out.logits, out.features, out.cache
 
 
@@ -210,14 +239,14 @@ def root_forward(params: Any, config: ModelConfig, cache: KVCache, tree: Tree, *
     lengths_B = cache.lengths
     out = target_lib.forward(params, config, tree.tokens[:, :1], lengths_B[:, None],
                              kvcache.decode_mask(lengths_B, cache.max_len), cache, lengths_B[:, None],
-                             feature_layers=feature_layers)
+                             feature_layers=feature_layers, kv_live=jnp.max(lengths_B) + 1)
     pad = lambda x_Bx1xF: jnp.pad(x_Bx1xF, ((0, 0), (0, tree.tokens.shape[1] - 1), (0, 0)))
     return pad(out.logits), None if out.features is None else pad(out.features), out.cache
 
 
-@functools.partial(jax.jit, static_argnames=("config", "method", "sampling", "eos_ids", "collect"))
+@functools.partial(jax.jit, static_argnames=("config", "method", "eos_ids", "collect"), donate_argnames="state")
 def spec_loop(params: Any, config: ModelConfig, drafter_params: Any, state: SpecState, *, method: Any,
-              sampling: SamplingParams, eos_ids: tuple[int, ...], collect: Any = None) -> SpecState:
+              eos_ids: tuple[int, ...], collect: Any = None) -> SpecState:
     """Draft -> verify -> accept -> commit, one target forward per step, until every row has stopped.
 
     With `collect`, every step also folds the verifier's free feedback into `state.feedback`:
@@ -228,6 +257,7 @@ def spec_loop(params: Any, config: ModelConfig, drafter_params: Any, state: Spec
     verify_tree = functools.partial(verify_forward, params, config, max_depth=method.max_depth,
                                     feature_layers=feature_layers)
     decode_root = functools.partial(root_forward, params, config, feature_layers=feature_layers)
+    skips_empty_trees = getattr(method, "can_draft_nothing", True)
 
     def step(s: SpecState) -> SpecState:
         running_B = ~s.done_B
@@ -236,28 +266,33 @@ def spec_loop(params: Any, config: ModelConfig, drafter_params: Any, state: Spec
         _check_draft(drafted, forwards, method.budget, b)
         drafted = drafted.replace(tokens=drafted.tokens.at[:, 0].set(s.root_B))  # the loop's root, whatever was there
         tree = _verifiable(drafted, config.vocab_size)
-        any_draft = jnp.any(tree.valid[:, 1:] & running_B[:, None])
-        logits_BxN1xV, features_BxN1xF, cache = jax.lax.cond(any_draft, verify_tree, decode_root, s.cache, tree)
+        if skips_empty_trees:  # a step with no draft runs the single-token forward instead
+            verified = jnp.any(tree.valid[:, 1:] & running_B[:, None])
+            logits_BxN1xV, features_BxN1xF, cache = jax.lax.cond(verified, verify_tree, decode_root, s.cache, tree)
+        else:  # one target forward in the loop body: half the compile
+            verified = jnp.ones((), bool)
+            logits_BxN1xV, features_BxN1xF, cache = verify_tree(s.cache, tree)
         rng, key = jax.random.split(s.rng)
-        acceptance = verify.accept(tree, logits_BxN1xV, sampling, key, method.max_depth)
+        acceptance = verify.accept(tree, logits_BxN1xV, s.sampling, key, method.max_depth)
         tokens_BxN, num_generated_B, done_B, emitted_B = _emit(
-            s.tokens_BxN, s.num_generated_B, s.done_B, acceptance.tokens_BxD1, acceptance.length_B + 1, eos_ids)
+            s.tokens_BxN, s.num_generated_B, s.done_B, acceptance.tokens_BxD1, acceptance.length_B + 1, eos_ids,
+            s.max_new_tokens)
         # Drafts past a cut (EOS, max_new_tokens) are not committed: lengths stay prompt + generated - 1.
         cache = kvcache.commit(cache, acceptance.path_BxD1, emitted_B - 1, running_B)
         feedback = s.feedback if collect is None else collect(
             s.feedback, drafter_state, acceptance, logits_BxN1xV, emitted_B, running_B)
+        # A stopped row's drafter state keeps changing (the batch is static) but nothing reads it again.
         drafter_state = method.commit(drafter_params, drafter_state, tree, acceptance, features_BxN1xF, lengths_B)
-        drafter_state = _keep_rows(running_B, drafter_state, s.drafter_state)
         stats = SpecStats(
-            verify_steps=s.stats.verify_steps + any_draft,
+            verify_steps=s.stats.verify_steps + verified,
             steps_by_tokens_BxK=s.stats.steps_by_tokens_BxK.at[jnp.arange(b), emitted_B].add(running_B),
             drafter_forwards=s.stats.drafter_forwards + forwards,
             malformed_trees=s.stats.malformed_trees + jnp.sum(_malformed(drafted, config.vocab_size) & running_B),
             first_malformed=_first_malformed(s.stats.first_malformed, drafted, tree, running_B))
-        return SpecState(cache=cache, drafter_state=drafter_state,
-                         root_B=jnp.where(running_B, acceptance.bonus_B, s.root_B), tokens_BxN=tokens_BxN,
-                         num_generated_B=num_generated_B, done_B=done_B, rng=rng, iterations=s.iterations + 1,
-                         stats=stats, feedback=feedback)
+        return s._replace(cache=cache, drafter_state=drafter_state,
+                          root_B=jnp.where(running_B, acceptance.bonus_B, s.root_B), tokens_BxN=tokens_BxN,
+                          num_generated_B=num_generated_B, done_B=done_B, rng=rng, iterations=s.iterations + 1,
+                          stats=stats, feedback=feedback)
 
     return jax.lax.while_loop(lambda s: ~jnp.all(s.done_B), step, state)
 
@@ -266,7 +301,8 @@ def _check_draft(tree: Tree, forwards: Any, budget: int, batch_size: int) -> Non
     """Trace time: the drafter's outputs have the static shapes the loop needs."""
     tree_lib.check_static(tree, budget)
     if tree.batch_size != batch_size:
-        raise ValueError(f"drafter tree has batch size {tree.batch_size}, the prompts have {batch_size}")
+        raise ValueError(f"drafter tree has batch size {tree.batch_size}, the batch has {batch_size} rows (the prompts, "
+                         "padded to a power of two)")
     if jnp.shape(forwards) != () or not jnp.issubdtype(jnp.result_type(forwards), jnp.integer):
         raise ValueError(f"drafter forwards must be an integer scalar, got shape {jnp.shape(forwards)} "
                          f"and dtype {jnp.result_type(forwards)}")
@@ -299,17 +335,6 @@ def _first_malformed(first_3: jax.Array, drafted: Tree, tree: Tree, running_B: j
     row, node = flat // dropped_BxN1.shape[1], flat % dropped_BxN1.shape[1]
     found = jnp.stack([node, drafted.parents[row, node], drafted.tokens[row, node]]).astype(jnp.int32)
     return jnp.where((first_3[0] < 0) & jnp.any(dropped_BxN1), found, first_3)
-
-
-def _keep_rows(running_B: jax.Array, new: Any, old: Any) -> Any:
-    """Rows that have stopped keep their old drafter state (every leaf is batch-leading)."""
-    def select(new_leaf, old_leaf):
-        if jnp.ndim(new_leaf) == 0 or jnp.shape(new_leaf)[0] != running_B.shape[0]:
-            raise ValueError(f"every drafter state leaf must have the batch ({running_B.shape[0]}) as its leading "
-                             f"axis, got a leaf of shape {jnp.shape(new_leaf)}")
-        return jnp.where(running_B.reshape((-1,) + (1,) * (jnp.ndim(new_leaf) - 1)), new_leaf, old_leaf)
-
-    return jax.tree.map(select, new, old)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -358,25 +383,21 @@ def generate(target: target_lib.Target, prompts: Sequence[str | Sequence[dict] |
         _check_drafter(drafter, config)
     if (collect is None) != (feedback is None) or (collect is not None and drafter is None):
         raise ValueError("collect and feedback go together, and need a drafter")
-    scratch = 0 if drafter is None else drafter.method.budget + 1
-    max_len = _resolve_max_len(config, [len(p) for p in prompt_ids], max_new_tokens, max_len, scratch)
-    width = min(_round_up(max(len(p) for p in prompt_ids), MAX_LEN_MULTIPLE), max_len)
-    prompt_BxT = np.zeros((len(prompt_ids), width), np.int32)
-    for i, ids in enumerate(prompt_ids):
-        prompt_BxT[i, :len(ids)] = ids
-    prompt_lens_B = np.array([len(p) for p in prompt_ids], np.int32)
-    static = dict(sampling=sampling, eos_ids=tuple(config.eos_token_ids) if stop_on_eos else ())
+    request, shapes = prepare(config, prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
+                              scratch=0 if drafter is None else drafter.method.budget + 1, max_len=max_len)
+    static = dict(**shapes, eos_ids=tuple(config.eos_token_ids) if stop_on_eos else ())
     if drafter is None:
         init_jit, loop_jit, weights = plain_init, plain_loop, (target.params,)
+        loop_static = dict(eos_ids=static["eos_ids"])
     else:
         init_jit, loop_jit, weights = spec_init, spec_loop, (target.params, drafter.params)
         static["method"] = drafter.method
-    loop_static = static if collect is None else {**static, "collect": collect}
-    rng = jax.random.key(seed)
+        loop_static = dict(eos_ids=static["eos_ids"], method=drafter.method)
+        if collect is not None:
+            loop_static["collect"] = collect
 
     start = time.perf_counter()
-    init_lowered = init_jit.lower(weights[0], config, *weights[1:], prompt_BxT, prompt_lens_B, rng,
-                                  max_new_tokens=max_new_tokens, max_len=max_len, **static)
+    init_lowered = init_jit.lower(weights[0], config, *weights[1:], request, **static)
     init_fn = init_lowered.compile()
     state_info = init_lowered.out_info
     if collect is not None:
@@ -384,7 +405,7 @@ def generate(target: target_lib.Target, prompts: Sequence[str | Sequence[dict] |
                                                                 feedback))
     loop_fn = loop_jit.lower(weights[0], config, *weights[1:], state_info, **loop_static).compile()
     compiled = time.perf_counter()
-    state = jax.block_until_ready(init_fn(*weights, prompt_BxT, prompt_lens_B, rng))
+    state = jax.block_until_ready(init_fn(*weights, request))
     if collect is not None:
         state = state._replace(feedback=feedback)
     prefilled = time.perf_counter()
@@ -392,19 +413,38 @@ def generate(target: target_lib.Target, prompts: Sequence[str | Sequence[dict] |
     done = time.perf_counter()
 
     result = _result(state)
-    tokens_BxN, num_B = np.asarray(result.tokens_BxN), np.asarray(result.num_generated_B)
-    token_ids = [tokens_BxN[i, :num_B[i]].tolist() for i in range(len(prompt_ids))]
+    rows = len(prompt_ids)  # the rest are the bucket's padding rows
+    tokens_BxN, num_B = np.asarray(result.tokens_BxN)[:rows], np.asarray(result.num_generated_B)[:rows]
+    token_ids = [tokens_BxN[i, :num_B[i]].tolist() for i in range(rows)]
     texts = (None if target.tokenizer is None
              else [target.tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids])
     total_s = done - compiled
     stats = dict(iterations=int(result.iterations), target_forwards=int(result.iterations) + 1,
-                 new_tokens=num_B.tolist(), max_len=max_len, compile_s=compiled - start,
+                 new_tokens=num_B.tolist(), max_len=shapes["max_len"], compile_s=compiled - start,
                  prefill_s=prefilled - compiled, decode_s=done - prefilled,
                  tokens_per_s=float(num_B.sum()) / total_s)
     if drafter is not None:
-        stats.update(_spec_stats(jax.device_get(state.stats), int(result.iterations), config.vocab_size))
+        stats.update(_spec_stats(jax.device_get(state.stats), int(result.iterations), config.vocab_size, rows))
     return GenerateOutput(token_ids=token_ids, texts=texts, stats=stats,
                           feedback=None if collect is None else state.feedback)
+
+
+def prepare(config: ModelConfig, prompt_ids: list[list[int]], *, max_new_tokens: int, sampling: SamplingParams,
+            seed: int = 0, scratch: int = 0, max_len: int | None = None) -> tuple[Request, dict[str, int]]:
+    """The `Request` of checked prompt ids (`encode_prompts`) and its static shapes (`output_width`,
+    `max_len`): the batch, prompt width and output width rounded up to their buckets (`bucket`),
+    padding rows inactive; the cache length as `_resolve_max_len` says."""
+    max_len = _resolve_max_len(config, [len(p) for p in prompt_ids], max_new_tokens, max_len, scratch)
+    width = min(bucket(max(len(p) for p in prompt_ids), MIN_WIDTH), max_len)
+    rows = len(prompt_ids)
+    prompt_BxT = np.zeros((bucket(rows), width), np.int32)
+    for i, ids in enumerate(prompt_ids):
+        prompt_BxT[i, :len(ids)] = ids
+    prompt_lens_B = np.ones(len(prompt_BxT), np.int32)
+    prompt_lens_B[:rows] = [len(p) for p in prompt_ids]
+    request = Request(prompt_BxT=prompt_BxT, prompt_lens_B=prompt_lens_B, active_B=np.arange(len(prompt_BxT)) < rows,
+                      max_new_tokens=np.int32(max_new_tokens), sampling=sampling, rng=jax.random.key(seed))
+    return request, dict(output_width=bucket(max_new_tokens, MIN_WIDTH), max_len=max_len)
 
 
 def _check_drafter(drafter: Any, config: ModelConfig) -> None:
@@ -427,7 +467,7 @@ def _check_drafter(drafter: Any, config: ModelConfig) -> None:
         raise ValueError(f"drafter method must be hashable (a frozen dataclass): {e}") from None
 
 
-def _spec_stats(stats: SpecStats, iterations: int, vocab_size: int) -> dict[str, Any]:
+def _spec_stats(stats: SpecStats, iterations: int, vocab_size: int, rows: int) -> dict[str, Any]:
     """Host-side speculative statistics; raises if the drafter ever produced a malformed tree.
 
     tau: tokens committed per target forward in the loop (bonus included), over all running rows:
@@ -445,7 +485,7 @@ def _spec_stats(stats: SpecStats, iterations: int, vocab_size: int) -> dict[str,
         raise ValueError(f"drafter produced a tree {what} ({int(stats.malformed_trees)} malformed trees in this "
                          "run); a drafter's tree needs a valid root, parents before their children and tokens "
                          "in the target's vocabulary")
-    steps_BxK = np.asarray(stats.steps_by_tokens_BxK)
+    steps_BxK = np.asarray(stats.steps_by_tokens_BxK)[:rows]
     emitted_B = steps_BxK @ np.arange(steps_BxK.shape[1])
     row_steps_B = steps_BxK.sum(axis=1)
     return dict(verify_steps=int(stats.verify_steps), single_steps=iterations - int(stats.verify_steps),
@@ -495,12 +535,13 @@ def encode_prompts(target: target_lib.Target, prompts) -> list[list[int]]:
 def _resolve_max_len(config: ModelConfig, prompt_lens: list[int], max_new_tokens: int,
                      max_len: int | None, scratch: int = 0) -> int:
     """The cache length: given, or the longest prompt + max_new_tokens + `scratch` (a speculative
-    tree's budget + 1 slots) rounded up (fewer recompiles), never beyond max_position_embeddings.
-    Each prompt must fit with its max_new_tokens and the scratch."""
+    tree's budget + 1 slots) rounded up to its bucket (fewer compiles; attention reads only the live
+    slots, so the unused tail costs memory, not time), never beyond max_position_embeddings. Each
+    prompt must fit with its max_new_tokens and the scratch."""
     limit = config.max_position_embeddings
     longest = max(prompt_lens)
     if max_len is None:
-        max_len = min(_round_up(longest + max_new_tokens + scratch, MAX_LEN_MULTIPLE), limit)
+        max_len = min(bucket(longest + max_new_tokens + scratch, MIN_MAX_LEN), limit)
         what = f"max_len {max_len} (the default, capped at max_position_embeddings {limit})"
     elif not isinstance(max_len, int) or isinstance(max_len, bool):
         raise ValueError(f"max_len must be an integer or None, got {max_len!r}")
@@ -517,6 +558,3 @@ def _resolve_max_len(config: ModelConfig, prompt_lens: list[int], max_new_tokens
                          f"{longest + max_new_tokens + scratch} exceeds {what}")
     return max_len
 
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple

@@ -34,12 +34,15 @@ TOY_DRAFTERS_DIR = _ASSETS / "toy" / "drafters"  # <kind>/ per trained kind, for
 
 
 class DraftMethod(Protocol):
-    """A drafting method. Every leaf of its state has the batch as its leading axis: `decode` freezes
-    the state of rows that have stopped by selecting their old rows."""
+    """A drafting method. The batch is static: a row that has stopped keeps being drafted for, and its
+    state keeps changing, but `decode` reads nothing of it again."""
 
     budget: int  # N: draft nodes per tree, besides the root
     max_depth: int  # D: deepest node; the accepted path is [B, D + 1]
     feature_layers: tuple[int, ...]  # target layers whose outputs the drafter consumes; () for none
+    # True (the default when absent): a step may draft nothing, and then runs the target's single-token
+    # forward instead of the tree's, a second target in the loop body. False: every step verifies its tree.
+    can_draft_nothing: bool
 
     def init(self, params: Any, prompt_BxT: jax.Array, prompt_lens_B: jax.Array,
              features_BxTxF: jax.Array | None, root_B: jax.Array, max_len: int) -> Any:

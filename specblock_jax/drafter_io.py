@@ -91,34 +91,21 @@ def _check_map(config: eagle3.Eagle3Config | specblock.SpecBlockConfig, draft_to
     return eagle3.check_vocab_mapping(draft_to_target, config, f"{where}: {MAP_TENSOR}")
 
 
-def save_eagle3(method: Eagle3Method, params: Any, out_dir: str | os.PathLike,
-                draft_to_target: Any = None, weights_dtype: str | None = None) -> pathlib.Path:
-    """Write `params` (the drafter's own tree, not `drafter_params`'s dict) and `method` to `out_dir`,
-    replacing it atomically: files go to a hidden sibling that is renamed into place when complete.
-    `draft_to_target` is required exactly when `method.config.draft_vocab_size` is set; `weights_dtype`
-    (e.g. "bfloat16") stores the weights narrower, to be widened to the config's dtype on load."""
+def save(method: Eagle3Method | SpecBlockMethod, params: Any, out_dir: str | os.PathLike, *,
+         draft_to_target: Any = None, weights_dtype: str | None = None) -> pathlib.Path:
+    """Write a drafter's own `params` (not `drafter_params`'s dict) and its `method` (config and tree
+    knobs) to `out_dir`, replacing it atomically: files go to a hidden sibling that is renamed into
+    place when complete. `draft_to_target` is required exactly when the config's draft vocabulary is
+    reduced; `weights_dtype` (e.g. "bfloat16") stores the weights narrower, to be widened to the
+    config's dtype on load."""
+    kind = "eagle3" if isinstance(method, Eagle3Method) else "specblock"
     tensors = _tensors(params, weights_dtype)
-    _check_tensors(method.config, tensors, "save_eagle3")
+    _check_tensors(method.config, tensors, f"save ({kind})")
     mapping = _check_map(method.config, None if draft_to_target is None else jax.device_get(draft_to_target),
-                         "save_eagle3")
+                         f"save ({kind})")
     if mapping is not None:
         tensors[MAP_TENSOR] = mapping
-    meta = {"kind": "eagle3", "config": to_dict(method.config), "decoding": decoding_of(method)}
-    return _write(tensors, meta, out_dir)
-
-
-def save_specblock(method: SpecBlockMethod, params: Any, out_dir: str | os.PathLike,
-                   weights_dtype: str | None = None, draft_to_target: Any = None) -> pathlib.Path:
-    """Write a SpecBlock drafter's own `params` and `method` (config and tree knobs) to `out_dir`,
-    replacing it atomically, as `save_eagle3` does (`draft_to_target` likewise: exactly when the
-    draft vocabulary is reduced)."""
-    tensors = _tensors(params, weights_dtype)
-    _check_tensors(method.config, tensors, "save_specblock")
-    mapping = _check_map(method.config, None if draft_to_target is None else jax.device_get(draft_to_target),
-                         "save_specblock")
-    if mapping is not None:
-        tensors[MAP_TENSOR] = mapping
-    meta = {"kind": "specblock", "config": to_dict(method.config), "decoding": decoding_of(method)}
+    meta = {"kind": kind, "config": to_dict(method.config), "decoding": decoding_of(method)}
     return _write(tensors, meta, out_dir)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +76,7 @@ class Eagle3Method:
     budget: int = 60
     max_depth: int = 7
     topk: int = 10
+    can_draft_nothing: ClassVar[bool] = False  # every step drafts a full tree
 
     def __post_init__(self):
         for name in ("budget", "max_depth", "topk"):
@@ -106,7 +107,7 @@ class Eagle3Method:
         positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         mask_BxTxS = (jnp.arange(shape[1])[None, None, :] <= positions_BxT[..., None])
         out = eagle3.step(params["drafter"], c, eagle3.embed(params["embed"], next_BxT), positions_BxT, mask_BxTxS,
-                          kv, positions_BxT, features_BxTxF=features_BxTxF)
+                          kv, positions_BxT, features_BxTxF=features_BxTxF, kv_live=t)
         last_B = (prompt_lens_B - 1).astype(jnp.int32)
         p = self.max_depth + 1
         root_features_BxF = jnp.take_along_axis(features_BxTxF, last_B[:, None, None], axis=1)[:, 0]
@@ -138,7 +139,8 @@ class Eagle3Method:
             mask_BxkxS = jnp.concatenate([committed_BxkxS, own_BxkxA], axis=-1)
             out = eagle3.step(params["drafter"], self.config, eagle3.embed(params["embed"], tokens_Bxk),
                               jnp.broadcast_to(lengths_B[:, None] - 1 + depth, (b, k)), mask_BxkxS, kv,
-                              jnp.broadcast_to(max_len + own_k, (b, k)), hidden_BxTxH=hidden_BxkxH)
+                              jnp.broadcast_to(max_len + own_k, (b, k)), hidden_BxTxH=hidden_BxkxH,
+                              kv_live=jnp.max(lengths_B), kv_tail=self.scratch)
             child_lp_Bxkxk, child_tok_Bxkxk = layers.top_k(jax.nn.log_softmax(out.logits, axis=-1), k)
             child_scores_BxKK = (scores_Bxk[:, :, None] + child_lp_Bxkxk).reshape(b, k * k)
             child_tok_BxKK = target_ids(self.config, params, child_tok_Bxkxk.reshape(b, k * k))
@@ -175,7 +177,7 @@ class Eagle3Method:
         mask_BxPxS = (s_S[None, None, :] <= positions_BxP[..., None]) & (s_S < max_len)
         out = eagle3.step(params["drafter"], self.config, eagle3.embed(params["embed"], state.pending_tokens_BxP),
                           positions_BxP, mask_BxPxS, (state.k_BxSxKxD, state.v_BxSxKxD), slots_BxP,
-                          features_BxTxF=state.pending_features_BxPxF)
+                          features_BxTxF=state.pending_features_BxPxF, kv_live=jnp.max(lengths_B))
         root_row = (count_B - 1)[:, None, None]
         return (out.kv, jnp.take_along_axis(out.hidden, root_row, axis=1)[:, 0],
                 jnp.take_along_axis(out.logits, root_row, axis=1)[:, 0])

@@ -39,6 +39,7 @@ class NgramMethod:
     min_ngram: int = 2
     branches: int = 1
     feature_layers: ClassVar[tuple[int, ...]] = ()
+    can_draft_nothing: ClassVar[bool] = True  # no match, no draft: the step decodes the root alone
 
     def __post_init__(self):
         for name in ("budget", "max_depth", "max_ngram", "min_ngram", "branches"):

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,8 +40,8 @@ from specblock_jax.verify import Acceptance
 
 
 class SpecBlockState(NamedTuple):
-    k_BxLxSxGxD: jax.Array  # drafter keys per layer: K slots per committed row, then the expansions' scratch
-    v_BxLxSxGxD: jax.Array
+    k: tuple[jax.Array, ...]  # per layer [B, S, G, D] keys: K slots per committed row, then the expansions' scratch
+    v: tuple[jax.Array, ...]
     pending_features_BxPxF: jax.Array  # P = max_depth + 1 rows not yet cached, oldest first
     pending_tokens_BxP: jax.Array  # int32; the last pending row's token is the root
     pending_count_B: jax.Array  # int32 in [1, P]
@@ -86,6 +86,7 @@ class SpecBlockMethod:
     slot0_width: int = 6
     topk: int = 4
     expand: int = 4
+    can_draft_nothing: ClassVar[bool] = False  # every step drafts a full tree
 
     def __post_init__(self):
         for name in ("budget", "max_blocks", "slot0_width", "topk", "expand"):
@@ -133,12 +134,12 @@ class SpecBlockMethod:
         pending. Rows at j >= len - 1 are junk that later drafts overwrite before anything sees them."""
         c = self.config
         b, t = prompt_BxT.shape
-        shape = (b, c.num_layers, max_len * c.block_size + self.scratch, c.num_kv_heads, c.head_dim)
-        kv = (jnp.zeros(shape, jnp.dtype(c.dtype)), jnp.zeros(shape, jnp.dtype(c.dtype)))
+        shape = (b, max_len * c.block_size + self.scratch, c.num_kv_heads, c.head_dim)
+        kv = tuple(tuple(jnp.zeros(shape, jnp.dtype(c.dtype)) for _ in range(c.num_layers)) for _ in "kv")
         next_BxT = jnp.pad(prompt_BxT[:, 1:], ((0, 0), (0, 1))).astype(jnp.int32)
         rows_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         kv, _ = self._cache_rows(params, kv, next_BxT, rows_BxT, jnp.ones((b, t), bool), features_BxTxF, max_len,
-                                 jnp.zeros((b, 1), jnp.int32))
+                                 jnp.zeros((b, 1), jnp.int32), t * c.block_size)
         p = self.max_depth + 1
         last_B = (prompt_lens_B - 1).astype(jnp.int32)
         root_features_BxF = jnp.take_along_axis(features_BxTxF, last_B[:, None, None], axis=1)[:, 0]
@@ -147,11 +148,12 @@ class SpecBlockMethod:
         return SpecBlockState(*kv, pending_features.at[:, 0].set(root_features_BxF), pending_tokens,
                               jnp.ones((b,), jnp.int32), jnp.zeros((b, c.block_size, c.hidden_size), jnp.dtype(c.dtype)))
 
-    def _cache_rows(self, params, kv, tokens_BxR, rows_BxR, valid_BxR, features_BxRxF, max_len, head_rows_BxN):
+    def _cache_rows(self, params, kv, tokens_BxR, rows_BxR, valid_BxR, features_BxRxF, max_len, head_rows_BxN, live):
         """Block 1 over committed rows, written at their cache slots (invalid rows dropped): a slot
-        sees every slot of earlier rows and its own row's slots up to itself. Heads at `head_rows`."""
+        sees every slot of earlier rows and its own row's slots up to itself (none at or past `live`).
+        Heads at `head_rows`."""
         c = self.config
-        k_slots, s = c.block_size, kv[0].shape[2]
+        k_slots, s = c.block_size, kv[0][0].shape[1]
         b, r = rows_BxR.shape
         slot_BxRxK = rows_BxR[..., None] * k_slots + jnp.arange(k_slots)
         slots_BxQ = jnp.where(valid_BxR[..., None], slot_BxRxK, s).reshape(b, r * k_slots)  # past the end: dropped
@@ -160,9 +162,9 @@ class SpecBlockMethod:
                       | ((s_S[None, None] <= slot_BxRxK[..., None]) & (s_S // k_slots == rows_BxR[..., None, None])))
         mask_BxQxS = (seen_BxQxS & (s_S < max_len * k_slots)).reshape(b, r * k_slots, s)
         out = specblock.forward(params["drafter"], c, params["embed"], tokens_BxR, rows_BxR,
-                                _cache_attend(kv, slots_BxQ, mask_BxQxS), features_BxRxF=features_BxRxF,
+                                _cache_attend(kv, slots_BxQ, mask_BxQxS, live), features_BxRxF=features_BxRxF,
                                 head_rows_BxN=head_rows_BxN)
-        return _stack(out.aux), out
+        return _unzip(out.aux), out
 
     def _cache_pending(self, params, state: SpecBlockState, rows_BxP, max_len):
         """`_cache_rows` over the pending rows, run on the shortest static prefix of them (1, 2, 4, ..,
@@ -171,12 +173,13 @@ class SpecBlockMethod:
         count_B = state.pending_count_B
         p = rows_BxP.shape[1]
         sizes = sorted({*(2 ** i for i in range(p.bit_length()) if 2 ** i < p), p})
+        live = (jnp.max(rows_BxP[:, 0] + count_B)) * self.config.block_size  # past the newest valid row
 
         def prefix(n):
             return lambda: self._cache_rows(
-                params, (state.k_BxLxSxGxD, state.v_BxLxSxGxD), state.pending_tokens_BxP[:, :n], rows_BxP[:, :n],
+                params, (state.k, state.v), state.pending_tokens_BxP[:, :n], rows_BxP[:, :n],
                 jnp.arange(n)[None, :] < count_B[:, None], state.pending_features_BxPxF[:, :n], max_len,
-                (count_B - 1)[:, None])
+                (count_B - 1)[:, None], live)
 
         index = jnp.searchsorted(jnp.asarray(sizes), jnp.max(count_B))
         return jax.lax.switch(index, [prefix(n) for n in sizes])
@@ -196,14 +199,14 @@ class SpecBlockMethod:
         (node 1 + k W + j: slot k's j-th token), then each round's expand x K x W (row-major)."""
         c = self.config
         k_slots = c.block_size
-        max_len = (state.k_BxLxSxGxD.shape[2] - self.scratch) // k_slots
+        max_len = (state.k[0].shape[1] - self.scratch) // k_slots
         b, p = state.pending_tokens_BxP.shape
         count_B = state.pending_count_B
         rows_BxP = (lengths_B - count_B)[:, None] + jnp.arange(p, dtype=jnp.int32)
         query_Bx1 = (count_B - 1)[:, None]
         kv, out = self._cache_pending(params, state, rows_BxP, max_len)
         query_row_B = lengths_B - 1
-        s_S = jnp.arange(kv[0].shape[2])
+        s_S = jnp.arange(kv[0][0].shape[1])
         level = self._level(
             params, seen_BxRxS=(((s_S // k_slots) < query_row_B[:, None]) & (s_S < max_len * k_slots))[:, None],
             slots_BxRxK=(query_row_B[:, None] * k_slots + jnp.arange(k_slots))[:, None],
@@ -223,7 +226,7 @@ class SpecBlockMethod:
         valid = jnp.concatenate([root(True, bool)] + [flat(lv.valid_BxRxKxW) for lv in levels], 1)
         tree = Tree(tokens=tokens, parents=parents, depth=jnp.zeros_like(tokens), valid=valid, scores=scores)
         query_hidden_BxKxH = out.hidden[:, 0].astype(state.query_hidden_BxKxH.dtype)
-        return tree, state._replace(k_BxLxSxGxD=kv[0], v_BxLxSxGxD=kv[1], query_hidden_BxKxH=query_hidden_BxKxH)
+        return tree, state._replace(k=kv[0], v=kv[1], query_hidden_BxKxH=query_hidden_BxKxH)
 
     def _level(self, params, *, seen_BxRxS, slots_BxRxK, logits_BxRxKxV, hidden_BxRxKxH, rank_BxRxKxC, parent_scores_BxR,
                parent_valid_BxR, parent_index_BxR, first_index: int, first_block: bool) -> _Level:
@@ -258,7 +261,7 @@ class SpecBlockMethod:
         rows = lambda x: jnp.take_along_axis(x, row_BxE.reshape(b, e, *([1] * (x.ndim - 2))), axis=1)
         # What the new block sees: its parent row's view and the parent block's slots <= the chosen one.
         parent_slots_BxExK = jnp.where(jnp.arange(k_slots) <= slot_BxE[..., None], rows(level.slots_BxRxK), -1)
-        s_S = jnp.arange(kv[0].shape[2])
+        s_S = jnp.arange(kv[0][0].shape[1])
         seen_BxExS = rows(level.seen_BxRxS) | jnp.any(s_S == parent_slots_BxExK[..., None], axis=2)
         own_BxExK = (max_len * k_slots + round_index * e * k_slots
                      + jnp.arange(e)[:, None] * k_slots + jnp.arange(k_slots))[None].repeat(b, axis=0)
@@ -270,14 +273,16 @@ class SpecBlockMethod:
         else:
             features_BxExF = jnp.broadcast_to(query_features_BxF[:, None], (b, e, query_features_BxF.shape[-1]))
             condition = {"features_BxRxF": features_BxExF}
+        live = (jnp.max(query_row_B) + 1) * k_slots  # the query rows' slots, then the scratch
         out = specblock.forward(params["drafter"], c, params["embed"], token_BxE,
                                 jnp.broadcast_to(query_row_B[:, None], (b, e)),
-                                _cache_attend(kv, own_BxExK.reshape(b, e * k_slots), mask_BxQxS), **condition)
+                                _cache_attend(kv, own_BxExK.reshape(b, e * k_slots), mask_BxQxS, live, self.scratch),
+                                **condition)
         level = self._level(params, seen_BxRxS=seen_BxExS, slots_BxRxK=own_BxExK, logits_BxRxKxV=out.logits,
                             hidden_BxRxKxH=out.hidden, rank_BxRxKxC=out.rank_logits, parent_scores_BxR=score_BxE,
                             parent_valid_BxR=valid_BxE, parent_index_BxR=level.first_index + pick_BxE,
                             first_index=level.first_index + r * k_slots * w, first_block=False)
-        return _stack(out.aux), level
+        return _unzip(out.aux), level
 
     def commit(self, params: Any, state: SpecBlockState, tree: Tree, acceptance: Acceptance,
                features_BxN1xF: jax.Array, lengths_B: jax.Array) -> SpecBlockState:
@@ -312,15 +317,16 @@ def merge_duplicates(tree: Tree, max_depth: int) -> Tree:
                         valid=valid_BxM, scores=jnp.where(is_root_M, 0.0, jnp.where(valid_BxM, best_BxM, -jnp.inf)))
 
 
-def _cache_attend(kv, slots_BxQ, mask_BxQxS):
-    """Drafting attention: write the new keys/values of layer l at `slots`, attend under `mask`."""
+def _cache_attend(kv, slots_BxQ, mask_BxQxS, live, tail: int = 0):
+    """Drafting attention: write the new keys/values of layer l at `slots` (in place: each layer's
+    cache is its own buffer), attend under `mask` to the slots before `live` and the last `tail`."""
     def attend(layer, q_BxQxNxD, k_BxQxGxD, v_BxQxGxD):
-        k_cache = layers.write_kv(kv[0][:, layer], k_BxQxGxD, slots_BxQ)
-        v_cache = layers.write_kv(kv[1][:, layer], v_BxQxGxD, slots_BxQ)
-        return layers.attend(q_BxQxNxD, k_cache, v_cache, mask_BxQxS), (k_cache, v_cache)
+        k_cache = layers.write_kv(kv[0][layer], k_BxQxGxD, slots_BxQ)
+        v_cache = layers.write_kv(kv[1][layer], v_BxQxGxD, slots_BxQ)
+        return layers.attend_live(q_BxQxNxD, k_cache, v_cache, mask_BxQxS, live, tail), (k_cache, v_cache)
     return attend
 
 
-def _stack(aux) -> tuple[jax.Array, jax.Array]:
-    """Per-layer (k, v) caches -> [B, L, S, G, D] keys and values."""
-    return jnp.stack([k for k, _ in aux], axis=1), jnp.stack([v for _, v in aux], axis=1)
+def _unzip(aux) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    """Per-layer (k, v) caches -> (keys per layer, values per layer)."""
+    return tuple(k for k, _ in aux), tuple(v for _, v in aux)

@@ -1,5 +1,7 @@
 """Shared test fixtures."""
 
+import contextlib
+
 import jax
 import pytest
 
@@ -23,3 +25,25 @@ def peaked_target():
         params = init_params(config, jax.random.key(0))
         return Target(config, jax.tree.map(lambda x: x * scale if x.ndim == 2 else x, params))
     return make
+
+
+@pytest.fixture
+def count_compiles():
+    """A context manager counting XLA compilations inside its block (JAX's own backend-compile event):
+    `with count_compiles() as n: ...`, then `n[0]`."""
+    return _count_compiles
+
+
+@contextlib.contextmanager
+def _count_compiles():
+    count = [0]
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            count[0] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield count
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

@@ -241,10 +241,9 @@ def test_buffered_hiddens_replay_the_drafters_logits(target, drafter):
     the candidates the drafter proposed: slot k's top-W tokens."""
     fb = _collect(target, drafter, PROMPTS[:1], size=64).feedback
     method = drafter.method
-    ids = np.asarray(PROMPTS[0])[None]
-    state = decode.spec_init(target.params, TARGET, drafter.params, jnp.asarray(ids, jnp.int32),
-                             jnp.asarray([ids.shape[1]], jnp.int32), jax.random.key(0), method=method,
-                             max_new_tokens=N_NEW, max_len=MAX_LEN, sampling=decode.SamplingParams(0.0), eos_ids=())
+    request, shapes = decode.prepare(TARGET, [PROMPTS[0]], max_new_tokens=N_NEW, sampling=decode.SamplingParams(0.0),
+                                     max_len=MAX_LEN)
+    state = decode.spec_init(target.params, TARGET, drafter.params, request, method=method, eos_ids=(), **shapes)
     tree, drafted_state = method.candidates(drafter.params, state.drafter_state, state.root_B, state.cache.lengths)
     np.testing.assert_allclose(np.asarray(drafted_state.query_hidden_BxKxH[0]), np.asarray(fb.hidden_CxKxH[0]),
                                rtol=1e-5, atol=1e-5)

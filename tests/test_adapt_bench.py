@@ -27,7 +27,7 @@ def one_target(monkeypatch, target):
 def test_micro_run_reports_every_stream_and_prompt(tmp_path, target, capsys):
     config = specblock.SpecBlockConfig.for_target(target.config, num_layers=1, rank_hidden=8)
     method = SpecBlockMethod(config, budget=4, max_blocks=1, widths=(1, 2, 2, 1), slot0_width=2)
-    sb = drafter_io.save_specblock(method, specblock.init_params(config, jax.random.key(0)), tmp_path / "sb")
+    sb = drafter_io.save(method, specblock.init_params(config, jax.random.key(0)), tmp_path / "sb")
     out = tmp_path / "adapt.json"
     rc = adapt_bench.main(["--drafter", str(sb), "--streams", "code,prose+code", "--max-prompts", "2",
                            "--max-new-tokens", "8", "--adapt", '{"min_records": 1}', "--out", str(out)])
@@ -51,8 +51,8 @@ def test_micro_run_reports_every_stream_and_prompt(tmp_path, target, capsys):
 
 def test_bad_input_is_a_clear_error(tmp_path, target, capsys):
     e3_config = eagle3.Eagle3Config.for_target(target.config)
-    e3 = drafter_io.save_eagle3(Eagle3Method(e3_config, budget=4, max_depth=2, topk=2),
-                                eagle3.init_params(e3_config, jax.random.key(0)), tmp_path / "e3")
+    e3 = drafter_io.save(Eagle3Method(e3_config, budget=4, max_depth=2, topk=2),
+                         eagle3.init_params(e3_config, jax.random.key(0)), tmp_path / "e3")
     assert adapt_bench.main(["--drafter", str(e3), "--out", str(tmp_path / "r.json")]) == 2
     assert "not a SpecBlock drafter" in capsys.readouterr().err
     for argv, message in ((["--streams", "code+maths"], "unknown domain"),

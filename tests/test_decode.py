@@ -75,11 +75,8 @@ def test_per_row_eos_stop(target, batch_greedy):
 
 def test_decode_plain_pads_after_stop_and_stops_the_loop_early(target):
     eos = reference_greedy(target, PROMPTS[1], 3)[2]  # row 0 emits it as its third token
-    prompt_BxT = np.zeros((1, 8), np.int32)
-    prompt_BxT[0, :7] = PROMPTS[1]
-    result = decode.decode_plain(target.params, CONFIG, prompt_BxT, np.array([7], np.int32), jax.random.key(0),
-                                 max_new_tokens=N_NEW, max_len=32, sampling=SamplingParams(),
-                                 eos_ids=(eos,))
+    request, shapes = decode.prepare(CONFIG, [PROMPTS[1]], max_new_tokens=N_NEW, sampling=SamplingParams(), max_len=32)
+    result = decode.decode_plain(target.params, CONFIG, request, eos_ids=(eos,), **shapes)
     assert result.num_generated_B.tolist() == [3]
     assert result.iterations == 2
     np.testing.assert_array_equal(result.tokens_BxN[0, 3:], decode.PAD_ID)
@@ -116,13 +113,12 @@ def test_first_sampled_token_follows_softmax(target):
     """Over many rngs (vmapped, one dispatch), the first token sampled after a right-padded prompt is
     distributed as softmax of the target's logits at the prompt's last position."""
     n, prompt = 8192, PROMPTS[1]
-    prompt_BxT = np.zeros((1, 8), np.int32)
-    prompt_BxT[0, :len(prompt)] = prompt
+    request, shapes = decode.prepare(CONFIG, [prompt], max_new_tokens=1, sampling=SamplingParams(temperature=1.0),
+                                     max_len=8)
 
     def first_token(rng):
-        return decode.decode_plain(target.params, CONFIG, prompt_BxT, np.array([len(prompt)], np.int32), rng,
-                                   max_new_tokens=1, max_len=8, sampling=SamplingParams(temperature=1.0),
-                                   eos_ids=()).tokens_BxN[0, 0]
+        return decode.decode_plain(target.params, CONFIG, request._replace(rng=rng), eos_ids=(),
+                                   **shapes).tokens_BxN[0, 0]
 
     tokens = jax.jit(jax.vmap(first_token))(jax.random.split(jax.random.key(1), n))
     counts_V = np.bincount(np.asarray(tokens), minlength=CONFIG.vocab_size)
@@ -188,3 +184,30 @@ def test_bad_inputs_fail_before_any_compute(target, monkeypatch, prompts, kwargs
 def test_drafter_of_the_wrong_type_is_an_error(target):
     with pytest.raises(ValueError, match="drafter must be a specblock_jax.drafter.Drafter"):
         decode.generate(target, [[1]], max_new_tokens=4, drafter=object())
+
+
+@pytest.mark.parametrize("drafter", [None, "ngram"])
+def test_new_sampling_values_lengths_and_prompts_compile_nothing(target, count_compiles, drafter):
+    """Only greedy-or-not and the shapes' buckets are static: a call with another temperature, top-k,
+    top-p, max_new_tokens, seed, prompts (same width bucket) and batch size (same bucket) reuses the
+    programs of the first, and honours its own settings."""
+    decode.generate(target, PROMPTS[:3], max_new_tokens=10, temperature=0.8, seed=1, drafter=drafter)
+    with count_compiles() as compiles:
+        out = decode.generate(target, PROMPTS[::-1], max_new_tokens=20, temperature=1.3, top_k=7, top_p=0.6, seed=2,
+                              drafter=drafter, stop_on_eos=False)
+        again = decode.generate(target, PROMPTS[1:], max_new_tokens=5, temperature=0.4, seed=3, drafter=drafter,
+                                stop_on_eos=False)
+    assert compiles[0] == 0
+    assert out.stats["compile_s"] < 1.0
+    assert [len(ids) for ids in out.token_ids] == [20] * 4 and [len(ids) for ids in again.token_ids] == [5] * 3
+    with count_compiles() as compiles:
+        decode.generate(target, PROMPTS[:3], max_new_tokens=10, drafter=drafter)  # greedy: a program of its own
+    assert compiles[0] > 0
+
+
+def test_padding_rows_of_a_bucketed_batch_change_nothing(target, batch_greedy):
+    """Three prompts run as a batch of four (one padding row, done from the start): each row's output
+    is its output in the unpadded batch of four."""
+    out = decode.generate(target, PROMPTS[:3], max_new_tokens=N_NEW, max_len=64, stop_on_eos=False)
+    assert out.token_ids == batch_greedy.token_ids[:3]
+    assert decode.bucket(3) == 4 and decode.bucket(5, 64) == 64 and decode.bucket(65, 64) == 128

@@ -212,8 +212,8 @@ def test_project_drafter_directory_keeps_the_vocab_map(tmp_path, target):
     assert params["lm_head"]["kernel"].shape == (H, VD)
     method = Eagle3Method(cfg, budget=8, max_depth=2, topk=2)
     with pytest.raises(ValueError, match="no 'draft_to_target' map"):
-        drafter_io.save_eagle3(method, params, tmp_path / "d")
-    drafter_io.save_eagle3(method, params, tmp_path / "d", DRAFT_TO_TARGET)
+        drafter_io.save(method, params, tmp_path / "d")
+    drafter_io.save(method, params, tmp_path / "d", draft_to_target=DRAFT_TO_TARGET)
     loaded, method_params = drafter_io.load(tmp_path / "d", target)
     assert loaded == method
     np.testing.assert_array_equal(np.asarray(method_params["draft_to_target"]), DRAFT_TO_TARGET)

@@ -46,7 +46,7 @@ def test_every_method_gives_the_same_greedy_tokens(tmp_path, capsys):
 def test_specblock_adapt_serves_the_prompts_in_turn_with_the_same_tokens(tmp_path, capsys, target):
     config = specblock.SpecBlockConfig.for_target(target.config, num_layers=1, rank_hidden=8)
     method = SpecBlockMethod(config, budget=4, max_blocks=1, widths=(1, 2, 2, 1), slot0_width=2)
-    sb = drafter_io.save_specblock(method, specblock.init_params(config, jax.random.key(0)), tmp_path / "sb")
+    sb = drafter_io.save(method, specblock.init_params(config, jax.random.key(0)), tmp_path / "sb")
     args = ["--prompt", "def add(a, b):\n", "--prompt", "ROMEO.\n", "--max-new-tokens", "6", "--json"]
     rows = {}
     for extra in (["--method", "ar"], ["--method", "specblock+adapt", "--drafter", str(sb)]):

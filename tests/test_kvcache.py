@@ -1,4 +1,7 @@
-"""KV cache: committing an accepted tree path, by hand and after a whole speculative run."""
+"""KV cache: committing an accepted tree path, by hand and after whole speculative runs."""
+
+import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +12,7 @@ from specblock_jax.config import ModelConfig
 from specblock_jax.models.target import Target, init_params
 from specblock_jax.ngram import NgramMethod
 from specblock_jax.sampling import SamplingParams
+from specblock_jax.tree import Tree
 
 # The same target, prompts and run as tests/test_spec_decode.py's n-gram test, so its compile is shared.
 CONFIG = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -60,31 +64,28 @@ def test_commit_moves_each_accepted_path_to_contiguous_slots():
     np.testing.assert_array_equal(out.k[0][1], cache.k[0][1])  # the inactive row is untouched
 
 
-def ngram_run(target: Target) -> decode.SpecState:
-    """The greedy n-gram run of test_spec_decode (`generate(..., drafter="ngram")`), made with the same
-    lowering calls as `generate`, returning the final loop state."""
-    prompt_BxT = np.zeros((len(PROMPTS), 64), np.int32)
-    for i, p in enumerate(PROMPTS):
-        prompt_BxT[i, :len(p)] = p
-    lens_B = np.array([len(p) for p in PROMPTS], np.int32)
-    static = dict(method=NgramMethod(), sampling=SamplingParams(), eos_ids=())
-    rng = jax.random.key(0)
-    init = decode.spec_init.lower(target.params, CONFIG, None, prompt_BxT, lens_B, rng, max_new_tokens=N_NEW,
-                                  max_len=MAX_LEN, **static)
-    loop = decode.spec_loop.lower(target.params, CONFIG, None, init.out_info, **static).compile()
-    return loop(target.params, None, init.compile()(target.params, None, prompt_BxT, lens_B, rng))
+def spec_run(target: Target, method=NgramMethod(), drafter_params=None, collect=None, feedback=None) -> decode.SpecState:
+    """A greedy speculative run of PROMPTS made with the same lowering calls as `generate`, returning
+    the final loop state. The default is test_spec_decode's n-gram run (`generate(..., drafter="ngram")`)."""
+    request, shapes = decode.prepare(CONFIG, PROMPTS, max_new_tokens=N_NEW, sampling=SamplingParams(), max_len=MAX_LEN)
+    static = dict(method=method, eos_ids=())
+    init = decode.spec_init.lower(target.params, CONFIG, drafter_params, request, **static, **shapes)
+    state = init.compile()(target.params, drafter_params, request)
+    loop_static = dict(static)
+    if collect is not None:
+        state, loop_static["collect"] = state._replace(feedback=feedback), collect
+    info = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    loop = decode.spec_loop.lower(target.params, CONFIG, drafter_params, info, **loop_static).compile()
+    return loop(target.params, drafter_params, state)
 
 
-def test_committed_cache_after_speculative_run_equals_a_prefill_of_the_same_tokens():
-    params = jax.tree.map(lambda x: x * 10 if x.ndim == 2 else x, init_params(CONFIG, jax.random.key(0)))
-    state = ngram_run(Target(CONFIG, params))
-    assert int(state.stats.verify_steps) > 0  # some trees were verified and committed
-    num_B = np.asarray(state.num_generated_B)
-    assert num_B.tolist() == [N_NEW] * len(PROMPTS)
-    # Committed: the prompt and every generated token but the newest (the root, not yet written).
+def assert_committed_cache_is_a_prefill(state: decode.SpecState, params) -> None:
+    """The committed cache holds the prompt and every generated token but the newest (the root, not
+    yet written), exactly as a prefill of those tokens writes them."""
+    num_B = np.asarray(state.num_generated_B)[:len(PROMPTS)]
     seqs = [p + np.asarray(state.tokens_BxN)[i, :num_B[i] - 1].tolist() for i, p in enumerate(PROMPTS)]
     lengths = [len(s) for s in seqs]
-    np.testing.assert_array_equal(state.cache.lengths, lengths)
+    np.testing.assert_array_equal(state.cache.lengths[:len(PROMPTS)], lengths)
     seq_BxT = np.zeros((len(seqs), max(lengths)), np.int32)
     for i, s in enumerate(seqs):
         seq_BxT[i, :len(s)] = s
@@ -93,3 +94,74 @@ def test_committed_cache_after_speculative_run_equals_a_prefill_of_the_same_toke
     for got, want in zip(state.cache.k + state.cache.v, reference.k + reference.v):
         for i, n in enumerate(lengths):
             np.testing.assert_allclose(got[i, :n], want[i, :n], atol=1e-5, rtol=0)
+
+
+def test_committed_cache_after_speculative_run_equals_a_prefill_of_the_same_tokens():
+    params = jax.tree.map(lambda x: x * 10 if x.ndim == 2 else x, init_params(CONFIG, jax.random.key(0)))
+    state = spec_run(Target(CONFIG, params))
+    assert int(state.stats.verify_steps) > 0  # some trees were verified and committed
+    assert np.asarray(state.num_generated_B).tolist() == [N_NEW] * len(PROMPTS)
+    assert_committed_cache_is_a_prefill(state, params)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoyMethod:
+    """Drafts the true greedy continuation (from its params) with a wrong sibling before every true
+    node: depth d's decoy is node 2d - 1, its true token node 2d, so an accepted path of depth d sits
+    at nodes 0, 2, 4, .., 2d, off the chain of indices (path[d] > d)."""
+
+    max_depth: int
+    feature_layers: ClassVar[tuple[int, ...]] = ()
+
+    @property
+    def budget(self) -> int:
+        return 2 * self.max_depth
+
+    def init(self, params, prompt_BxT, prompt_lens_B, features_BxTxF, root_B, max_len):
+        return jnp.zeros(prompt_BxT.shape[:1], jnp.int32)
+
+    def draft(self, params, state, root_B, lengths_B):
+        b, d_D = root_B.shape[0], jnp.arange(1, self.max_depth + 1)
+        truth_BxD = jnp.take_along_axis(params["truth_BxS"], lengths_B[:, None] + d_D, axis=1, mode="clip")
+        known_BxD = lengths_B[:, None] + d_D < params["known_B"][:, None]
+        true_parent_BxD = jnp.broadcast_to(jnp.where(d_D == 1, 0, 2 * d_D - 2), (b, self.max_depth))
+        depth_BxD = jnp.broadcast_to(d_D, (b, self.max_depth))
+
+        def nodes(decoy_BxD, true_BxD, root):  # [B, 1 + 2D]: the root, then decoy and true node per depth
+            return jnp.concatenate([jnp.broadcast_to(root, (b, 1)).astype(true_BxD.dtype),
+                                    jnp.stack([decoy_BxD, true_BxD], axis=-1).reshape(b, -1)], axis=1)
+
+        valid = nodes(known_BxD, known_BxD, True)
+        tree = Tree(tokens=nodes((truth_BxD + 1) % CONFIG.vocab_size, truth_BxD, root_B[:, None]).astype(jnp.int32),
+                    parents=nodes(true_parent_BxD, true_parent_BxD, -1).astype(jnp.int32),
+                    depth=nodes(depth_BxD, depth_BxD, 0).astype(jnp.int32), valid=valid,
+                    scores=jnp.where(valid, -nodes(depth_BxD, depth_BxD, 0).astype(jnp.float32), -jnp.inf))
+        return tree, state, jnp.ones((), jnp.int32)
+
+    def commit(self, params, state, tree, acceptance, features_BxN1xF, lengths_B):
+        return state
+
+
+def count_off_chain(count, drafter_state, acceptance, logits_BxN1xV, emitted_B, running_B):
+    """`collect`: steps in which a running row's accepted path left the chain of node indices."""
+    off_BxD1 = acceptance.path_BxD1 > jnp.arange(acceptance.path_BxD1.shape[1])
+    return count + jnp.sum(jnp.any(off_BxD1, axis=1) & running_B, dtype=jnp.int32)
+
+
+def test_committed_cache_after_off_chain_accepts_equals_a_prefill_of_the_same_tokens():
+    """Accepted paths through later siblings (path[d] > d) are moved into contiguous cache slots, and
+    the committed cache is again a prefill of the emitted tokens."""
+    params = jax.tree.map(lambda x: x * 10 if x.ndim == 2 else x, init_params(CONFIG, jax.random.key(0)))
+    target = Target(CONFIG, params)
+    plain = decode.generate(target, PROMPTS, max_new_tokens=N_NEW, max_len=MAX_LEN, stop_on_eos=False)
+    truth_BxS = np.zeros((len(PROMPTS), MAX_LEN), np.int32)
+    known_B = np.zeros(len(PROMPTS), np.int32)
+    for i, (prompt, generated) in enumerate(zip(PROMPTS, plain.token_ids)):
+        truth_BxS[i, :len(prompt) + N_NEW] = prompt + generated
+        known_B[i] = len(prompt) + N_NEW
+    state = spec_run(target, DecoyMethod(max_depth=4), dict(truth_BxS=truth_BxS, known_B=known_B),
+                     collect=count_off_chain, feedback=jnp.zeros((), jnp.int32))
+    assert int(state.feedback) >= len(PROMPTS)  # paths really left the chain
+    assert [np.asarray(state.tokens_BxN)[i, :N_NEW].tolist() for i in range(len(PROMPTS))] == plain.token_ids
+    assert int(state.iterations) < N_NEW - 1  # several tokens per step
+    assert_committed_cache_is_a_prefill(state, params)

@@ -19,3 +19,24 @@ def test_top_k_matches_lax_top_k(shape, k):
         want_values, want_ids = jax.lax.top_k(values, k)
         np.testing.assert_array_equal(got_ids, want_ids)
         np.testing.assert_array_equal(got_values, want_values)
+
+
+@pytest.mark.parametrize("s, tail", [(1000, 0), (600, 40), (100, 0)])
+def test_attend_live_equals_attend_over_the_whole_cache(s, tail):
+    """Attention over the live prefix (and a scratch tail) gives the whole cache's result when every
+    other slot is masked: for live lengths in every prefix bucket, at both ends of it, traced or not."""
+    b, t, n, kv, d = 2, 3, 4, 2, 8
+    keys = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(keys[0], (b, t, n, d))
+    k, v = jax.random.normal(keys[1], (b, s, kv, d)), jax.random.normal(keys[2], (b, s, kv, d))
+    head = s - tail
+    live_jit = jax.jit(layers.attend_live, static_argnames="tail")
+    lives = sorted({1, 2, 127, 128, 129, 255, 256, 257, 511, 512, 513, head - 1, head} & set(range(1, head + 1)))
+    for live in lives:
+        slots_S = jnp.arange(s)
+        visible_BxTxS = jax.random.bernoulli(keys[3], 0.7, (b, t, s)) & ((slots_S < live) | (slots_S >= head))
+        visible_BxTxS = visible_BxTxS.at[:, :, 0].set(True)  # every query sees something
+        want = layers.attend(q, k, v, visible_BxTxS)
+        np.testing.assert_allclose(live_jit(q, k, v, visible_BxTxS, jnp.int32(live), tail=tail), want,
+                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(layers.attend_live(q, k, v, visible_BxTxS, live, tail), want, rtol=1e-5, atol=1e-6)

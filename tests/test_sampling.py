@@ -14,12 +14,31 @@ from specblock_jax.sampling import SamplingParams, processed_logprobs, sample
 PROBS_V = np.array([0.5, 0.2, 0.15, 0.1, 0.05])
 PERM = np.array([3, 0, 4, 2, 1])  # the same distribution in a scrambled vocabulary order
 logprobs_jit = jax.jit(processed_logprobs, static_argnums=1)  # op-by-op dispatch is slow on this CPU
+logprobs_traced = jax.jit(processed_logprobs)  # the params' values traced, as decoding passes them
 sample_jit = jax.jit(sample, static_argnums=2)
 
 
 def support(params: SamplingParams, probs_V=PROBS_V) -> set[int]:
-    logprobs_V = logprobs_jit(jnp.log(jnp.asarray(probs_V)), params)
-    return set(np.flatnonzero(np.isfinite(np.asarray(logprobs_V))).tolist())
+    """The support, checked to be the same (and the same log-probs) with the params traced."""
+    logits_V = jnp.log(jnp.asarray(probs_V))
+    logprobs_V = np.asarray(logprobs_jit(logits_V, params))
+    np.testing.assert_allclose(np.asarray(logprobs_traced(logits_V, params)), logprobs_V, rtol=1e-6)
+    return set(np.flatnonzero(np.isfinite(logprobs_V)).tolist())
+
+
+def test_traced_values_share_one_compiled_program(count_compiles):
+    """Only greedy-or-not is static: other temperatures, top-k and top-p values reuse the program."""
+    logits_V = jnp.log(jnp.asarray(PROBS_V))
+    traced = jax.jit(lambda logits, params: processed_logprobs(logits, params))
+    traced(logits_V, SamplingParams(1.0))
+    settings = [SamplingParams(0.5, top_k=2), SamplingParams(2.0, top_p=0.7), SamplingParams(0.9, top_k=3, top_p=0.95)]
+    expected = [logprobs_jit(logits_V, params) for params in settings]  # static: one program each
+    with count_compiles() as compiles:
+        for params, want in zip(settings, expected):
+            np.testing.assert_allclose(traced(logits_V, params), want, rtol=1e-6)
+        assert compiles[0] == 0
+        traced(logits_V, SamplingParams())  # greedy: another program
+        assert compiles[0] == 1
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -261,7 +261,7 @@ def test_save_and_load_a_specblock_drafter(tmp_path, target):
     cfg = dataclasses.replace(CONFIG, inherit=False, block_size=3)
     method = SpecBlockMethod(cfg, budget=9, max_blocks=3, widths=(1, 2, 3, 5), slot0_width=4, expand=2)
     params = _init_params(cfg, jax.random.key(9))
-    drafter_io.save_specblock(method, params, tmp_path / "sb")
+    drafter_io.save(method, params, tmp_path / "sb")
     meta = json.loads((tmp_path / "sb" / "drafter.json").read_text())
     assert meta["kind"] == "specblock" and meta["decoding"]["widths"] == [1, 2, 3, 5]
     loaded = load_drafter(str(tmp_path / "sb"), target)
@@ -273,5 +273,4 @@ def test_save_and_load_a_specblock_drafter(tmp_path, target):
     with pytest.raises(ConfigError, match="vocab_size 64 does not match the target's 65"):
         load_drafter(str(tmp_path / "sb"), other)
     with pytest.raises(ValueError, match="unexpected tensors"):
-        drafter_io.save_specblock(method, {**params, "embed_tokens": {"embedding": jnp.zeros((64, 32))}},
-                                  tmp_path / "bad")
+        drafter_io.save(method, {**params, "embed_tokens": {"embedding": jnp.zeros((64, 32))}}, tmp_path / "bad")

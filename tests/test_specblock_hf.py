@@ -265,8 +265,8 @@ def test_project_drafter_directory_keeps_the_vocab_map(tmp_path, target):
     assert params["lm_head"]["kernel"].shape == (H, VD)
     method = SpecBlockMethod(cfg, **KNOBS)
     with pytest.raises(ValueError, match="no 'draft_to_target' map"):
-        drafter_io.save_specblock(method, params, tmp_path / "d")
-    drafter_io.save_specblock(method, params, tmp_path / "d", draft_to_target=DRAFT_TO_TARGET)
+        drafter_io.save(method, params, tmp_path / "d")
+    drafter_io.save(method, params, tmp_path / "d", draft_to_target=DRAFT_TO_TARGET)
     loaded, method_params = drafter_io.load(tmp_path / "d", target)
     assert loaded == method
     np.testing.assert_array_equal(np.asarray(method_params["draft_to_target"]), DRAFT_TO_TARGET)

@@ -213,3 +213,44 @@ def test_check_static_names_field_and_shapes():
         tree_lib.check_static(tree_lib.root_only(jnp.array([1]), 0), 0)
     with pytest.raises(ValueError, match=re.escape("tree.scores must have shape")):  # at trace time too
         jax.jit(functools.partial(tree_lib.check_static, budget=5))(tree.replace(scores=tree.scores[:2]))
+
+
+def test_verify_forward_logits_equal_causal_forwards_over_each_root_path(peaked_target):
+    """The tree attention end to end: after a prefill, the verify forward's logits at every valid node
+    equal the last logits of a plain causal forward over the prompt, the root and the node's path, for
+    random trees of random depth over rows of different prompt lengths (one past the first attention
+    bucket, so the live-prefix choice is exercised) and a 512-slot cache."""
+    from specblock_jax import decode
+    from specblock_jax.config import ModelConfig
+
+    config = ModelConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                         intermediate_size=64, max_position_embeddings=512)
+    target = peaked_target(config)
+    rng = np.random.default_rng(5)
+    lengths = [150, 23, 1]
+    prompt_BxT = np.zeros((B, 256), np.int32)
+    for row, n in enumerate(lengths):
+        prompt_BxT[row, :n] = rng.integers(0, 50, n)
+    cache, _, _ = jax.jit(decode.prefill, static_argnums=(1, 4))(target.params, config, prompt_BxT,
+                                                                  np.array(lengths, np.int32), 512)
+    fields = random_tree(rng, n=16, p_valid=0.8)
+    tree = Tree(**{k: jnp.asarray(v) for k, v in fields.items()})
+    max_depth = int(fields["depth"].max())
+    logits_BxN1xV, _, _ = jax.jit(decode.verify_forward, static_argnums=1, static_argnames="max_depth")(
+        target.params, config, cache, tree, max_depth=max_depth)
+    for row, n in enumerate(lengths):
+        nodes = [i for i in range(17) if fields["valid"][row, i]]
+        paths = []
+        for i in nodes:
+            path = [i]
+            while path[-1] != 0:
+                path.append(int(fields["parents"][row, path[-1]]))
+            paths.append(prompt_BxT[row, :n].tolist() + [int(fields["tokens"][row, j]) for j in path[::-1]])
+        width = max(map(len, paths))
+        seq = np.zeros((len(paths), width), np.int32)
+        for k, path in enumerate(paths):
+            seq[k, :len(path)] = path
+        reference = np.asarray(target.logits(seq))[np.arange(len(paths)), [len(p) - 1 for p in paths]]
+        got = np.asarray(logits_BxN1xV)[row, nodes]
+        np.testing.assert_allclose(got, reference, atol=1e-5 * np.abs(reference).max(), rtol=0)
+    assert max_depth >= 3

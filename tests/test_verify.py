@@ -2,6 +2,8 @@
 target distribution with a chi-square test that is shown to catch biased acceptance rules."""
 
 import functools
+import inspect
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -178,27 +180,32 @@ def _tree_row(tokens, parents):
 
 # Row 0: root children 1, 2 and a duplicate 3 of node 1 (never acceptable: it is only visited after
 # node 1's token was rejected), each with children. Row 1: a different shape over the same tables, with
-# a root child (token 4) outside the top-k support. Node 8 is padding. Tokens are chosen among the
-# likely ones so drafts are often accepted.
+# a root child (token 4) outside the top-k support. Row 2: a sibling (node 3) after a duplicate (node
+# 2 repeats node 1's token), and chains to the full depth under both, so whole paths are accepted and
+# the bonus is drawn at depth 2. Node 8 is padding. Tokens are chosen among the likely ones so drafts
+# are often accepted.
 ROW0 = ([0, 1, 0, 1, 3, 0, 1, 3, 3], [-1, 0, 0, 0, 1, 1, 2, 3, 0])
 ROW1 = ([0, 4, 2, 0, 4, 1, 1, 5, 0], [-1, 0, 0, 0, 1, 1, 3, 2, 0])
-SAMPLING_TREE = Tree(tokens=jnp.array([ROW0[0], ROW1[0]], jnp.int32),
-                     parents=jnp.array([ROW0[1], ROW1[1]], jnp.int32),
-                     depth=jnp.zeros((2, 9), jnp.int32),
-                     valid=jnp.array([[True] * 8 + [False]] * 2),
-                     scores=jnp.zeros((2, 9), jnp.float32))
-SAMPLING_LOGITS = jnp.asarray(np.stack([_tree_row(*ROW0), _tree_row(*ROW1)]))
+ROW2 = ([0, 1, 1, 0, 3, 0, 1, 0, 0], [-1, 0, 0, 0, 1, 1, 3, 3, 0])
+ROWS = (ROW0, ROW1, ROW2)
+SAMPLING_TREE = Tree(tokens=jnp.array([r[0] for r in ROWS], jnp.int32),
+                     parents=jnp.array([r[1] for r in ROWS], jnp.int32),
+                     depth=jnp.zeros((len(ROWS), 9), jnp.int32),
+                     valid=jnp.array([[True] * 8 + [False]] * len(ROWS)),
+                     scores=jnp.zeros((len(ROWS), 9), jnp.float32))
+SAMPLING_LOGITS = jnp.asarray(np.stack([_tree_row(*row) for row in ROWS]))
 
 
-def target_probs(sampling: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
-    """Plain decoding's exact law: p(first) [V] and p(second | first) [V, V]."""
-    p0 = np.exp(np.asarray(processed_logprobs(jnp.asarray(ROOT_LOGITS_V), sampling), np.float64))
-    p1 = np.exp(np.asarray(processed_logprobs(jnp.asarray(NEXT_LOGITS_VxV), sampling), np.float64))
-    return p0 / p0.sum(), p1 / p1.sum(-1, keepdims=True)
+def target_probs(sampling: SamplingParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Plain decoding's exact law: p(first) [V], p(second | first) [V, V], p(third | first, second) [V, V, V]."""
+    law = [np.exp(np.asarray(processed_logprobs(jnp.asarray(x), sampling), np.float64))
+           for x in (ROOT_LOGITS_V, NEXT_LOGITS_VxV, THIRD_LOGITS_VxVxV)]
+    return tuple(p / p.sum(-1, keepdims=True) for p in law)
 
 
-def chi_square_pvalues(first, second, p0, p1) -> tuple[float, float]:
-    """p-values that `first` ~ p0 and (first, second) ~ p0 * p1; cells of probability 0 must be empty."""
+def chi_square_pvalues(tokens_Nx3, p0, p1, p2) -> tuple[float, float, float]:
+    """p-values that the first token ~ p0, the first two ~ p0 p1 and all three ~ p0 p1 p2; cells of
+    probability 0 must be empty."""
     def pvalue(observed, expected):
         assert not observed[expected == 0].any(), "a token outside the target's support was emitted"
         observed, expected = observed[expected > 0], expected[expected > 0]
@@ -207,88 +214,72 @@ def chi_square_pvalues(first, second, p0, p1) -> tuple[float, float]:
         expected = np.append(expected[~small], expected[small].sum())
         keep = expected > 0
         return scipy.stats.chisquare(observed[keep], expected[keep]).pvalue
-    n = len(first)
-    p_first = pvalue(np.bincount(first, minlength=V), n * p0)
-    p_joint = pvalue(np.bincount(first * V + second, minlength=V * V), n * (p0[:, None] * p1).ravel())
-    return p_first, p_joint
+    n = len(tokens_Nx3)
+    laws = [p0, p0[:, None] * p1, p0[:, None, None] * p1[:, :, None] * p2]
+    codes = [tokens_Nx3[:, 0], tokens_Nx3[:, 0] * V + tokens_Nx3[:, 1], tokens_Nx3 @ np.array([V * V, V, 1])]
+    return tuple(pvalue(np.bincount(c, minlength=law.size), n * law.ravel()) for c, law in zip(codes, laws))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def sample_accept(sampling: SamplingParams, rng):
-    """NUM_SAMPLES copies of each test row in one batch (rows are independent draws), then the second
-    token completed by a plain decoding step from the first where the step emitted only one token."""
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def sample_accept(accept, sampling: SamplingParams, rng):
+    """NUM_SAMPLES copies of each test row in one batch (rows are independent draws) through `accept`
+    with max_depth 2; where the step emitted fewer than three tokens, plain decoding steps complete
+    them from the tables. Returns the acceptance and the three tokens, [sample, test row, ...]."""
     tiled = jax.tree.map(lambda x: jnp.tile(x, (NUM_SAMPLES,) + (1,) * (x.ndim - 1)), SAMPLING_TREE)
     logits = jnp.tile(SAMPLING_LOGITS, (NUM_SAMPLES, 1, 1))
-    key_accept, key_next = jax.random.split(rng)
-    out = verify.accept_sampling(tiled, logits, sampling, key_accept, 2)
+    key_accept, key_second, key_third = jax.random.split(rng, 3)
+    out = accept(tiled, logits, sampling, key_accept, 2)
     first_B = out.tokens_BxD1[:, 0]
-    plain_B = sample(key_next, jnp.asarray(NEXT_LOGITS_VxV)[first_B], sampling)
-    second_B = jnp.where(out.length_B >= 1, out.tokens_BxD1[:, 1], plain_B)
-    by_row = lambda x: x.reshape((NUM_SAMPLES, 2) + x.shape[1:])  # [sample, test row, ...]
-    return jax.tree.map(by_row, out), by_row(first_B), by_row(second_B)
+    second_B = jnp.where(out.length_B >= 1, out.tokens_BxD1[:, 1],
+                         sample(key_second, jnp.asarray(NEXT_LOGITS_VxV)[first_B], sampling))
+    third_B = jnp.where(out.length_B >= 2, out.tokens_BxD1[:, 2],
+                        sample(key_third, jnp.asarray(THIRD_LOGITS_VxVxV)[first_B, second_B], sampling))
+    by_row = lambda x: x.reshape((NUM_SAMPLES, len(ROWS)) + x.shape[1:])
+    return jax.tree.map(by_row, out), by_row(jnp.stack([first_B, second_B, third_B], axis=-1))
 
 
 @pytest.mark.parametrize("sampling", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7),
                                       SamplingParams(temperature=1.0, top_p=0.8),
                                       SamplingParams(temperature=0.7, top_k=3, top_p=0.8)])
 def test_sampling_acceptance_follows_target_distribution(sampling):
-    out, first, second = jax.device_get(sample_accept(sampling, jax.random.key(11)))
-    p0, p1 = target_probs(sampling)
-    for row in range(2):
-        p_first, p_joint = chi_square_pvalues(first[:, row], second[:, row], p0, p1)
-        assert p_first > 1e-4 and p_joint > 1e-4, (row, p_first, p_joint)
-    # The duplicate sibling (node 3) and its child are never accepted; the padding never is.
-    assert not np.isin(out.path_BxD1[:, 0], [3, 7, 8]).any()
-    assert not np.isin(out.path_BxD1[:, 1], [8]).any()
+    out, tokens = jax.device_get(sample_accept(verify.accept_sampling, sampling, jax.random.key(11)))
+    laws = target_probs(sampling)
+    for row in range(len(ROWS)):
+        pvalues = chi_square_pvalues(tokens[:, row], *laws)
+        assert min(pvalues) > 1e-4, (row, pvalues)
+    # Row 0's duplicate sibling (node 3) and its child are never accepted, nor is row 2's (node 2); the
+    # padding never is.
+    assert not np.isin(out.path_BxD1[:, 0, 1], [3, 7, 8]).any() and not np.isin(out.path_BxD1[:, 2, 1], [2, 8]).any()
+    assert not np.isin(out.path_BxD1[:, :, 2], [8]).any()
     assert (out.length_B > 0).mean() > 0.2  # the drafts really are being accepted
+    full = out.length_B[:, 2] == 2
+    assert full.mean() > 0.1 and (out.path_BxD1[:, 2, 1][full] == 3).mean() > 0.1  # whole paths, also past the dup
 
 
-def biased_sampler(rule: str, sampling: SamplingParams, rng: np.random.Generator):
-    """A per-sample numpy re-implementation on row 0 of the test tree, with one deliberate flaw:
-    'threshold' accepts any child whose target probability exceeds 0.1; 'no_residual' accepts with
-    the unnormalised p and draws the bonus from p instead of the residual; 'fresh_duplicates' tests a
-    repeated sibling token against p rather than its residual 0. 'lossless' has no flaw and shows the
-    test passes a correct sampler."""
-    tokens, parents = ROW0
-    probs = np.exp(np.asarray(processed_logprobs(jnp.asarray(_tree_row(*ROW0)), sampling), np.float64))
-    _, p1 = target_probs(sampling)
-    children = {i: [c for c in range(1, 8) if parents[c] == i] for i in range(8)}
-
-    def two_tokens():
-        cur, emitted = 0, []
-        while len(emitted) < 2:
-            p, child = probs[cur].copy(), None
-            for c in children[cur]:
-                t = tokens[c]
-                if rule == "threshold":
-                    ok = p[t] > 0.1
-                elif rule == "no_residual":
-                    ok = rng.random() < p[t]
-                elif rule == "fresh_duplicates":
-                    ok = rng.random() * p.sum() < probs[cur][t]
-                    p[t] = 0.0 if not ok else p[t]
-                else:
-                    ok = rng.random() * p.sum() < p[t]
-                    p[t] = 0.0 if not ok else p[t]
-                if ok:
-                    child = c
-                    break
-            if child is None:
-                emitted.append(rng.choice(V, p=p / p.sum()))
-                break
-            emitted.append(tokens[child])
-            cur = child
-        if len(emitted) < 2:
-            emitted.append(rng.choice(V, p=p1[emitted[0]]))
-        return emitted
-
-    return np.array([two_tokens() for _ in range(NUM_SAMPLES)])
+# Mutants of the real acceptance code (verify.accept_sampling), each a single flaw.
+MUTANTS = {
+    "bonus drawn from p instead of the residual": ("jnp.argmax(residual_BxV + gumbel_BxV", "jnp.argmax(logp_BxV + gumbel_BxV"),
+    "a duplicate's mass counted twice": ("p_res_BxN1 = jnp.where(duplicate_BxN1, 0.0, p_token_BxN1)",
+                                         "p_res_BxN1 = p_token_BxN1"),
+    "the residual not renormalized": ("u_BxN1 * (1.0 - rejected_mass_BxN1) < p_res_BxN1", "u_BxN1 < p_res_BxN1"),
+}
 
 
-@pytest.mark.parametrize("rule, detected", [("lossless", False), ("threshold", True), ("no_residual", True),
-                                            ("fresh_duplicates", True)])
-def test_chi_square_catches_biased_acceptance(rule, detected):
+def mutant(flaw: str):
+    """verify.accept_sampling with one line of its source changed, compiled in the module's namespace."""
+    old, new = MUTANTS[flaw]
+    source = textwrap.dedent(inspect.getsource(verify.accept_sampling))
+    assert source.count(old) == 1, f"the mutation site of {flaw!r} is gone from verify.accept_sampling"
+    namespace = dict(vars(verify))
+    exec(compile(source.replace(old, new), f"<mutant: {flaw}>", "exec"), namespace)
+    return namespace["accept_sampling"]
+
+
+@pytest.mark.parametrize("flaw", sorted(MUTANTS))
+def test_chi_square_catches_each_mutant_of_the_acceptance_code(flaw):
+    """The distribution test has power: each single flaw in the JAX acceptance code, alone, fails it."""
     sampling = SamplingParams(temperature=1.0)
-    pairs = biased_sampler(rule, sampling, np.random.default_rng(3))
-    p_first, p_joint = chi_square_pvalues(pairs[:, 0], pairs[:, 1], *target_probs(sampling))
-    assert (min(p_first, p_joint) < 1e-8) == detected, (p_first, p_joint)
+    _, tokens = jax.device_get(sample_accept(mutant(flaw), sampling, jax.random.key(11)))
+    laws = target_probs(sampling)
+    pvalues = [min(chi_square_pvalues(tokens[:, row], *laws)) for row in range(len(ROWS))]
+    assert min(pvalues) < 1e-8, pvalues

@@ -467,10 +467,7 @@ def save_drafter(cfg: DrafterTrainConfig, method: Any, state: dict, draft_to_tar
                  weights_dtype: str | None = None) -> pathlib.Path:
     params = jax.device_get(state["params"])
     weights_dtype = weights_dtype or method.config.dtype  # the float32 master weights in the drafter's dtype
-    if cfg.kind == "eagle3":
-        return drafter_io.save_eagle3(method, params, cfg.export_dir, draft_to_target, weights_dtype=weights_dtype)
-    return drafter_io.save_specblock(method, params, cfg.export_dir, weights_dtype=weights_dtype,
-                                     draft_to_target=draft_to_target)
+    return drafter_io.save(method, params, cfg.export_dir, draft_to_target=draft_to_target, weights_dtype=weights_dtype)
 
 
 def log_record(step: int, metrics: Any, lr: float, seconds: float) -> dict[str, Any]:

@@ -161,13 +161,14 @@ class Eagle3Drafter(nn.Module):
     by `fc`) or a hidden (`hidden_BxTxH`, the previous step's output); exactly one is given.
 
     `kv` are [B, S, K, D] key/value buffers: this call's rows are written at `slots_BxT` first, then
-    attended under `mask_BxTxS` (the same contract as the target's cache)."""
+    attended under `mask_BxTxS` (the same contract as the target's cache; `kv_live` and `kv_tail` as
+    `layers.Attention`'s)."""
 
     config: Eagle3Config
 
     @nn.compact
     def __call__(self, embeds_BxTxH, positions_BxT, mask_BxTxS, kv, slots_BxT, *, features_BxTxF=None,
-                 hidden_BxTxH=None) -> DrafterOutput:
+                 hidden_BxTxH=None, kv_live=None, kv_tail: int = 0) -> DrafterOutput:
         c = self.config
         dtype = jnp.dtype(c.dtype)
         if (features_BxTxF is None) == (hidden_BxTxH is None):
@@ -178,7 +179,7 @@ class Eagle3Drafter(nn.Module):
         embeds = RMSNorm(c.rms_norm_eps, dtype, name="input_layernorm")(embeds_BxTxH.astype(dtype))
         cond = RMSNorm(c.rms_norm_eps, dtype, name="hidden_norm")(hidden_BxTxH)
         attn_BxTxH, kv = Attention(c.layer_config, name="self_attn")(
-            jnp.concatenate([embeds, cond], axis=-1), positions_BxT, mask_BxTxS, kv, slots_BxT)
+            jnp.concatenate([embeds, cond], axis=-1), positions_BxT, mask_BxTxS, kv, slots_BxT, kv_live, kv_tail)
         x = hidden_BxTxH + attn_BxTxH
         x = x + MLP(c.layer_config, name="mlp")(RMSNorm(c.rms_norm_eps, dtype, name="post_attention_layernorm")(x))
         logits = lm_head(c.draft_vocab, dtype)(RMSNorm(c.rms_norm_eps, dtype, name="norm")(x))
@@ -217,10 +218,11 @@ def param_axes(config: Eagle3Config) -> Any:
 
 
 def step(params: Any, config: Eagle3Config, embeds_BxTxH, positions_BxT, mask_BxTxS, kv, slots_BxT, *,
-         features_BxTxF=None, hidden_BxTxH=None) -> DrafterOutput:
+         features_BxTxF=None, hidden_BxTxH=None, kv_live=None, kv_tail: int = 0) -> DrafterOutput:
     """Apply one drafter step to explicit params (see `Eagle3Drafter`)."""
     return Eagle3Drafter(config).apply({"params": params}, embeds_BxTxH, positions_BxT, mask_BxTxS, kv, slots_BxT,
-                                       features_BxTxF=features_BxTxF, hidden_BxTxH=hidden_BxTxH)
+                                       features_BxTxF=features_BxTxF, hidden_BxTxH=hidden_BxTxH, kv_live=kv_live,
+                                       kv_tail=kv_tail)
 
 
 def embed(table_VxH: jax.Array, tokens: jax.Array) -> jax.Array:

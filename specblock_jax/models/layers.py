@@ -79,6 +79,38 @@ def write_kv(cache_BxSxKxD: jax.Array, new_BxTxKxD: jax.Array, slots_BxT: jax.Ar
     return cache_BxSxKxD.at[rows_Bx1, slots_BxT].set(new_BxTxKxD.astype(cache_BxSxKxD.dtype), mode="drop")
 
 
+MIN_LIVE = 128  # the smallest static cache prefix `attend_live` attends
+
+
+def attend_live(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, live, tail: int = 0) -> jax.Array:
+    """`attend` over the cache slots a query can see: a prefix of at least `live` slots and the last
+    `tail` (a drafter's scratch), never the unused rest, so a step costs what the sequence holds, not
+    what the static cache could. `live` is a Python int (a static slice) or a traced scalar: then the
+    prefix is the smallest of a few static sizes (MIN_LIVE, doubling, up to all of them) that holds it,
+    picked at run time (`lax.switch`). The caller guarantees the mask hides every other slot, so the
+    result is `attend`'s."""
+    s = k_BxSxKxD.shape[1]
+    head = s - tail
+
+    def prefix(n: int):
+        def run(q, k, v, mask):
+            if n < head:
+                keep = lambda x, axis: jnp.concatenate(
+                    [jax.lax.slice_in_dim(x, 0, n, axis=axis), jax.lax.slice_in_dim(x, head, s, axis=axis)], axis=axis)
+                k, v, mask = keep(k, 1), keep(v, 1), keep(mask, 2)
+            return attend(q, k, v, mask)
+        return run
+
+    if isinstance(live, int):
+        return prefix(max(min(live, head), 1))(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS)
+    sizes = [n for n in (MIN_LIVE << i for i in range(head.bit_length())) if n < head] + [head]
+    if len(sizes) == 1:
+        return attend(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS)
+    index = jnp.searchsorted(jnp.asarray(sizes), live)
+    return jax.lax.switch(jnp.minimum(index, len(sizes) - 1), [prefix(n) for n in sizes],
+                          q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS)
+
+
 def attend(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS) -> jax.Array:
     """Grouped-query attention with an explicit boolean mask; softmax in float32."""
     b, t, n, d = q_BxTxNxD.shape
@@ -93,13 +125,14 @@ def attend(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS) -> jax.Array:
 
 
 class Attention(nn.Module):
-    """GQA self-attention. With a cache, new K/V are written to `slots` first, then all S slots are
-    attended under `mask`; without one, the T tokens attend to each other under a [B, T, T] mask."""
+    """GQA self-attention. With a cache, new K/V are written to `slots` first, then the cache is
+    attended under `mask` (all S slots, or with `kv_live` only the live ones and the last `kv_tail`:
+    `attend_live`); without one, the T tokens attend to each other under a [B, T, T] mask."""
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxTxH, positions_BxT, mask, kv_cache=None, slots_BxT=None):
+    def __call__(self, x_BxTxH, positions_BxT, mask, kv_cache=None, slots_BxT=None, kv_live=None, kv_tail: int = 0):
         c = self.config
         dtype = jnp.dtype(c.dtype)
         b, t, _ = x_BxTxH.shape
@@ -116,7 +149,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq)
         if kv_cache is not None:
             k_cache, v_cache = write_kv(kv_cache[0], k, slots_BxT), write_kv(kv_cache[1], v, slots_BxT)
-            out = attend(q, k_cache, v_cache, mask)
+            out = (attend(q, k_cache, v_cache, mask) if kv_live is None
+                   else attend_live(q, k_cache, v_cache, mask, kv_live, kv_tail))
             kv_cache = (k_cache, v_cache)
         else:
             out = attend(q, k, v, mask)
@@ -144,11 +178,12 @@ class DecoderLayer(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions_BxT, mask, kv_cache=None, slots_BxT=None):
+    def __call__(self, x, positions_BxT, mask, kv_cache=None, slots_BxT=None, kv_live=None):
         c = self.config
         dtype = jnp.dtype(c.dtype)
         h, kv_cache = Attention(c, name="self_attn")(
-            RMSNorm(c.rms_norm_eps, dtype, name="input_layernorm")(x), positions_BxT, mask, kv_cache, slots_BxT)
+            RMSNorm(c.rms_norm_eps, dtype, name="input_layernorm")(x), positions_BxT, mask, kv_cache, slots_BxT,
+            kv_live)
         x = x + h
         x = x + MLP(c, name="mlp")(RMSNorm(c.rms_norm_eps, dtype, name="post_attention_layernorm")(x))
         return x, kv_cache

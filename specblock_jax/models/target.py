@@ -31,7 +31,7 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BxT, positions_BxT, mask, cache: KVCache | None = None, slots_BxT=None,
-                 logit_positions_BxP=None) -> TargetOutput:
+                 logit_positions_BxP=None, kv_live=None) -> TargetOutput:
         c = self.config
         dtype = jnp.dtype(c.dtype)
         embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=dtype, param_dtype=dtype,
@@ -42,7 +42,7 @@ class Transformer(nn.Module):
         outputs, new_k, new_v = [], [], []
         for i in range(c.num_layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv = DecoderLayer(c, name=f"layers_{i}")(x, positions_BxT, mask, kv, slots_BxT)
+            x, kv = DecoderLayer(c, name=f"layers_{i}")(x, positions_BxT, mask, kv, slots_BxT, kv_live)
             outputs.append(x)
             if cache is not None:
                 new_k.append(kv[0])
@@ -62,11 +62,12 @@ class Transformer(nn.Module):
 
 
 def forward(params: Any, config: ModelConfig, tokens_BxT, positions_BxT, mask, cache=None, slots_BxT=None,
-            *, feature_layers: tuple[int, ...] = (), logit_positions_BxP=None) -> TargetOutput:
+            *, feature_layers: tuple[int, ...] = (), logit_positions_BxP=None, kv_live=None) -> TargetOutput:
     """Apply the target to explicit params. Lengths in `cache` are not changed: committing is the
-    caller's decision (see `kvcache`)."""
+    caller's decision (see `kvcache`). `kv_live` (an int, or a traced scalar): no query sees a cache
+    slot at or past it, so attention reads only the slots before it (`layers.attend_live`)."""
     return Transformer(config, tuple(feature_layers)).apply(
-        {"params": params}, tokens_BxT, positions_BxT, mask, cache, slots_BxT, logit_positions_BxP)
+        {"params": params}, tokens_BxT, positions_BxT, mask, cache, slots_BxT, logit_positions_BxP, kv_live)
 
 
 def init_params(config: ModelConfig, rng: jax.Array) -> Any:
