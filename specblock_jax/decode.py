@@ -360,8 +360,11 @@ def generate(target: target_lib.Target, prompts: Sequence[str | Sequence[dict] |
     token-id lists.
 
     With a `drafter` (a `Drafter`, or a kind / directory for `load_drafter`) decoding is speculative
-    and lossless: greedy output is identical to plain decoding's, sampled output has the same
-    distribution. Its stats add `verify_steps` and `single_steps` (loop steps that verified a tree, or
+    and lossless: every token is the target's argmax (greedy) or a draw from its distribution
+    (sampling: the same law as plain decoding's). Greedy output is identical to plain decoding's
+    token for token up to floating-point rounding: the target's logits come from an (N+1)-token
+    verify forward rather than a 1-token one, which may round differently, so where two logits tie
+    within rounding either token may be taken (`infer.bench` reports the gap at any mismatch). Its stats add `verify_steps` and `single_steps` (loop steps that verified a tree, or
     decoded the roots alone because no running row had a draft), `steps_by_tokens[b][k]` (steps in
     which row b committed k tokens: k - 1 accepted drafts and the bonus), `tau` (tokens committed per
     target forward in the loop, over all rows) and `tau_per_row`, `drafter_forwards` and

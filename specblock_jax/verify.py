@@ -54,7 +54,8 @@ def _acceptance(tree: Tree, chosen_B: jax.Array, bonus_B: jax.Array, max_depth: 
 def accept_greedy(tree: Tree, logits_BxN1xV: jax.Array, max_depth: int) -> Acceptance:
     """A draft node is correct iff its token is the argmax of its parent's logits; accept the deepest
     node whose whole path is correct (ties -> lowest index), then the argmax at it. Every accepted
-    token is what plain greedy decoding would emit, so the output is identical."""
+    token is the argmax of these logits, so the output is plain greedy decoding's wherever the verify
+    forward's logits round as the single-token forward's do (a near-tie may round either way)."""
     _check_logits(tree, logits_BxN1xV)
     tree = sanitize(tree)
     argmax_BxN1 = jnp.argmax(logits_BxN1xV, axis=-1).astype(jnp.int32)

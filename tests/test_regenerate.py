@@ -85,6 +85,37 @@ def test_rerun_with_another_config_is_refused(setup):
         regenerate.regenerate(dataclasses.replace(cfg, new_tokens=7), progress=False)
 
 
+TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+
+
+def test_chat_prompts_are_answered_by_category_with_the_chat_template(setup, tmp_path):
+    """A chat prompt file: each conversation formatted with the target's template, answered (greedy
+    rows are the target's own greedy answers), parts named by category, prompts longer than
+    prompt_tokens left out."""
+    regen, _, tok = setup
+    tok.chat_template = TEMPLATE
+    target_dir = hf.export_hf(*hf.load_hf(regen.target), tmp_path / "chat-target", tokenizer=tok)
+    rows = [{"messages": [{"role": "user", "content": text}], "category": category}
+            for text, category in [("def add", "code"), ("To be", "writing"), ("class Box", "code"),
+                                   ("question " * 40, "writing"), ("or not", "writing")]]
+    prompts = tmp_path / "prompts.jsonl"
+    data.write_jsonl(rows, prompts)
+    cfg = dataclasses.replace(regen, output_dir=str(tmp_path / "out"), target=str(target_dir), prompts=str(prompts),
+                              prompt_tokens=24, greedy_fraction=0.5)
+    regenerate.regenerate(cfg, progress=False)
+    parts = regenerate.read_parts(cfg.output_dir)
+    assert sorted({p.split("-")[1] for p in parts["part"]}) == ["code", "writing"]
+    assert len(parts["tokens"]) == 4 and parts["tokens"].shape[1] == 24 + regen.new_tokens  # the long one left out
+    target = load_target(str(target_dir))
+    for tokens, prompt_len, part in zip(parts["tokens"], parts["prompt_len"], parts["part"]):
+        prompt = tokens[:prompt_len].tolist()
+        assert tok.decode(prompt).startswith("<user>") and tok.decode(prompt).endswith("<assistant>")
+        if "greedy" in part:
+            answer = generate(target, [prompt], max_new_tokens=regen.new_tokens).token_ids[0]
+            assert tokens[prompt_len:prompt_len + len(answer)].tolist() == answer
+            assert (tokens[prompt_len + len(answer):] == -1).all()
+
+
 def test_bad_configs():
     with pytest.raises(ConfigError, match="domains"):
         RegenerateConfig(domains=("poetry",))

@@ -1,12 +1,17 @@
-"""Regenerate drafter training data: the target continues prompts cut from the corpus's training split
-with the project's own jitted generation, greedy and sampled, so a drafter learns the target's own
-distribution (as EAGLE-3 and SpecBlock train on target-regenerated answers).
+"""Regenerate drafter training data: the target answers chat prompts (with its chat template) or
+continues prompts cut from the corpus's training split, with the project's own jitted generation,
+greedy and sampled, so a drafter learns the target's own distribution (as EAGLE-3 and SpecBlock train
+on target-regenerated answers).
 
-    python -m train.regenerate --output-dir runs/regen --samples-per-domain 512
+    python -m train.chat_prompts --out runs/chat_prompts.jsonl        # prompts disjoint from the suite
+    python -m train.regenerate --prompts runs/chat_prompts.jsonl --output-dir runs/regen-chat \
+        --prompt-tokens 448 --new-tokens 256 --batch-size 16           # chat answers, by category
+    python -m train.regenerate --target specblock_jax/assets/toy/target --output-dir runs/regen  # corpus
 
-Output: `part-<domain>-<mode>-<index>.npz` files, each a batch with `tokens` [b, prompt + new] (PAD_ID
-after a row's end), `prompt_len` [b] and `length` [b]. Each part is written atomically and an existing
-part is skipped, so rerunning after a kill only makes what is missing.
+Output: `part-<category or domain>-<mode>-<index>.npz` files, each a batch with `tokens` [b, prompt
+tokens + new tokens] (PAD_ID after a row's end), `prompt_len` [b] and `length` [b]. Each part is
+written atomically and an existing part is skipped, so rerunning after a kill only makes what is
+missing (the same command resumes).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import pathlib
 import numpy as np
 from tqdm import tqdm
 
-from specblock_jax import data, generate, load_target
+from specblock_jax import chat, data, generate, load_target
 from specblock_jax.config import ConfigError, from_dict, to_dict
 from specblock_jax.decode import PAD_ID
 
@@ -29,9 +34,12 @@ from specblock_jax.decode import PAD_ID
 class RegenerateConfig:
     output_dir: str = "runs/regen"
     target: str | None = None  # HF directory or .gguf; default: the embedded default (SmolLM2-135M-Instruct)
+    # A chat prompt file ({"messages", "category"} per line, train/chat_prompts.py): every prompt is
+    # answered, parts named by category; None: prompts cut from the corpus (`domains`).
+    prompts: str | None = None
     domains: tuple[str, ...] = data.DOMAINS
-    samples_per_domain: int = 512
-    prompt_tokens: int = 64
+    samples_per_domain: int = 512  # corpus prompts per domain
+    prompt_tokens: int = 64  # corpus: each prompt's length; chat: the longest prompt kept (longer ones left out)
     new_tokens: int = 192
     greedy_fraction: float = 0.4  # the rest is sampled at `temperature` / `top_p`
     temperature: float = 1.0
@@ -70,17 +78,31 @@ def cut_prompts(token_arrays: list[np.ndarray], n: int, length: int, rng: np.ran
     return np.stack([long_enough[d][p - starts[d]:p - starts[d] + length] for d, p in zip(docs, picks)])
 
 
-def plan(cfg: RegenerateConfig, splits, tokenizer) -> list[tuple[str, np.ndarray, bool, int]]:
-    """(part name, prompts [b, T], greedy?, seed) for every batch, in a fixed order."""
+def plan(cfg: RegenerateConfig, tokenizer) -> list[tuple[str, list[list[int]], bool, int]]:
+    """(part name, prompt ids, greedy?, seed) for every batch, in a fixed order: per category (chat) or
+    domain (corpus), the greedy share first, then the sampled."""
+    groups = {}
+    if cfg.prompts is not None:
+        rows = [json.loads(line) for line in pathlib.Path(cfg.prompts).read_text().splitlines() if line.strip()]
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict) or "messages" not in row or "category" not in row:
+                raise ValueError(f"{cfg.prompts}:{i + 1}: a line needs 'messages' and 'category'")
+            ids = chat.encode(tokenizer, row["messages"], f"{cfg.prompts}:{i + 1}")
+            if len(ids) <= cfg.prompt_tokens:
+                groups.setdefault(str(row["category"]).replace("-", "_"), []).append(ids)
+    else:
+        splits = data.corpus_splits(code_dir=cfg.code_dir, prose_dir=cfg.prose_dir, data_dir=cfg.data_dir,
+                                    val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
+        for i, domain in enumerate(cfg.domains):
+            arrays = data.tokenize_documents(splits[domain]["train"], tokenizer)
+            groups[domain] = cut_prompts(arrays, cfg.samples_per_domain, cfg.prompt_tokens,
+                                         np.random.default_rng([cfg.seed, i])).tolist()
     parts = []
-    for i, domain in enumerate(cfg.domains):
-        arrays = data.tokenize_documents(splits[domain]["train"], tokenizer)
-        prompts = cut_prompts(arrays, cfg.samples_per_domain, cfg.prompt_tokens,
-                              np.random.default_rng([cfg.seed, i]))
-        n_greedy = round(cfg.greedy_fraction * cfg.samples_per_domain)
+    for group, prompts in groups.items():
+        n_greedy = round(cfg.greedy_fraction * len(prompts))
         for mode, rows in (("greedy", prompts[:n_greedy]), ("sampled", prompts[n_greedy:])):
             for j in range(0, len(rows), cfg.batch_size):
-                parts.append((f"part-{domain}-{mode}-{j // cfg.batch_size:05d}", rows[j:j + cfg.batch_size],
+                parts.append((f"part-{group}-{mode}-{j // cfg.batch_size:05d}", rows[j:j + cfg.batch_size],
                               mode == "greedy", cfg.seed * 1_000_003 + len(parts)))
     return parts
 
@@ -91,25 +113,23 @@ def regenerate(cfg: RegenerateConfig, progress: bool = True) -> pathlib.Path:
     _check_same_run(out / "regenerate.json", cfg)
     target = load_target(cfg.target)
     if target.tokenizer is None:
-        raise ValueError(f"target {cfg.target or 'embedded'} has no tokenizer; regeneration cuts prompts from text")
-    splits = data.corpus_splits(code_dir=cfg.code_dir, prose_dir=cfg.prose_dir, data_dir=cfg.data_dir,
-                                val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
+        raise ValueError(f"target {cfg.target or 'embedded'} has no tokenizer; regeneration reads its prompts as text")
     width = cfg.prompt_tokens + cfg.new_tokens
-    for name, prompts, greedy, seed in tqdm(plan(cfg, splits, target.tokenizer), desc="regenerate",
-                                            unit="batch", disable=not progress):
+    for name, prompts, greedy, seed in tqdm(plan(cfg, target.tokenizer), desc="regenerate", unit="batch",
+                                            disable=not progress):
         path = out / f"{name}.npz"
         if path.exists():
             continue
-        result = generate(target, prompts.tolist(), max_new_tokens=cfg.new_tokens,
+        result = generate(target, prompts, max_new_tokens=cfg.new_tokens,
                           temperature=0.0 if greedy else cfg.temperature, top_p=1.0 if greedy else cfg.top_p,
                           seed=seed)
         tokens = np.full((len(prompts), width), PAD_ID, np.int32)
-        tokens[:, :cfg.prompt_tokens] = prompts
-        for row, ids in enumerate(result.token_ids):
-            tokens[row, cfg.prompt_tokens:cfg.prompt_tokens + len(ids)] = ids
-        lengths = cfg.prompt_tokens + np.array([len(ids) for ids in result.token_ids], np.int32)
+        for row, (prompt, ids) in enumerate(zip(prompts, result.token_ids)):
+            tokens[row, :len(prompt) + len(ids)] = prompt + ids
+        prompt_len = np.array([len(prompt) for prompt in prompts], np.int32)
+        lengths = prompt_len + np.array([len(ids) for ids in result.token_ids], np.int32)
         tmp = out / f".{name}.tmp.npz"
-        np.savez(tmp, tokens=tokens, prompt_len=np.full(len(prompts), cfg.prompt_tokens, np.int32), length=lengths)
+        np.savez(tmp, tokens=tokens, prompt_len=prompt_len, length=lengths)
         os.replace(tmp, path)
     return out
 
