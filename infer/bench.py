@@ -50,6 +50,7 @@ import re
 import statistics
 import subprocess
 import sys
+import textwrap
 import traceback
 from typing import Any
 
@@ -102,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timing-calls", type=int, default=16,
                    help="chained calls per dispatch when timing the draft / verify phases (0: skip that timing)")
     p.add_argument("--out", default="results.json", help="where to write the JSON report")
+    p.add_argument("--show-answers", action="store_true",
+                   help="print every question's turns with ar's answers before the table (the report always holds them)")
     p.add_argument("--plots-dir", help="where to write the PNG plots (default: beside --out; 'none': no plots)")
     args = p.parse_args(argv)
     if args.methods is not None:
@@ -386,7 +389,8 @@ def run(args: argparse.Namespace, target: Any, questions: list[dict[str, Any]], 
 
     def report(complete: bool, interrupted: str | None = None) -> dict:
         out = summarize(args, runs, phases, units, questions, header["config"]["tree"], gaps)
-        return {**header, "complete": complete, "interrupted": interrupted, "finished_utc": _now(), **out}
+        return {**header, "complete": complete, "interrupted": interrupted, "finished_utc": _now(), **out,
+                "answers": ar_answers(runs["ar"], units, questions)}
 
     try:
         restart()
@@ -426,6 +430,32 @@ def run(args: argparse.Namespace, target: Any, questions: list[dict[str, Any]], 
     final = report(complete=True)
     write_json(final, args.out)
     return final
+
+
+def ar_answers(ar_runs: list, units: list[dict], questions: list[dict]) -> list[dict]:
+    """The reference answers of the first repeat, one per question and turn: question_id, category,
+    turn (1-based), the turn's prompt and ar's answer (the text; token ids when the target has no
+    tokenizer). Greedy methods give the same tokens, or the report says where they do not."""
+    answers = []
+    for r, u, out in ar_runs:
+        if r != 0:
+            continue
+        for j, i in enumerate(units[u]["rows"]):
+            answers.append({"question_id": questions[i]["question_id"], "category": questions[i]["category"],
+                            "turn": units[u]["turn"] + 1, "prompt": questions[i]["turns"][units[u]["turn"]],
+                            "answer": out.texts[j] if out.texts else out.token_ids[j]})
+    return answers
+
+
+def show_answers(report: dict, width: int = 400) -> str:
+    """The report's answers as text: each prompt (cut at `width` characters) and ar's answer."""
+    lines = []
+    for a in report["answers"]:
+        prompt = a["prompt"] if isinstance(a["prompt"], str) else json.dumps(a["prompt"])
+        cut = prompt if len(prompt) <= width else prompt[:width] + " [...]"
+        lines += [f"=== {a['category']}, question {a['question_id']}, turn {a['turn']} ===",
+                  textwrap.indent(cut, "  > "), "--- ar's answer ---", textwrap.indent(str(a["answer"]), "  "), ""]
+    return "\n".join(lines)
 
 
 def _seconds(out) -> float:
@@ -633,6 +663,8 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         print(f"failed: the partial report (\"complete\": false) is in {args.out}", file=sys.stderr)
         return 1
+    if args.show_answers:
+        print(show_answers(report))
     print(table(report))
     for warning in report["warnings"]:
         print(f"\n{'!' * 100}\nWARNING: {warning}\n{'!' * 100}")

@@ -1,12 +1,40 @@
-"""Shared test fixtures."""
+"""Shared test fixtures, and one on-disk XLA compilation cache for the whole run."""
 
 import contextlib
+import os
+import shutil
+import tempfile
 
 import jax
 import pytest
 
 from specblock_jax.config import ModelConfig
 from specblock_jax.models.target import Target, init_params
+
+
+CACHE_DIR = "JAX_COMPILATION_CACHE_DIR"
+
+
+def pytest_configure(config):
+    """Many tests compile the same programs (a training run and its resume, each module after
+    `_release_compiled_code`, the xdist workers, the CLI subprocesses): a run-wide persistent cache
+    compiles each once. The environment carries it to workers and subprocesses; an existing
+    JAX_COMPILATION_CACHE_DIR is used as it is."""
+    if CACHE_DIR not in os.environ:
+        config.xla_cache_dir = tempfile.mkdtemp(prefix="specblock-jax-tests-xla-")
+        os.environ[CACHE_DIR] = config.xla_cache_dir
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    jax.config.update("jax_compilation_cache_dir", os.environ[CACHE_DIR])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes",
+                      int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
+
+
+def pytest_unconfigure(config):
+    if hasattr(config, "xla_cache_dir"):
+        shutil.rmtree(config.xla_cache_dir, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -29,8 +57,8 @@ def peaked_target():
 
 @pytest.fixture
 def count_compiles():
-    """A context manager counting XLA compilations inside its block (JAX's own backend-compile event):
-    `with count_compiles() as n: ...`, then `n[0]`."""
+    """A context manager counting the programs XLA had to provide inside its block, compiled or read
+    from the persistent cache (JAX's own events): `with count_compiles() as n: ...`, then `n[0]`."""
     return _count_compiles
 
 
@@ -38,12 +66,18 @@ def count_compiles():
 def _count_compiles():
     count = [0]
 
-    def listener(event, duration, **kwargs):
+    def compiled(event, duration, **kwargs):
         if event == "/jax/core/compile/backend_compile_duration":
             count[0] += 1
 
-    jax.monitoring.register_event_duration_secs_listener(listener)
+    def cached(event, **kwargs):
+        if event == "/jax/compilation_cache/cache_hits":
+            count[0] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(compiled)
+    jax.monitoring.register_event_listener(cached)
     try:
         yield count
     finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+        jax.monitoring.unregister_event_duration_listener(compiled)
+        jax.monitoring.unregister_event_listener(cached)

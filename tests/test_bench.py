@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import json
 import pathlib
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -314,7 +315,8 @@ def test_default_prompts_are_the_suite_per_category():
 
 
 def test_multi_turn_questions_answer_in_turn_with_figures_per_category(tmp_path, target, monkeypatch, capsys):
-    """Turn 2's prompt is the conversation with each method's own turn-1 answer; figures per category."""
+    """Turn 2's prompt is the conversation with each method's own turn-1 answer; figures per category;
+    the report holds ar's answers, which --show-answers prints."""
     tokenizer = copy.deepcopy(target.tokenizer)
     tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
                                "{% if add_generation_prompt %}<assistant>{% endif %}")
@@ -333,9 +335,13 @@ def test_multi_turn_questions_answer_in_turn_with_figures_per_category(tmp_path,
         {"question_id": 8, "category": "prose", "turns": ["ROMEO."]}]) + "\n")
     out = tmp_path / "r.json"
     assert bench.main(["--prompts", str(path), "--methods", "ngram", "--max-new-tokens", "6", "--timing-calls", "0",
-                       "--plots-dir", "none", "--out", str(out)]) == 0
+                       "--plots-dir", "none", "--out", str(out), "--show-answers"]) == 0
     report = read(out)
     assert report["config"]["num_questions"] == 2 and report["config"]["num_turns"] == 3
+    ar_turns = [p[0] for spec, p in seen[2:] if not spec]
+    assert [(a["question_id"], a["turn"], a["prompt"]) for a in report["answers"]] == [
+        (7, 1, "def add(a, b):"), (7, 2, "def sub(a, b):"), (8, 1, "ROMEO.")]
+    assert report["answers"][0]["answer"] == ar_turns[1][1]["content"]  # what turn 2's conversation carried
     for method in ("ar", "ngram"):
         turns = [p[0] for spec, p in seen[2:] if spec == (method == "ngram")]  # after the warm-up
         assert [m["content"] for m in turns[0]] == ["def add(a, b):"]
@@ -347,6 +353,9 @@ def test_multi_turn_questions_answer_in_turn_with_figures_per_category(tmp_path,
     stdout = capsys.readouterr().out
     assert "| category | answers | ar tokens/s | ngram tokens/s | ngram speedup | ngram tau |" in stdout
     assert "| prose | 1 |" in stdout
+    shown = stdout.index("=== code, question 7, turn 2 ===\n  > def sub(a, b):\n--- ar's answer ---\n")
+    assert shown < stdout.index("| category |")  # the answers come before the table
+    assert textwrap.indent(report["answers"][1]["answer"], "  ") in stdout
 
 
 def test_a_question_line_without_turns_is_an_error_before_compute(tmp_path, capsys):

@@ -198,7 +198,7 @@ def test_fresh_lm_head_starts_as_the_targets_and_init_from_continues_a_drafter(t
     root, target = workdir
     cfg, params, _ = trained
     config = train_drafter.drafter_config(cfg, target.config)
-    rows = np.zeros((4, 24), np.int32)
+    rows = {"tokens": np.zeros((4, 24), np.int32), "loss_from": np.zeros(4, np.int32)}
     fresh, mapping = train_drafter.initial_params(load_config(root, config_dict(root, "fresh")), config, target, rows)
     np.testing.assert_array_equal(fresh["lm_head"]["kernel"], target.params["lm_head"]["kernel"])
     assert mapping is None
@@ -228,7 +228,7 @@ def test_reduced_draft_vocabulary_trains_on_the_most_frequent_tokens_and_decodes
     drafter = load_drafter(cfg.export_dir, target)
     ids = np.asarray(drafter.params["draft_to_target"])
     assert ids.shape == (24,) and len(set(ids.tolist())) == 24
-    train_rows, _ = train_drafter.split_rows(np.load(root / "regen" / "part-code-greedy-00000.npz")["tokens"], cfg,
+    train_rows, _ = train_drafter.split_rows(dict(np.load(root / "regen" / "part-code-greedy-00000.npz")), cfg,
                                              TARGET.vocab_size)
     example = train_drafter.to_example(train_rows)
     trained_on = example["tokens"][:, 1:][example["loss_mask"][:, :-1] > 0]  # loss_mask[p] covers x_{p+1}
@@ -239,6 +239,31 @@ def test_reduced_draft_vocabulary_trains_on_the_most_frequent_tokens_and_decodes
     plain = decode.generate(target, prompts, max_new_tokens=10, stop_on_eos=False)
     spec = decode.generate(target, prompts, max_new_tokens=10, stop_on_eos=False, drafter=drafter)
     assert spec.token_ids == plain.token_ids
+
+
+def test_answer_only_rows_keep_their_end_and_train_on_the_answer_alone(workdir):
+    """Chat rows (loss_on_prompt: false): a row longer than seq_len keeps its last seq_len tokens, and
+    loss_mask[p] is 1 exactly where x_{p+1} is an answer token; with loss_on_prompt every next token
+    inside the row counts and a long row is cut at seq_len."""
+    root, _ = workdir
+    w = 10
+    tokens = np.full((3, w), PAD_ID, np.int32)
+    prompt_len, length = np.array([3, 6, 2]), np.array([5, 10, 10])
+    for row in range(3):
+        tokens[row, :length[row]] = 100 * row + np.arange(length[row])
+    parts = {"tokens": tokens, "prompt_len": prompt_len, "length": length}
+    answers = train_drafter.fit_rows(parts, load_config(root, config_dict(root, "ans", seq_len=6, loss_on_prompt=False)))
+    np.testing.assert_array_equal(answers["tokens"], [[0, 1, 2, 3, 4, PAD_ID], [104, 105, 106, 107, 108, 109],
+                                                      [204, 205, 206, 207, 208, 209]])
+    example = train_drafter.to_example(answers)
+    # row 0: answer tokens x_3, x_4 (predicted at p = 2, 3); row 1: kept from x_4, answer from x_6 (p >= 1);
+    # row 2: the whole kept window is answer (every p < 5)
+    np.testing.assert_array_equal(example["loss_mask"], [[0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0]])
+    assert example["tokens"][0, 5] == 0  # PAD_ID fed to the target as a valid id
+    whole = train_drafter.to_example(train_drafter.fit_rows(parts, load_config(root, config_dict(root, "all",
+                                                                                                 seq_len=6))))
+    np.testing.assert_array_equal(whole["tokens"], np.maximum(tokens[:, :6], 0))
+    np.testing.assert_array_equal(whole["loss_mask"], [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0]])
 
 
 def test_bfloat16_training_keeps_float32_master_weights_and_exports_a_lossless_drafter(workdir):
@@ -316,13 +341,14 @@ def test_gradient_accumulation_averages_the_micro_batches_gradients(workdir):
     cfg = load_config(root, config_dict(root, "accum"))
     config = train_drafter.drafter_config(cfg, target.config)
     tokens = np.load(root / "regen" / "part-code-greedy-00000.npz")["tokens"]
-    params, _ = train_drafter.initial_params(cfg, config, target, tokens)
+    params, _ = train_drafter.initial_params(cfg, config, target, {"tokens": tokens, "loss_from": np.zeros(len(tokens), np.int32)})
     sgd = optax.sgd(1.0)
 
     def gradient(batch_rows, grad_accum=1):
         step = jax.jit(train_drafter.make_train_step(target.config, config, sgd, grad_accum=grad_accum))
         state, _ = step({"params": params, "opt_state": sgd.init(params)}, target.params,
-                        train_drafter.to_example(batch_rows), np.int32(0))
+                        train_drafter.to_example({"tokens": batch_rows, "loss_from": np.zeros(len(batch_rows), np.int32)}),
+                        np.int32(0))
         return jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), params, jax.device_get(state["params"]))
 
     close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

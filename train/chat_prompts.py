@@ -14,7 +14,7 @@ trained on the target's answers to these is measured on questions it never saw:
 - writing: continue or retell those passages;
 - tasks: every self-instruct seed task the suite does not use, with each of its instances.
 
-    python -m train.chat_prompts --out runs/chat_prompts.jsonl --per-category 1000
+    python -m train.chat_prompts --per-category 1000   # writes train/prompts/chat_prompts.jsonl (committed)
 
 One JSON line per prompt, `{"messages": [{"role": "user", "content": ...}], "category", "source"}`,
 categories interleaved; deterministic for the same data and Python.
@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="folder holding self_instruct_seed_tasks.jsonl and gsm8k_train.jsonl")
     p.add_argument("--per-category", type=int, default=1000, help="prompts per category, at most (default 1000)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/chat_prompts.jsonl")
+    p.add_argument("--out", default="train/prompts/chat_prompts.jsonl")
     args = p.parse_args(argv)
     if args.per_category < 1:
         p.error(f"--per-category must be >= 1, got {args.per_category}")

@@ -43,21 +43,24 @@ CACHE_JSON = "cache.json"
 
 
 def _describe(target_config: ModelConfig, layers: tuple[int, ...], topk: int, dtype: str,
-              rows: dict[str, np.ndarray]) -> dict[str, Any]:
+              examples: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
     """What a cache depends on; a run reads a cache only when this matches exactly."""
     digest = hashlib.sha256()
     for split in SPLITS:
-        digest.update(np.ascontiguousarray(rows[split]).tobytes())
+        for name in FIELDS:
+            digest.update(np.ascontiguousarray(examples[split][name]).tobytes())
     return {"target": to_dict(target_config), "feature_layers": list(layers), "topk": topk, "dtype": dtype,
-            "rows": {split: list(rows[split].shape) for split in SPLITS}, "rows_sha256": digest.hexdigest()}
+            "rows": {split: list(examples[split]["tokens"].shape) for split in SPLITS},
+            "rows_sha256": digest.hexdigest()}
 
 
-def build(path: str | pathlib.Path, target: Any, layers: tuple[int, ...], rows: dict[str, np.ndarray],
-          to_example, *, topk: int, dtype: str, batch_size: int, progress: bool = True) -> pathlib.Path:
-    """Write the cache of `rows` (split -> [N, T] rows as training sees them) to `path`, unless a
-    matching one is already there; a cache built from anything else is an error, never overwritten."""
+def build(path: str | pathlib.Path, target: Any, layers: tuple[int, ...], examples: dict[str, dict[str, np.ndarray]],
+          *, topk: int, dtype: str, batch_size: int, progress: bool = True) -> pathlib.Path:
+    """Write the cache of `examples` (split -> the online example fields of all its rows: `tokens` and
+    `loss_mask`, [N, T] each) to `path`, unless a matching one is already there; a cache built from
+    anything else is an error, never overwritten."""
     path = pathlib.Path(path)
-    described = _describe(target.config, layers, topk, dtype, rows)
+    described = _describe(target.config, layers, topk, dtype, examples)
     if (path / CACHE_JSON).is_file():
         found = json.loads((path / CACHE_JSON).read_text())
         if found != described:
@@ -80,8 +83,8 @@ def build(path: str | pathlib.Path, target: Any, layers: tuple[int, ...], rows: 
 
     with atomic_dir(path) as tmp:
         for split in SPLITS:
-            n, t = rows[split].shape
-            example = to_example(rows[split])
+            example = examples[split]
+            n, t = example["tokens"].shape
             for name in FIELDS:
                 np.save(tmp / f"{split}_{name}.npy", example[name])
             tokens = example["tokens"]

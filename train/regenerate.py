@@ -3,9 +3,8 @@ continues prompts cut from the corpus's training split, with the project's own j
 greedy and sampled, so a drafter learns the target's own distribution (as EAGLE-3 and SpecBlock train
 on target-regenerated answers).
 
-    python -m train.chat_prompts --out runs/chat_prompts.jsonl        # prompts disjoint from the suite
-    python -m train.regenerate --prompts runs/chat_prompts.jsonl --output-dir runs/regen-chat \
-        --prompt-tokens 448 --new-tokens 256 --batch-size 16           # chat answers, by category
+    python -m train.regenerate --prompts train/prompts/chat_prompts.jsonl --output-dir runs/regen-chat \
+        --prompt-tokens 448 --new-tokens 256 --batch-size 32           # chat answers, by category
     python -m train.regenerate --target specblock_jax/assets/toy/target --output-dir runs/regen  # corpus
 
 Output: `part-<category or domain>-<mode>-<index>.npz` files, each a batch with `tokens` [b, prompt

@@ -90,6 +90,9 @@ class DrafterTrainConfig:
     target: str | None = None  # HF directory; None: the embedded target
     data_dir: str = "runs/regen"  # regenerated parts (part-*.npz)
     domains: tuple[str, ...] | None = None  # train on these domains' parts only (part-<domain>-*); None: all
+    # False: train on the answer tokens alone (chat data: the prompt is the user's text, never drafted),
+    # and a row longer than seq_len keeps its end, all of its answer that fits after as much prompt as fits
+    loss_on_prompt: bool = True
     init_from: str | None = None  # a trained drafter directory to start from (fine-tuning); None: fresh
     lm_head_from_target: bool = True  # a fresh drafter's LM head starts as the target's (untied targets)
     feature_cache: str | None = None  # offline mode: cache of the target's outputs (built on first use)
@@ -165,52 +168,73 @@ def drafting_method(cfg: DrafterTrainConfig, config: Any) -> Any:
 # data
 
 
-def fit_width(tokens_NxW: np.ndarray, seq_len: int) -> np.ndarray:
-    """Rows cut to `seq_len`, or filled with PAD_ID up to it."""
-    out = np.full((len(tokens_NxW), seq_len), PAD_ID, np.int32)
-    width = min(seq_len, tokens_NxW.shape[1])
-    out[:, :width] = tokens_NxW[:, :width]
-    return out
+def fit_rows(parts: dict[str, np.ndarray], cfg: DrafterTrainConfig) -> dict[str, np.ndarray]:
+    """Regenerated rows at `seq_len` wide: `tokens` [N, seq_len] (PAD_ID after a row's end) and
+    `loss_from` [N], the first position whose next token is trained on. With `loss_on_prompt` a row is
+    cut at seq_len and every next token counts; without, a long row keeps its last seq_len tokens and
+    only its answer (the tokens from `prompt_len` on) counts."""
+    tokens_NxW, n = parts["tokens"], len(parts["tokens"])
+    if cfg.loss_on_prompt:
+        start_N = np.zeros(n, np.int64)
+        loss_from_N = np.zeros(n, np.int32)
+    else:
+        start_N = np.maximum(parts["length"] - cfg.seq_len, 0)
+        loss_from_N = np.maximum(parts["prompt_len"] - start_N - 1, 0).astype(np.int32)
+    columns_NxT = start_N[:, None] + np.arange(cfg.seq_len)
+    inside_NxT = columns_NxT < tokens_NxW.shape[1]
+    picked = np.take_along_axis(tokens_NxW, np.minimum(columns_NxT, tokens_NxW.shape[1] - 1), axis=1)
+    return {"tokens": np.where(inside_NxT, picked, PAD_ID).astype(np.int32), "loss_from": loss_from_N}
 
 
-def domain_rows(parts: dict[str, np.ndarray], cfg: DrafterTrainConfig) -> np.ndarray:
-    """The regenerated token rows of `cfg.domains` (all rows when None), told apart by part name."""
+def domain_rows(parts: dict[str, np.ndarray], cfg: DrafterTrainConfig) -> dict[str, np.ndarray]:
+    """The regenerated parts' rows of `cfg.domains` (all rows when None), told apart by part name."""
     if cfg.domains is None:
-        return parts["tokens"]
+        return parts
     domain_N = np.array([name.split("-")[1] for name in parts["part"]])
     if missing := sorted(set(cfg.domains) - set(domain_N)):
         raise ValueError(f"no regenerated parts of domain(s) {missing} in {cfg.data_dir}; it holds "
                          f"{sorted(set(domain_N))}")
-    return parts["tokens"][np.isin(domain_N, cfg.domains)]
+    keep_N = np.isin(domain_N, cfg.domains)
+    return {k: v[keep_N] for k, v in parts.items()}
 
 
-def split_rows(tokens_NxW: np.ndarray, cfg: DrafterTrainConfig, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train rows, held-out rows): a seeded permutation, its first `val_batches * batch_size` held out."""
-    rows = fit_width(tokens_NxW, cfg.seq_len)
-    bad = rows[(rows != PAD_ID) & ((rows < 0) | (rows >= vocab_size))]
+def split_rows(parts: dict[str, np.ndarray], cfg: DrafterTrainConfig, vocab_size: int
+               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(train rows, held-out rows) of `fit_rows`: a seeded permutation, its first `val_batches *
+    batch_size` held out."""
+    rows = fit_rows(parts, cfg)
+    tokens = rows["tokens"]
+    bad = tokens[(tokens != PAD_ID) & ((tokens < 0) | (tokens >= vocab_size))]
     if bad.size:
         raise ValueError(f"regenerated token id {int(bad[0])} outside the target's vocabulary [0, {vocab_size})")
     n_val = cfg.val_batches * cfg.batch_size
-    if len(rows) < n_val + cfg.batch_size:
-        raise ValueError(f"{len(rows)} regenerated rows in {cfg.data_dir}: need val_batches * batch_size = {n_val} "
+    if len(tokens) < n_val + cfg.batch_size:
+        raise ValueError(f"{len(tokens)} regenerated rows in {cfg.data_dir}: need val_batches * batch_size = {n_val} "
                          f"held out plus one training batch of {cfg.batch_size}")
-    order = np.random.default_rng(cfg.seed).permutation(len(rows))
-    return rows[order[n_val:]], rows[order[:n_val]]
+    order = np.random.default_rng(cfg.seed).permutation(len(tokens))
+    return ({k: v[order[n_val:]] for k, v in rows.items()}, {k: v[order[:n_val]] for k, v in rows.items()})
 
 
-def to_example(rows_BxT: np.ndarray) -> dict[str, np.ndarray]:
+def to_example(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """tokens with PAD_ID replaced by 0 (the target must see valid ids) and loss_mask[p] = 1 where the
-    predicted token x_{p+1} lies inside the row's real length."""
-    real_BxT = rows_BxT != PAD_ID
-    return {"tokens": np.where(real_BxT, rows_BxT, 0).astype(np.int32),
-            "loss_mask": np.pad(real_BxT[:, 1:], ((0, 0), (0, 1))).astype(np.float32)}
+    predicted token x_{p+1} lies inside the row's real length and p >= the row's `loss_from`."""
+    tokens_BxT = rows["tokens"]
+    real_BxT = tokens_BxT != PAD_ID
+    trained_BxT = np.arange(tokens_BxT.shape[1]) >= rows["loss_from"][:, None]
+    return {"tokens": np.where(real_BxT, tokens_BxT, 0).astype(np.int32),
+            "loss_mask": (np.pad(real_BxT[:, 1:], ((0, 0), (0, 1))) & trained_BxT).astype(np.float32)}
 
 
-def train_dataset(rows_NxT: np.ndarray, cfg: DrafterTrainConfig) -> grain.MapDataset:
+def batch_of(rows: dict[str, np.ndarray], index_B: np.ndarray) -> dict[str, np.ndarray]:
+    """The example of rows `index_B`."""
+    return to_example({k: v[index_B] for k, v in rows.items()})
+
+
+def train_dataset(rows: dict[str, np.ndarray], cfg: DrafterTrainConfig) -> grain.MapDataset:
     """Shuffled batches, reshuffled each epoch; `ds[step]` depends only on (rows, seed, step) so a
     resumed run sees exactly the batches of an uninterrupted one."""
-    return (grain.MapDataset.source(rows_NxT).shuffle(seed=cfg.seed).repeat(None)
-            .batch(cfg.batch_size, drop_remainder=True).map(to_example))
+    return (grain.MapDataset.source(np.arange(len(rows["tokens"]))).shuffle(seed=cfg.seed).repeat(None)
+            .batch(cfg.batch_size, drop_remainder=True).map(lambda index_B: batch_of(rows, index_B)))
 
 
 def local_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -335,7 +359,7 @@ def evaluate(eval_step, params, target_params, val_batches: list[dict[str, np.nd
             "val_acceptance_length": chain_acceptance(acc_K)}
 
 
-def initial_params(cfg: DrafterTrainConfig, config: Any, target: Any, train_rows: np.ndarray
+def initial_params(cfg: DrafterTrainConfig, config: Any, target: Any, train_rows: dict[str, np.ndarray]
                    ) -> tuple[Any, np.ndarray | None]:
     """(host params to start from, draft -> target id map or None): a trained drafter directory
     (checked against the target and this run's drafter shape, its map kept), or a fresh init whose LM
@@ -410,13 +434,14 @@ def train(cfg: DrafterTrainConfig, *, stop_after: int | None = None, export: boo
     host_params = master_params(host_params)
     if cfg.feature_cache is None:
         train_ds = train_dataset(train_rows, cfg)
-        val_batches = [to_example(rows) for rows in np.split(val_rows, cfg.val_batches)]
+        val_batches = [batch_of(val_rows, idx) for idx in np.array_split(np.arange(len(val_rows["tokens"])),
+                                                                          cfg.val_batches)]
     else:
         cache = feature_cache.Cache(feature_cache.build(
-            cfg.feature_cache, target, config.feature_layers, {"train": train_rows, "val": val_rows}, to_example,
-            topk=cfg.cache_topk, dtype=cfg.cache_dtype, batch_size=cfg.batch_size, progress=progress))
+            cfg.feature_cache, target, config.feature_layers,
+            {"train": to_example(train_rows), "val": to_example(val_rows)}, topk=cfg.cache_topk, dtype=cfg.cache_dtype, batch_size=cfg.batch_size, progress=progress))
         train_ds = cache.dataset(cfg.seed, cfg.batch_size)
-        val_batches = [cache.examples("val", idx) for idx in np.split(np.arange(len(val_rows)), cfg.val_batches)]
+        val_batches = [cache.examples("val", idx) for idx in np.split(np.arange(cache.rows("val")), cfg.val_batches)]
     target_sh = sharding.logical_to_sharding(target_lib.param_axes(target.config), mesh, target.params)
     target_params = sharding.shard_params(target.params, target_sh)
     optimizer = make_optimizer(cfg.optim)
