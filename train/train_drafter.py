@@ -439,7 +439,8 @@ def train(cfg: DrafterTrainConfig, *, stop_after: int | None = None, export: boo
     else:
         cache = feature_cache.Cache(feature_cache.build(
             cfg.feature_cache, target, config.feature_layers,
-            {"train": to_example(train_rows), "val": to_example(val_rows)}, topk=cfg.cache_topk, dtype=cfg.cache_dtype, batch_size=cfg.batch_size, progress=progress))
+            {"train": to_example(train_rows), "val": to_example(val_rows)}, topk=cfg.cache_topk,
+            dtype=cfg.cache_dtype, batch_size=cfg.batch_size, progress=progress))
         train_ds = cache.dataset(cfg.seed, cfg.batch_size)
         val_batches = [cache.examples("val", idx) for idx in np.split(np.arange(cache.rows("val")), cfg.val_batches)]
     target_sh = sharding.logical_to_sharding(target_lib.param_axes(target.config), mesh, target.params)
