@@ -104,7 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="chained calls per dispatch when timing the draft / verify phases (0: skip that timing)")
     p.add_argument("--out", default="results.json", help="where to write the JSON report")
     p.add_argument("--show-answers", action="store_true",
-                   help="print every question's turns with ar's answers before the table (the report always holds them)")
+                   help="print every question's turns with ar's answers before the table (the report always "
+                        "holds them)")
     p.add_argument("--plots-dir", help="where to write the PNG plots (default: beside --out; 'none': no plots)")
     args = p.parse_args(argv)
     if args.methods is not None:

@@ -252,7 +252,8 @@ def test_answer_only_rows_keep_their_end_and_train_on_the_answer_alone(workdir):
     for row in range(3):
         tokens[row, :length[row]] = 100 * row + np.arange(length[row])
     parts = {"tokens": tokens, "prompt_len": prompt_len, "length": length}
-    answers = train_drafter.fit_rows(parts, load_config(root, config_dict(root, "ans", seq_len=6, loss_on_prompt=False)))
+    answer_cfg = load_config(root, config_dict(root, "ans", seq_len=6, loss_on_prompt=False))
+    answers = train_drafter.fit_rows(parts, answer_cfg)
     np.testing.assert_array_equal(answers["tokens"], [[0, 1, 2, 3, 4, PAD_ID], [104, 105, 106, 107, 108, 109],
                                                       [204, 205, 206, 207, 208, 209]])
     example = train_drafter.to_example(answers)
@@ -341,13 +342,15 @@ def test_gradient_accumulation_averages_the_micro_batches_gradients(workdir):
     cfg = load_config(root, config_dict(root, "accum"))
     config = train_drafter.drafter_config(cfg, target.config)
     tokens = np.load(root / "regen" / "part-code-greedy-00000.npz")["tokens"]
-    params, _ = train_drafter.initial_params(cfg, config, target, {"tokens": tokens, "loss_from": np.zeros(len(tokens), np.int32)})
+    rows = {"tokens": tokens, "loss_from": np.zeros(len(tokens), np.int32)}
+    params, _ = train_drafter.initial_params(cfg, config, target, rows)
     sgd = optax.sgd(1.0)
 
     def gradient(batch_rows, grad_accum=1):
         step = jax.jit(train_drafter.make_train_step(target.config, config, sgd, grad_accum=grad_accum))
         state, _ = step({"params": params, "opt_state": sgd.init(params)}, target.params,
-                        train_drafter.to_example({"tokens": batch_rows, "loss_from": np.zeros(len(batch_rows), np.int32)}),
+                        train_drafter.to_example({"tokens": batch_rows,
+                                                  "loss_from": np.zeros(len(batch_rows), np.int32)}),
                         np.int32(0))
         return jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), params, jax.device_get(state["params"]))
 
