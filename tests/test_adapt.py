@@ -306,10 +306,13 @@ def test_an_update_lowers_the_drafters_loss_on_the_buffer(target, drafter):
 # ---------------------------------------------------------------------------------------------------
 # Serving with adaptation stays lossless.
 
-def test_adaptive_decoding_is_identical_to_plain_greedy_decoding(target, drafter):
+def test_adaptive_decoding_is_identical_to_plain_greedy_decoding(target, drafter, monkeypatch):
     """The bandit is told any gain pays, so every window after the first trains and measures an update;
     between calls the heads are also pushed at random (an update kept whatever it measured), so the
     drafter surely changes. With batch 1 and batch 3, every output equals plain decoding's."""
+    # Step costs fitted from a toy target's timings are noise: a fitted slope at its cap (a token as
+    # dear as a step) would price every gain at zero and skip an update by chance.
+    monkeypatch.setattr(adapt.Bandit, "cost_slope", lambda self: 0.0)
     cfg = adapt.AdaptConfig(min_records=1, horizon_tokens=10 ** 9, ucb_beta=100.0, learning_rate=5e-2,
                             buffer_size=128, batch_records=16)
     adapter = adapt.Adapter(target, drafter, cfg)
