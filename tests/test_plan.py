@@ -83,7 +83,6 @@ def test_every_specblock_recipe_loads_and_fits_its_target():
 
 def run_plan(*args) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("XLA_FLAGS", None)  # train.plan sets the simulated device count itself
     return subprocess.Popen([sys.executable, "-m", "train.plan", "--devices", "8", *map(str, args)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
