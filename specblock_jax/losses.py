@@ -8,6 +8,7 @@ x_{j+2+k}, so its teacher is the target at position j+1+k.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -45,16 +46,24 @@ class TTTLoss(NamedTuple):
     step_acc_K: jax.Array  # [K] fraction of masked rows whose drafter argmax equals the target's argmax
 
 
-def ttt_loss(draft_logits_KxBxTxV: jax.Array, target_logits_BxTxV: jax.Array, loss_mask_BxT: jax.Array,
+def ttt_loss(draft_logits_K: Sequence[jax.Array], target_logits_BxTxV: jax.Array, loss_mask_BxT: jax.Array,
              decay: float = TTT_DECAY) -> TTTLoss:
-    """EAGLE-3's TTT loss: per-step soft cross-entropy to the target's distribution, weighted decay**k."""
+    """EAGLE-3's TTT loss: per-step soft cross-entropy to the target's distribution, weighted decay**k.
+    `draft_logits_K`: each step's [B, T, V] logits (`eagle3.ttt_forward`'s tuple, or a [K, B, T, V] array).
+
+    The same figures as `ttt_targets` per step, computed without its shifted copies: the teacher is
+    softmaxed once, and step k compares draft rows [0, T - 1 - k) with teacher rows [1 + k, T) (the rows
+    past the end, masked out there, are left out here)."""
+    t = target_logits_BxTxV.shape[1]
+    probs_BxTxV = jax.nn.softmax(target_logits_BxTxV.astype(jnp.float32), axis=-1)
+    teacher_BxT = jnp.argmax(target_logits_BxTxV, axis=-1)
     losses, accs = [], []
-    for k in range(draft_logits_KxBxTxV.shape[0]):  # static: the number of TTT steps
-        probs_BxTxV, mask_BxT = ttt_targets(target_logits_BxTxV, loss_mask_BxT, k)
-        logits_BxTxV = draft_logits_KxBxTxV[k]
-        losses.append(soft_cross_entropy(logits_BxTxV, probs_BxTxV, mask_BxT))
-        hit_BxT = jnp.argmax(logits_BxTxV, axis=-1) == jnp.argmax(probs_BxTxV, axis=-1)
-        accs.append(jnp.sum(hit_BxT * mask_BxT) / jnp.maximum(jnp.sum(mask_BxT), 1.0))
+    for k in range(len(draft_logits_K)):  # static: the number of TTT steps
+        n = max(t - 1 - k, 0)
+        logits_BxNxV, mask_BxN = draft_logits_K[k][:, :n], loss_mask_BxT[:, 1 + k:].astype(jnp.float32)
+        losses.append(soft_cross_entropy(logits_BxNxV, probs_BxTxV[:, 1 + k:], mask_BxN))
+        hit_BxN = jnp.argmax(logits_BxNxV, axis=-1) == teacher_BxT[:, 1 + k:]
+        accs.append(jnp.sum(hit_BxN * mask_BxN) / jnp.maximum(jnp.sum(mask_BxN), 1.0))
     step_loss_K = jnp.stack(losses)
     weights_K = decay ** jnp.arange(len(losses), dtype=jnp.float32)
     return TTTLoss(jnp.sum(weights_K * step_loss_K), step_loss_K, jnp.stack(accs))

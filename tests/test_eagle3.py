@@ -234,7 +234,7 @@ def _check_deepest_chain(method, params, tree, row, context_ids, context_feature
     seq += [0] * (WIDTH - len(seq))
     feats = jnp.pad(context_features, ((0, WIDTH - len(context_features)), (0, 0)))
     cfg = dataclasses.replace(method.config, ttt_steps=d)
-    logits_KxBxTxV = _ttt_forward(params["drafter"], cfg, params["embed"], feats[None], jnp.asarray([seq]))
+    logits_KxBxTxV = jnp.stack(_ttt_forward(params["drafter"], cfg, params["embed"], feats[None], jnp.asarray([seq])))
     logits_KxV = logits_KxBxTxV[:, 0, len(context_ids) - 1]
     logp_KxV = np.asarray(jax.nn.log_softmax(logits_KxV, axis=-1))
     expected = np.cumsum([logp_KxV[k, chain[k + 1]] for k in range(d)])

@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -48,6 +49,25 @@ def test_ttt_loss_offsets_masks_weights_and_accuracy():
     np.testing.assert_allclose(out.step_loss_K, [s0, s1], rtol=1e-5)
     np.testing.assert_allclose(out.loss, s0 + 0.8 * s1, rtol=1e-5)
     assert s1 > 10 and s0 < 1e-3  # the wrong step is the expensive one
+
+
+def test_ttt_loss_equals_the_shifted_targets_of_every_step():
+    """ttt_loss (one teacher softmax, sliced) against ttt_targets + soft_cross_entropy per step, on random
+    logits and a random mask, with more steps than the sequence has rows after the first."""
+    keys = jax.random.split(jax.random.key(0), 3)
+    k, b, t, v = 6, 2, 5, 11
+    draft = jax.random.normal(keys[0], (k, b, t, v)) * 3
+    target = jax.random.normal(keys[1], (b, t, v)) * 3
+    mask = (jax.random.uniform(keys[2], (b, t)) < 0.7).astype(jnp.float32)
+    out = losses.ttt_loss(tuple(draft), target, mask)
+    for step in range(k):
+        probs, step_mask = losses.ttt_targets(target, mask, step)
+        np.testing.assert_allclose(out.step_loss_K[step], losses.soft_cross_entropy(draft[step], probs, step_mask),
+                                   rtol=1e-6, atol=1e-7)
+        hit = jnp.argmax(draft[step], -1) == jnp.argmax(probs, -1)
+        np.testing.assert_allclose(out.step_acc_K[step], jnp.sum(hit * step_mask) / max(float(jnp.sum(step_mask)), 1.0),
+                                   rtol=1e-6)
+    assert float(out.step_loss_K[-1]) == 0.0 and float(out.step_loss_K[0]) > 0.0
 
 
 def test_ttt_targets_mask_rows_past_the_sequence():

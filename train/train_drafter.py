@@ -272,11 +272,11 @@ def drafter_metrics(params: Any, target_params: Any, target_config: ModelConfig,
     if isinstance(config, specblock.SpecBlockConfig):
         return specblock.train_metrics(params, config, table_VxH, features_BxTxF, batch["tokens"],
                                        batch["loss_mask"], logits_BxTxV, key, draft_to_target_Vd=draft_to_target)
-    draft_KxBxTxV = eagle3.ttt_forward(params, config, table_VxH, features_BxTxF, batch["tokens"])
+    draft_K = eagle3.ttt_forward(params, config, table_VxH, features_BxTxF, batch["tokens"])
     loss_mask_BxT = batch["loss_mask"]
     if draft_to_target is not None:
         logits_BxTxV, loss_mask_BxT = losses.restrict_to_draft_vocab(logits_BxTxV, loss_mask_BxT, draft_to_target)
-    return losses.ttt_loss(draft_KxBxTxV, logits_BxTxV, loss_mask_BxT)
+    return losses.ttt_loss(draft_K, logits_BxTxV, loss_mask_BxT)
 
 
 def make_train_step(target_config: ModelConfig, config: Any, optimizer: optax.GradientTransformation, seed: int = 0,

@@ -240,8 +240,10 @@ def ttt_mask(t: int, k: int) -> jax.Array:
 
 
 def ttt_forward(params: Any, config: Eagle3Config, table_VxH: jax.Array, features_BxTxF: jax.Array,
-                tokens_BxT: jax.Array) -> jax.Array:
-    """Training-time test over a packed sequence: [K = ttt_steps, B, T, V] float32 logits.
+                tokens_BxT: jax.Array) -> tuple[jax.Array, ...]:
+    """Training-time test over a packed sequence: K = ttt_steps float32 logits [B, T, V], one per step.
+    A tuple, not a stack: the gradient of a step read out of a [K, B, T, V] stack is that stack padded
+    (K times over) and summed, which on the SmolLM2 target cost half of a training step.
 
     Step k, row j reads token x_{j+1+k} (0 past the end) at RoPE position j + k, the position it has
     when drafted at depth k, and predicts x_{j+2+k}; its condition is the target feature f_j at step 0
@@ -263,7 +265,7 @@ def ttt_forward(params: Any, config: Eagle3Config, table_VxH: jax.Array, feature
                    **condition)
         (k_buf, v_buf), hidden_BxTxH = out.kv, out.hidden
         logits.append(out.logits)
-    return jnp.stack(logits)
+    return tuple(logits)
 
 
 # ---------------------------------------------------------------------------------------------
