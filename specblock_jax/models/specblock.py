@@ -372,12 +372,18 @@ def _train_attend(block_size: int, cross, local, local_mask_BxTxL):
         cross_scores = jnp.where(row_S < jnp.arange(t)[:, None, None], cross_scores, NEG_INF)
         own_scores = jnp.einsum("btkgnd,btlgd->bgntkl", q, own_k, preferred_element_type=jnp.float32) * scale
         own_scores = jnp.where(mask_BxTxKxK[:, None, None], own_scores, NEG_INF)
-        probs = jax.nn.softmax(jnp.concatenate([cross_scores, own_scores], axis=-1), axis=-1)
-        probs = probs.astype(v_BxQxGxD.dtype)
-        s = cross_k.shape[1]
-        out = (jnp.einsum("bgntks,bsgd->btkgnd", probs[..., :s], cross_v)
-               + jnp.einsum("bgntkl,btlgd->btkgnd", probs[..., s:], own_v))
-        return out.reshape(b, q_len, n * d), (k_BxQxGxD, v_BxQxGxD)
+        # One softmax over both key sets, without concatenating them: the scores are the largest
+        # tensors of a training step, and a concatenation (and its gradient's slices) copies them.
+        # (The shift leaves the softmax unchanged, so no gradient flows through it.)
+        top = jax.lax.stop_gradient(jnp.maximum(jnp.max(cross_scores, axis=-1), jnp.max(own_scores, axis=-1)))[..., None]
+        cross_p, own_p = jnp.exp(cross_scores - top), jnp.exp(own_scores - top)
+        total_BxGxNxTxK = jnp.sum(cross_p, axis=-1) + jnp.sum(own_p, axis=-1)
+        out = (jnp.einsum("bgntks,bsgd->btkgnd", cross_p.astype(v_BxQxGxD.dtype), cross_v,
+                          preferred_element_type=jnp.float32)
+               + jnp.einsum("bgntkl,btlgd->btkgnd", own_p.astype(v_BxQxGxD.dtype), own_v,
+                            preferred_element_type=jnp.float32))
+        out = out / jnp.transpose(total_BxGxNxTxK, (0, 3, 4, 1, 2))[..., None]
+        return out.astype(v_BxQxGxD.dtype).reshape(b, q_len, n * d), (k_BxQxGxD, v_BxQxGxD)
 
     return attend
 
