@@ -1,0 +1,96 @@
+"""Seconds per drafter training step on a target, online (the target runs in the step) and offline
+(the step reads cached features and top-k logits, as `feature_cache: DIR` trains), for each drafter
+kind: the figure that sets how many steps a training budget buys.
+
+    python -m train.bench_step                                 # both kinds, SmolLM2-135M-Instruct
+    python -m train.bench_step --kinds eagle3 --batch-size 4 --repeats 3
+
+The drafters are the configs' shapes (EAGLE-3: `--ttt-steps`; SpecBlock: `--layers`, `--block-size`,
+`--ttt-blocks`), freshly initialised, on random tokens: a step's time does not depend on the values.
+Each step is compiled once first; the median of `--repeats` timed steps is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from specblock_jax.hf import load_target
+from specblock_jax.models import eagle3, specblock
+from specblock_jax.optim import OptimConfig, make_optimizer
+from train import train_drafter
+
+
+def drafter_config(kind: str, target_config, args: argparse.Namespace):
+    vocab = args.draft_vocab or None
+    if kind == "eagle3":
+        return eagle3.Eagle3Config.for_target(target_config, ttt_steps=args.ttt_steps, draft_vocab_size=vocab)
+    return specblock.SpecBlockConfig.for_target(target_config, num_layers=args.layers, block_size=args.block_size,
+                                                num_ttt_blocks=args.ttt_blocks, draft_vocab_size=vocab)
+
+
+def step_seconds(step, state, target_params, batch, repeats: int) -> float:
+    jax.block_until_ready(step(state, target_params, batch, jnp.int32(0)))  # compile
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(step(state, target_params, batch, jnp.int32(0)))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default=None, help="HF directory or .gguf (default: the embedded default)")
+    parser.add_argument("--kinds", default="eagle3,specblock", help="comma-separated drafter kinds")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--draft-vocab", type=int, default=16384, help="reduced draft vocabulary; 0: the target's")
+    parser.add_argument("--cache-topk", type=int, default=64, help="offline mode: target logits kept per position")
+    parser.add_argument("--ttt-steps", type=int, default=5, help="EAGLE-3's TTT steps")
+    parser.add_argument("--layers", type=int, default=2, help="SpecBlock's decoder layers")
+    parser.add_argument("--block-size", type=int, default=4, help="SpecBlock's K")
+    parser.add_argument("--ttt-blocks", type=int, default=2, help="SpecBlock's TTT blocks")
+    parser.add_argument("--repeats", type=int, default=2, help="timed steps per figure (median)")
+    args = parser.parse_args(argv)
+    kinds = [k for k in args.kinds.split(",") if k]
+    if unknown := sorted(set(kinds) - set(train_drafter.DRAFTER_KINDS)):
+        parser.error(f"unknown kind(s) {unknown}; choose from {list(train_drafter.DRAFTER_KINDS)}")
+    for name in ("batch_size", "seq_len", "cache_topk", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+
+    target = load_target(args.target)
+    tc = target.config
+    rng = np.random.default_rng(0)
+    tokens_BxT = jnp.asarray(rng.integers(0, tc.vocab_size, (args.batch_size, args.seq_len)), jnp.int32)
+    online = {"tokens": tokens_BxT, "loss_mask": jnp.ones(tokens_BxT.shape, jnp.float32)}
+    optimizer = make_optimizer(OptimConfig(learning_rate=1e-4, total_steps=100, warmup_steps=0))
+    print(f"{jax.devices()[0].device_kind}, batch {args.batch_size} x {args.seq_len}, draft vocabulary "
+          f"{args.draft_vocab or tc.vocab_size}")
+    print("| drafter | mode | s / step | steps / hour |\n|---|---|---|---|")
+    for kind in kinds:
+        config = drafter_config(kind, tc, args)
+        mapping = None
+        if config.draft_vocab_size is not None:
+            mapping = jnp.asarray(np.sort(rng.permutation(tc.vocab_size)[:config.draft_vocab_size]), jnp.int32)
+        params = train_drafter.model_of(config).init_params(config, jax.random.key(0))
+        features, logits = jax.jit(lambda tp, t: train_drafter.target_outputs(tp, tc, config.feature_layers, t))(
+            target.params, tokens_BxT)
+        top_logits, top_ids = jax.lax.top_k(logits, args.cache_topk)
+        offline = {**online, "features": features.astype(jnp.float16), "topk_logits": top_logits.astype(jnp.float16),
+                   "topk_ids": top_ids}
+        del logits
+        step = jax.jit(train_drafter.make_train_step(tc, config, optimizer, draft_to_target=mapping))
+        state = {"params": params, "opt_state": optimizer.init(params)}
+        for mode, batch in (("online", online), ("offline", offline)):
+            seconds = step_seconds(step, state, target.params, batch, args.repeats)
+            print(f"| {kind} | {mode} | {seconds:.1f} | {3600 / seconds:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
