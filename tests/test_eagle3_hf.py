@@ -287,8 +287,8 @@ def test_bfloat16_speculative_decoding_equals_plain_bfloat16(tmp_path, target):
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params["drafter"]))
     # The drafter's logits are accumulated in float32, not bf16 values cast up afterwards.
     one_step = dataclasses.replace(method.config, ttt_steps=1)
-    (logits,) = eagle3.ttt_forward(params["drafter"], one_step, params["embed"], jnp.ones((1, 4, 3 * H), jnp.bfloat16),
-                                   jnp.asarray([[1, 2, 3, 4]]))
+    features = jnp.ones((1, 4, 3 * H), jnp.bfloat16)
+    (logits,) = eagle3.ttt_forward(params["drafter"], one_step, params["embed"], features, jnp.asarray([[1, 2, 3, 4]]))
     assert logits.dtype == jnp.float32 and logits.shape == (1, 4, VD)
     assert bool(jnp.any(logits != logits.astype(jnp.bfloat16).astype(jnp.float32)))
     out = decode.generate(bf_target, PROMPTS, max_new_tokens=N_NEW, max_len=MAX_LEN, stop_on_eos=False,

@@ -57,8 +57,8 @@ def free_port() -> int:
 
 
 def spawn(devices: int, *args) -> subprocess.Popen:
-    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}",
-           "PYTHONPATH": str(REPO)}
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    env = {**os.environ, "XLA_FLAGS": flags, "PYTHONPATH": str(REPO)}
     return subprocess.Popen([sys.executable, str(WORKER), *map(str, args)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -375,7 +375,8 @@ def _train_attend(block_size: int, cross, local, local_mask_BxTxL):
         # One softmax over both key sets, without concatenating them: the scores are the largest
         # tensors of a training step, and a concatenation (and its gradient's slices) copies them.
         # (The shift leaves the softmax unchanged, so no gradient flows through it.)
-        top = jax.lax.stop_gradient(jnp.maximum(jnp.max(cross_scores, axis=-1), jnp.max(own_scores, axis=-1)))[..., None]
+        top = jax.lax.stop_gradient(jnp.maximum(jnp.max(cross_scores, axis=-1), jnp.max(own_scores, axis=-1)))
+        top = top[..., None]
         cross_p, own_p = jnp.exp(cross_scores - top), jnp.exp(own_scores - top)
         total_BxGxNxTxK = jnp.sum(cross_p, axis=-1) + jnp.sum(own_p, axis=-1)
         out = (jnp.einsum("bgntks,bsgd->btkgnd", cross_p.astype(v_BxQxGxD.dtype), cross_v,
