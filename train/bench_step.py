@@ -19,18 +19,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from specblock_jax.config import ConfigError
 from specblock_jax.hf import load_target
-from specblock_jax.models import eagle3, specblock
 from specblock_jax.optim import OptimConfig, make_optimizer
 from train import train_drafter
 
 
-def drafter_config(kind: str, target_config, args: argparse.Namespace):
+def train_config(kind: str, args: argparse.Namespace) -> train_drafter.DrafterTrainConfig:
+    """The training config whose drafter shape and optimizer a step is timed with."""
     vocab = args.draft_vocab or None
-    if kind == "eagle3":
-        return eagle3.Eagle3Config.for_target(target_config, ttt_steps=args.ttt_steps, draft_vocab_size=vocab)
-    return specblock.SpecBlockConfig.for_target(target_config, num_layers=args.layers, block_size=args.block_size,
-                                                num_ttt_blocks=args.ttt_blocks, draft_vocab_size=vocab)
+    return train_drafter.DrafterTrainConfig(
+        OptimConfig(learning_rate=1e-4, total_steps=100, warmup_steps=0), kind=kind, seq_len=args.seq_len,
+        batch_size=args.batch_size, cache_topk=args.cache_topk, target=args.target,
+        eagle3=train_drafter.Eagle3Overrides(ttt_steps=args.ttt_steps, draft_vocab_size=vocab),
+        specblock=train_drafter.SpecBlockOverrides(num_layers=args.layers, block_size=args.block_size,
+                                                   num_ttt_blocks=args.ttt_blocks, draft_vocab_size=vocab))
 
 
 def step_seconds(step, state, target_params, batch, repeats: int) -> float:
@@ -60,36 +63,38 @@ def main(argv: list[str] | None = None) -> None:
     kinds = [k for k in args.kinds.split(",") if k]
     if unknown := sorted(set(kinds) - set(train_drafter.DRAFTER_KINDS)):
         parser.error(f"unknown kind(s) {unknown}; choose from {list(train_drafter.DRAFTER_KINDS)}")
-    for name in ("batch_size", "seq_len", "cache_topk", "repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
 
     target = load_target(args.target)
     tc = target.config
+    try:  # the training config's own checks, before any compile
+        runs = [(cfg, train_drafter.drafter_config(cfg, tc)) for cfg in (train_config(k, args) for k in kinds)]
+    except ConfigError as e:
+        parser.error(str(e))
     rng = np.random.default_rng(0)
     tokens_BxT = jnp.asarray(rng.integers(0, tc.vocab_size, (args.batch_size, args.seq_len)), jnp.int32)
     online = {"tokens": tokens_BxT, "loss_mask": jnp.ones(tokens_BxT.shape, jnp.float32)}
-    optimizer = make_optimizer(OptimConfig(learning_rate=1e-4, total_steps=100, warmup_steps=0))
     print(f"{jax.devices()[0].device_kind}, batch {args.batch_size} x {args.seq_len}, draft vocabulary "
           f"{args.draft_vocab or tc.vocab_size}")
     print("| drafter | mode | s / step | steps / hour |\n|---|---|---|---|")
-    for kind in kinds:
-        config = drafter_config(kind, tc, args)
+    for cfg, config in runs:
+        optimizer = make_optimizer(cfg.optim)
         mapping = None
         if config.draft_vocab_size is not None:
             mapping = jnp.asarray(np.sort(rng.permutation(tc.vocab_size)[:config.draft_vocab_size]), jnp.int32)
         params = train_drafter.model_of(config).init_params(config, jax.random.key(0))
         features, logits = jax.jit(lambda tp, t: train_drafter.target_outputs(tp, tc, config.feature_layers, t))(
             target.params, tokens_BxT)
-        top_logits, top_ids = jax.lax.top_k(logits, args.cache_topk)
-        offline = {**online, "features": features.astype(jnp.float16), "topk_logits": top_logits.astype(jnp.float16),
-                   "topk_ids": top_ids}
+        top_logits, top_ids = jax.lax.top_k(logits, cfg.cache_topk)
+        offline = {**online, "features": features.astype(cfg.cache_dtype),
+                   "topk_logits": top_logits.astype(cfg.cache_dtype), "topk_ids": top_ids}
         del logits
         step = jax.jit(train_drafter.make_train_step(tc, config, optimizer, draft_to_target=mapping))
         state = {"params": params, "opt_state": optimizer.init(params)}
         for mode, batch in (("online", online), ("offline", offline)):
             seconds = step_seconds(step, state, target.params, batch, args.repeats)
-            print(f"| {kind} | {mode} | {seconds:.1f} | {3600 / seconds:.0f} |", flush=True)
+            print(f"| {cfg.kind} | {mode} | {seconds:.1f} | {3600 / seconds:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
