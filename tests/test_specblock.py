@@ -18,7 +18,7 @@ TARGET = ModelConfig(vocab_size=64, hidden_size=16, num_layers=4, num_heads=4, n
                      intermediate_size=32)
 CONFIG = sb.SpecBlockConfig.for_target(TARGET, rank_hidden=8, block_size=3, num_ttt_blocks=3)
 B, T = 2, 7
-_ttt = jax.jit(sb.ttt_forward, static_argnums=1)
+_ttt = jax.jit(sb.ttt_forward, static_argnums=1, static_argnames="chunk_rows")
 _metrics = jax.jit(sb.train_metrics, static_argnums=1)
 
 
@@ -165,13 +165,15 @@ def reference(cfg, params, table, features_TxF, tokens_T, inherit_TxN1):
     return blocks
 
 
-@pytest.mark.parametrize("switches", [{}, {"shift": False, "inherit": False, "rank_head": False}])
-def test_ttt_forward_matches_slow_reference(setup, switches):
+@pytest.mark.parametrize("switches, chunk_rows", [({}, 2), ({"shift": False, "inherit": False, "rank_head": False},
+                                                             sb.CHUNK_ROWS)])
+def test_ttt_forward_matches_slow_reference(setup, switches, chunk_rows):
+    """Chunks of 2 of the 7 query rows (the last one short), or all of them in one."""
     params, table, features, tokens, inherit = setup
     cfg = dataclasses.replace(CONFIG, **switches)
     if not cfg.shift or not cfg.rank_head:
         params = {k: v for k, v in params.items() if not k.startswith(("shift", "rank"))}
-    blocks = _ttt(params, cfg, table, features, tokens, inherit)
+    blocks = _ttt(params, cfg, table, features, tokens, inherit, chunk_rows=chunk_rows)
     assert len(blocks.outputs) == cfg.num_ttt_blocks
     np.testing.assert_array_equal(blocks.offsets_NxBxT[0], 0)
     np.testing.assert_array_equal(blocks.offsets_NxBxT[2], inherit[..., 0] + inherit[..., 1])

@@ -344,12 +344,19 @@ def forward(params: Any, config: SpecBlockConfig, table_VxH: jax.Array, tokens_B
 # ---------------------------------------------------------------------------------------------------
 # Training: the multi-block training-time test.
 
-def _train_attend(block_size: int, cross, local, local_mask_BxTxL):
+CHUNK_ROWS = 32  # training attention's query rows per chunk (see `_train_attend`)
+
+
+def _train_attend(block_size: int, cross, local, local_mask_BxTxL, chunk_rows: int = CHUNK_ROWS):
     """Training attention of one block over T rows of K slots. Slot (j, k) sees block 1's keys at every
     slot of rows j' < j (`cross`, per layer; None in block 1 itself: its own keys), its own row's
     keys of earlier blocks where `local_mask_BxTxL` allows (`local`, per layer [B, T, L, G, D]), and
     its own row's slots <= k of this block. Block >= 2 never sees other rows' keys of block >= 2:
-    drafting cannot either (only committed rows are cached)."""
+    drafting cannot either (only committed rows are cached).
+
+    The query rows go in chunks of `chunk_rows`, each against the block-1 keys of the rows before its
+    end only: the cross scores are the step's largest tensors, and the causal half of them that every
+    query would mask is never built (with 32-row chunks of 256 rows, 56 % of the full square)."""
     k_slots = block_size
 
     def attend(layer, q_BxQxNxD, k_BxQxGxD, v_BxQxGxD):
@@ -359,31 +366,35 @@ def _train_attend(block_size: int, cross, local, local_mask_BxTxL):
         own_k = k_BxQxGxD.reshape(b, t, k_slots, g, d)
         own_v = v_BxQxGxD.reshape(b, t, k_slots, g, d)
         causal_KxK = jnp.arange(k_slots)[None, :] <= jnp.arange(k_slots)[:, None]
-        mask_BxTxKxK = jnp.broadcast_to(causal_KxK, (b, t, k_slots, k_slots))
+        mask_BxTxKxL = jnp.broadcast_to(causal_KxK, (b, t, k_slots, k_slots))
         if local:
             own_k = jnp.concatenate([local[layer][0], own_k], axis=2)
             own_v = jnp.concatenate([local[layer][1], own_v], axis=2)
             earlier = jnp.broadcast_to(local_mask_BxTxL[:, :, None, :], (b, t, k_slots, local_mask_BxTxL.shape[-1]))
-            mask_BxTxKxK = jnp.concatenate([earlier, mask_BxTxKxK], axis=-1)
-        q = q_BxQxNxD.reshape(b, t, k_slots, g, n // g, d)
-        scale = 1.0 / math.sqrt(d)
-        cross_scores = jnp.einsum("btkgnd,bsgd->bgntks", q, cross_k, preferred_element_type=jnp.float32) * scale
-        row_S = jnp.arange(cross_k.shape[1]) // k_slots
-        cross_scores = jnp.where(row_S < jnp.arange(t)[:, None, None], cross_scores, NEG_INF)
-        own_scores = jnp.einsum("btkgnd,btlgd->bgntkl", q, own_k, preferred_element_type=jnp.float32) * scale
-        own_scores = jnp.where(mask_BxTxKxK[:, None, None], own_scores, NEG_INF)
-        # One softmax over both key sets, without concatenating them: the scores are the largest
-        # tensors of a training step, and a concatenation (and its gradient's slices) copies them.
-        # (The shift leaves the softmax unchanged, so no gradient flows through it.)
-        top = jax.lax.stop_gradient(jnp.maximum(jnp.max(cross_scores, axis=-1), jnp.max(own_scores, axis=-1)))
-        top = top[..., None]
-        cross_p, own_p = jnp.exp(cross_scores - top), jnp.exp(own_scores - top)
-        total_BxGxNxTxK = jnp.sum(cross_p, axis=-1) + jnp.sum(own_p, axis=-1)
-        out = (jnp.einsum("bgntks,bsgd->btkgnd", cross_p.astype(v_BxQxGxD.dtype), cross_v,
-                          preferred_element_type=jnp.float32)
-               + jnp.einsum("bgntkl,btlgd->btkgnd", own_p.astype(v_BxQxGxD.dtype), own_v,
-                            preferred_element_type=jnp.float32))
-        out = out / jnp.transpose(total_BxGxNxTxK, (0, 3, 4, 1, 2))[..., None]
+            mask_BxTxKxL = jnp.concatenate([earlier, mask_BxTxKxL], axis=-1)
+        q = q_BxQxNxD.reshape(b, t, k_slots, g, n // g, d) / math.sqrt(d)
+        outs = []
+        for lo in range(0, t, chunk_rows):  # static: each chunk's key count is its own
+            hi = min(lo + chunk_rows, t)
+            q_c, keys = q[:, lo:hi], hi * k_slots
+            cross_scores = jnp.einsum("btkgnd,bsgd->bgntks", q_c, cross_k[:, :keys],
+                                      preferred_element_type=jnp.float32)
+            row_S = jnp.arange(keys) // k_slots
+            cross_scores = jnp.where(row_S < jnp.arange(lo, hi)[:, None, None], cross_scores, NEG_INF)
+            own_scores = jnp.einsum("btkgnd,btlgd->bgntkl", q_c, own_k[:, lo:hi], preferred_element_type=jnp.float32)
+            own_scores = jnp.where(mask_BxTxKxL[:, None, None, lo:hi], own_scores, NEG_INF)
+            # One softmax over both key sets, without concatenating them (a concatenation, and its
+            # gradient's slices, would copy the scores). The shift leaves the softmax unchanged, so
+            # no gradient flows through it.
+            top = jax.lax.stop_gradient(jnp.maximum(jnp.max(cross_scores, axis=-1), jnp.max(own_scores, axis=-1)))
+            cross_p, own_p = jnp.exp(cross_scores - top[..., None]), jnp.exp(own_scores - top[..., None])
+            total_BxGxNxTxK = jnp.sum(cross_p, axis=-1) + jnp.sum(own_p, axis=-1)
+            out = (jnp.einsum("bgntks,bsgd->btkgnd", cross_p.astype(v_BxQxGxD.dtype), cross_v[:, :keys],
+                              preferred_element_type=jnp.float32)
+                   + jnp.einsum("bgntkl,btlgd->btkgnd", own_p.astype(v_BxQxGxD.dtype), own_v[:, lo:hi],
+                                preferred_element_type=jnp.float32))
+            outs.append(out / jnp.transpose(total_BxGxNxTxK, (0, 3, 4, 1, 2))[..., None])
+        out = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
         return out.astype(v_BxQxGxD.dtype).reshape(b, q_len, n * d), (k_BxQxGxD, v_BxQxGxD)
 
     return attend
@@ -395,13 +406,14 @@ class TTTBlocks(NamedTuple):
 
 
 def ttt_forward(params: Any, config: SpecBlockConfig, table_VxH: jax.Array, features_BxTxF: jax.Array,
-                tokens_BxT: jax.Array, inherit_BxTxN1: jax.Array) -> TTTBlocks:
+                tokens_BxT: jax.Array, inherit_BxTxN1: jax.Array, chunk_rows: int = CHUNK_ROWS) -> TTTBlocks:
     """The multi-block unroll over a packed sequence. Block 0, row j: (f_j, x_{j+1}); slot k at depth
     d = k predicts x_{j+2+d}. Block b + 1 of row j inherits from slot M - 1 of block b
     (M = inherit[.., b] in 1..K): condition that slot's hidden (or f_j without `inherit`), token the
     ground truth x_{j+1+O} at the new offset O = O_b + M (teacher forcing), and attention to row j's
     block-b slots < M besides block 1's earlier rows. Nothing is detached. Tokens past the sequence
-    are clamped to its end: their targets are masked by the loss."""
+    are clamped to its end: their targets are masked by the loss. `chunk_rows` sets how many query
+    rows the attention takes at once (`_train_attend`): a matter of speed, not of the result."""
     c = config
     b, t = tokens_BxT.shape
     k_slots = c.block_size
@@ -412,8 +424,8 @@ def ttt_forward(params: Any, config: SpecBlockConfig, table_VxH: jax.Array, feat
     outputs, offsets = [], []
     for block in range(c.num_ttt_blocks):  # static unroll
         token_BxT = jnp.take_along_axis(tokens_BxT, jnp.minimum(rows_BxT + 1 + offset_BxT, t - 1), axis=1)
-        out = forward(params, c, table_VxH, token_BxT, rows_BxT, _train_attend(k_slots, cross, local, local_mask),
-                      **condition)
+        attend = _train_attend(k_slots, cross, local, local_mask, chunk_rows)
+        out = forward(params, c, table_VxH, token_BxT, rows_BxT, attend, **condition)
         outputs.append(out)
         offsets.append(offset_BxT)
         if block == c.num_ttt_blocks - 1:
