@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -79,10 +80,16 @@ def test_rerun_skips_finished_parts_and_remakes_a_missing_one(setup):
         np.testing.assert_array_equal(remade[key], value)
 
 
-def test_rerun_with_another_config_is_refused(setup):
+def test_rerun_with_another_config_is_refused_and_a_moved_directory_resumes(setup, tmp_path):
     cfg, _, _ = setup
     with pytest.raises(ConfigError, match="different config"):
         regenerate.regenerate(dataclasses.replace(cfg, new_tokens=7), progress=False)
+    moved = tmp_path / "moved"
+    shutil.copytree(cfg.output_dir, moved)
+    paths = sorted(moved.glob("part-*.npz"))
+    before = {p: p.stat().st_mtime_ns for p in paths}
+    regenerate.regenerate(dataclasses.replace(cfg, output_dir=str(moved)), progress=False)
+    assert {p: p.stat().st_mtime_ns for p in sorted(moved.glob("part-*.npz"))} == before  # nothing made again
 
 
 TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"

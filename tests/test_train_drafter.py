@@ -20,7 +20,7 @@ from specblock_jax.config import ConfigError, ModelConfig, load_yaml
 from specblock_jax.decode import PAD_ID
 from specblock_jax.drafter import load_drafter
 from specblock_jax.models import target as target_lib
-from train import feature_cache, train_drafter
+from train import feature_cache, train_drafter, vocab_coverage
 from train.train_drafter import DrafterTrainConfig
 
 TARGET = ModelConfig(vocab_size=48, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -363,3 +363,30 @@ def test_gradient_accumulation_averages_the_micro_batches_gradients(workdir):
     jax.tree.map(close, gradient(even, grad_accum=2), gradient(even))
     with pytest.raises(ConfigError, match="grad_accum 3"):
         train_drafter.train(load_config(root, config_dict(root, "bad", grad_accum=3)), progress=False)
+
+
+def test_vocab_coverage_counts_the_trained_on_tokens_of_each_split(workdir, capsys):
+    """Coverage of the held-out answer tokens by the N most frequent training answer tokens, counted
+    independently here; the full vocabulary covers everything; sizes beyond the vocabulary are refused."""
+    root, _ = workdir
+    cfg = load_config(root, config_dict(root, "coverage", loss_on_prompt=False))
+    table = vocab_coverage.coverage_table(cfg, TARGET.vocab_size, [5, 20, TARGET.vocab_size])
+    train_rows, val_rows = train_drafter.split_rows(dict(np.load(root / "regen" / "part-code-greedy-00000.npz")),
+                                                    cfg, TARGET.vocab_size)
+
+    def answer_counts(rows):
+        example = train_drafter.to_example(rows)
+        return np.bincount(example["tokens"][:, 1:][example["loss_mask"][:, :-1] > 0], minlength=TARGET.vocab_size)
+
+    train_counts, val_counts = answer_counts(train_rows), answer_counts(val_rows)
+    for row in table:
+        top = np.argsort(-train_counts, kind="stable")[:row["size"]]
+        assert row["train"] == pytest.approx(train_counts[top].sum() / train_counts.sum())
+        assert row["val"] == pytest.approx(val_counts[top].sum() / val_counts.sum())
+        assert (row["train_tokens"], row["val_tokens"]) == (train_counts.sum(), val_counts.sum())
+    assert table[0]["train"] < table[1]["train"] < 1.0 and table[-1]["val"] == 1.0
+    path = root / "coverage.yaml"
+    vocab_coverage.main(["--config", str(path), "--sizes", "20,48"])
+    assert re.search(r"\| 48 \| 1\.0000 \| 1\.0000 \|", capsys.readouterr().out)
+    with pytest.raises(SystemExit):
+        vocab_coverage.main(["--config", str(path), "--sizes", "49"])

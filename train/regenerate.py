@@ -128,14 +128,15 @@ def regenerate(cfg: RegenerateConfig, progress: bool = True) -> pathlib.Path:
         prompt_len = np.array([len(prompt) for prompt in prompts], np.int32)
         lengths = prompt_len + np.array([len(ids) for ids in result.token_ids], np.int32)
         tmp = out / f".{name}.tmp.npz"
-        np.savez(tmp, tokens=tokens, prompt_len=prompt_len, length=lengths)
+        np.savez_compressed(tmp, tokens=tokens, prompt_len=prompt_len, length=lengths)
         os.replace(tmp, path)
     return out
 
 
 def _check_same_run(path: pathlib.Path, cfg: RegenerateConfig) -> None:
-    """Parts are skipped by name on a rerun, so a rerun with another config would mix two datasets."""
-    text = json.dumps(to_dict(cfg), sort_keys=True, indent=1)
+    """Parts are skipped by name on a rerun, so a rerun with another config would mix two datasets.
+    Where the parts live is not part of it: a directory may be moved (or committed) and resumed."""
+    text = json.dumps({k: v for k, v in to_dict(cfg).items() if k != "output_dir"}, sort_keys=True, indent=1)
     if path.exists() and json.loads(path.read_text()) != json.loads(text):
         raise ConfigError(f"{path.parent} holds parts made with a different config ({path}); "
                           "use a new --output-dir")
