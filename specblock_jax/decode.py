@@ -222,10 +222,21 @@ def spec_init(params: Any, config: ModelConfig, drafter_params: Any, request: Re
 
 
 def verify_forward(params: Any, config: ModelConfig, cache: KVCache, tree: Tree, *, max_depth: int,
-                   feature_layers: tuple[int, ...] = ()) -> tuple[jax.Array, jax.Array | None, KVCache]:
-    """The target's verify forward over all N + 1 tree nodes, written at scratch slots past the committed
-    prefix: logits [B, N+1, V], features [B, N+1, F] (None without feature layers), the cache."""
+                   feature_layers: tuple[int, ...] = (), read_only: bool = False
+                   ) -> tuple[jax.Array, jax.Array | None, Any]:
+    """The target's verify forward over all N + 1 tree nodes, node i at scratch slot lengths[b] + i
+    (`tree_lib.slots`), seeing the committed prefix, itself and its ancestors: logits [B, N+1, V],
+    features [B, N+1, F] (None without feature layers) and the cache with the nodes written. With
+    `read_only` the cache is only read and the third output is the nodes' keys and values instead
+    (`TargetOutput.new_kv`), for `kvcache.write` at those slots: inside a `lax.cond`, a branch that
+    writes the cache makes XLA copy all of it every step."""
     lengths_B = cache.lengths
+    if read_only:
+        out = target_lib.forward(params, config, tree.tokens, tree_lib.positions(tree, lengths_B),
+                                 kvcache.prefix_mask(lengths_B, cache.max_len)[:, None, :], cache,
+                                 feature_layers=feature_layers, new_mask=tree_lib.ancestor_mask(tree, max_depth),
+                                 kv_live=jnp.max(lengths_B))
+        return out.logits, out.features, out.new_kv
     out = target_lib.forward(params, config, tree.tokens, tree_lib.positions(tree, lengths_B),
                              tree_lib.verify_mask(tree, lengths_B, cache.max_len, max_depth), cache,
                              tree_lib.slots(tree, lengths_B), feature_layers=feature_layers,
@@ -234,14 +245,24 @@ def verify_forward(params: Any, config: ModelConfig, cache: KVCache, tree: Tree,
 
 
 def root_forward(params: Any, config: ModelConfig, cache: KVCache, tree: Tree, *,
-                 feature_layers: tuple[int, ...] = ()) -> tuple[jax.Array, jax.Array | None, KVCache]:
-    """Nothing drafted: a plain decode step of each row's root (node 0), padded to `verify_forward`'s shapes."""
+                 feature_layers: tuple[int, ...] = (), read_only: bool = False
+                 ) -> tuple[jax.Array, jax.Array | None, Any]:
+    """Nothing drafted: a plain decode step of each row's root (node 0), padded to `verify_forward`'s
+    shapes (with `read_only`, its padding keys and values go to scratch slots nothing sees)."""
     lengths_B = cache.lengths
-    out = target_lib.forward(params, config, tree.tokens[:, :1], lengths_B[:, None],
-                             kvcache.decode_mask(lengths_B, cache.max_len), cache, lengths_B[:, None],
-                             feature_layers=feature_layers, kv_live=jnp.max(lengths_B) + 1)
-    pad = lambda x_Bx1xF: jnp.pad(x_Bx1xF, ((0, 0), (0, tree.tokens.shape[1] - 1), (0, 0)))
-    return pad(out.logits), None if out.features is None else pad(out.features), out.cache
+    pad = lambda x_Bx1xF: jnp.pad(x_Bx1xF, ((0, 0), (0, tree.tokens.shape[1] - 1)) + ((0, 0),) * (x_Bx1xF.ndim - 2))
+    if read_only:
+        out = target_lib.forward(params, config, tree.tokens[:, :1], lengths_B[:, None],
+                                 kvcache.prefix_mask(lengths_B, cache.max_len)[:, None, :], cache,
+                                 feature_layers=feature_layers, new_mask=jnp.ones((lengths_B.shape[0], 1, 1), bool),
+                                 kv_live=jnp.max(lengths_B))
+        third = jax.tree.map(pad, out.new_kv)
+    else:
+        out = target_lib.forward(params, config, tree.tokens[:, :1], lengths_B[:, None],
+                                 kvcache.decode_mask(lengths_B, cache.max_len), cache, lengths_B[:, None],
+                                 feature_layers=feature_layers, kv_live=jnp.max(lengths_B) + 1)
+        third = out.cache
+    return pad(out.logits), None if out.features is None else pad(out.features), third
 
 
 @functools.partial(jax.jit, static_argnames=("config", "method", "eos_ids", "collect"), donate_argnames="state")
@@ -268,8 +289,13 @@ def spec_loop(params: Any, config: ModelConfig, drafter_params: Any, state: Spec
         tree = _verifiable(drafted, config.vocab_size)
         if skips_empty_trees:  # a step with no draft runs the single-token forward instead
             verified = jnp.any(tree.valid[:, 1:] & running_B[:, None])
-            logits_BxN1xV, features_BxN1xF, cache = jax.lax.cond(verified, verify_tree, decode_root, s.cache, tree)
-        else:  # one target forward in the loop body: half the compile
+            # The branches only read the cache; the nodes' keys and values are written after the cond.
+            logits_BxN1xV, features_BxN1xF, new_kv = jax.lax.cond(
+                verified, functools.partial(verify_tree, read_only=True),
+                functools.partial(decode_root, read_only=True), s.cache, tree)
+            cache = kvcache.write(s.cache, new_kv, tree_lib.slots(tree, lengths_B))
+        else:  # one target forward in the loop body: half the compile. It writes the cache itself: a
+            # read-only forward (its attention a lax.switch over the loop's own cache) measured slower
             verified = jnp.ones((), bool)
             logits_BxN1xV, features_BxN1xF, cache = verify_tree(s.cache, tree)
         rng, key = jax.random.split(s.rng)

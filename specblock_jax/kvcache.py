@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from specblock_jax.config import ModelConfig
+from specblock_jax.models.layers import write_kv
 
 
 @flax.struct.dataclass
@@ -46,6 +47,14 @@ def prefix_mask(lengths_B: jax.Array, s: int) -> jax.Array:
 def decode_mask(lengths_B: jax.Array, s: int) -> jax.Array:
     """[B, 1, S]: a single new token written at slot lengths[b] sees the prefix and itself."""
     return (jnp.arange(s)[None, :] <= lengths_B[:, None])[:, None, :]
+
+
+def write(cache: KVCache, new_kv: tuple, slots_BxT: jax.Array) -> KVCache:
+    """Write per-layer new (keys, values) ([B, T, KV, Dh] each, `TargetOutput.new_kv`) at their slots
+    (slots past the end are dropped); lengths are unchanged."""
+    new_k, new_v = new_kv
+    return cache.replace(k=tuple(write_kv(c, n, slots_BxT) for c, n in zip(cache.k, new_k)),
+                         v=tuple(write_kv(c, n, slots_BxT) for c, n in zip(cache.v, new_v)))
 
 
 def commit(cache: KVCache, path_BxD1: jax.Array, length_B: jax.Array, active_B: jax.Array) -> KVCache:

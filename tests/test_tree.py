@@ -220,7 +220,7 @@ def test_verify_forward_logits_equal_causal_forwards_over_each_root_path(peaked_
     equal the last logits of a plain causal forward over the prompt, the root and the node's path, for
     random trees of random depth over rows of different prompt lengths (one past the first attention
     bucket, so the live-prefix choice is exercised) and a 512-slot cache."""
-    from specblock_jax import decode
+    from specblock_jax import decode, kvcache
     from specblock_jax.config import ModelConfig
 
     config = ModelConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -236,8 +236,16 @@ def test_verify_forward_logits_equal_causal_forwards_over_each_root_path(peaked_
     fields = random_tree(rng, n=16, p_valid=0.8)
     tree = Tree(**{k: jnp.asarray(v) for k, v in fields.items()})
     max_depth = int(fields["depth"].max())
-    logits_BxN1xV, _, _ = jax.jit(decode.verify_forward, static_argnums=1, static_argnames="max_depth")(
-        target.params, config, cache, tree, max_depth=max_depth)
+    verify = jax.jit(decode.verify_forward, static_argnums=1, static_argnames=("max_depth", "read_only"))
+    logits_BxN1xV, _, written = verify(target.params, config, cache, tree, max_depth=max_depth)
+    # The read-only form (the n-gram loop's, inside its lax.cond): the same logits, and its keys and
+    # values, written at the scratch slots, give the same cache (up to rounding past layer 0: the
+    # attention sums the same terms in another order).
+    read_logits, _, new_kv = verify(target.params, config, cache, tree, max_depth=max_depth, read_only=True)
+    np.testing.assert_allclose(read_logits, logits_BxN1xV, atol=1e-5 * np.abs(logits_BxN1xV).max(), rtol=0)
+    same = lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max(), rtol=0)
+    jax.tree.map(same, kvcache.write(cache, new_kv, tree_lib.slots(tree, cache.lengths)), written)
+    assert not np.array_equal(kvcache.write(cache, new_kv, tree_lib.slots(tree, cache.lengths)).k[0], cache.k[0])
     for row, n in enumerate(lengths):
         nodes = [i for i in range(17) if fields["valid"][row, i]]
         paths = []

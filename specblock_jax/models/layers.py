@@ -82,13 +82,14 @@ def write_kv(cache_BxSxKxD: jax.Array, new_BxTxKxD: jax.Array, slots_BxT: jax.Ar
 MIN_LIVE = 128  # the smallest static cache prefix `attend_live` attends
 
 
-def attend_live(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, live, tail: int = 0) -> jax.Array:
+def attend_live(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, live, tail: int = 0, new=None) -> jax.Array:
     """`attend` over the cache slots a query can see: a prefix of at least `live` slots and the last
     `tail` (a drafter's scratch), never the unused rest, so a step costs what the sequence holds, not
     what the static cache could. `live` is a Python int (a static slice) or a traced scalar: then the
     prefix is the smallest of a few static sizes (MIN_LIVE, doubling, up to all of them) that holds it,
     picked at run time (`lax.switch`). The caller guarantees the mask hides every other slot, so the
-    result is `attend`'s."""
+    result is `attend`'s. With `new` = (k [B, T, KV, D], v, mask [B, T, T]) the queries also attend
+    these keys, placed after the cache's: the cache is only read."""
     s = k_BxSxKxD.shape[1]
     head = s - tail
 
@@ -98,6 +99,11 @@ def attend_live(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, live, tail: int = 0
                 keep = lambda x, axis: jnp.concatenate(
                     [jax.lax.slice_in_dim(x, 0, n, axis=axis), jax.lax.slice_in_dim(x, head, s, axis=axis)], axis=axis)
                 k, v, mask = keep(k, 1), keep(v, 1), keep(mask, 2)
+            if new is not None:
+                k_new, v_new, mask_new = new
+                k = jnp.concatenate([k, k_new.astype(k.dtype)], axis=1)
+                v = jnp.concatenate([v, v_new.astype(v.dtype)], axis=1)
+                mask = jnp.concatenate([jnp.broadcast_to(mask, (*mask_new.shape[:2], mask.shape[2])), mask_new], axis=2)
             return attend(q, k, v, mask)
         return run
 
@@ -105,7 +111,7 @@ def attend_live(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, live, tail: int = 0
         return prefix(max(min(live, head), 1))(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS)
     sizes = [n for n in (MIN_LIVE << i for i in range(head.bit_length())) if n < head] + [head]
     if len(sizes) == 1:
-        return attend(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS)
+        return prefix(head)(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS)
     index = jnp.searchsorted(jnp.asarray(sizes), live)
     return jax.lax.switch(jnp.minimum(index, len(sizes) - 1), [prefix(n) for n in sizes],
                           q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS)
@@ -127,12 +133,15 @@ def attend(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS) -> jax.Array:
 class Attention(nn.Module):
     """GQA self-attention. With a cache, new K/V are written to `slots` first, then the cache is
     attended under `mask` (all S slots, or with `kv_live` only the live ones and the last `kv_tail`:
-    `attend_live`); without one, the T tokens attend to each other under a [B, T, T] mask."""
+    `attend_live`); without one, the T tokens attend to each other under a [B, T, T] mask. With a cache
+    and `new_mask` [B, T, T], the cache is only read (under `mask`), the tokens see each other under
+    `new_mask`, and the new (k, v) are returned for the caller to write."""
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxTxH, positions_BxT, mask, kv_cache=None, slots_BxT=None, kv_live=None, kv_tail: int = 0):
+    def __call__(self, x_BxTxH, positions_BxT, mask, kv_cache=None, slots_BxT=None, kv_live=None, kv_tail: int = 0,
+                 new_mask=None):
         c = self.config
         dtype = jnp.dtype(c.dtype)
         b, t, _ = x_BxTxH.shape
@@ -147,7 +156,11 @@ class Attention(nn.Module):
             k = RMSNorm(c.rms_norm_eps, dtype, name="k_norm")(k)
         inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
         q, k = apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq)
-        if kv_cache is not None:
+        if kv_cache is not None and new_mask is not None:  # read the cache; the caller writes (k, v)
+            live = kv_cache[0].shape[1] if kv_live is None else kv_live
+            out = attend_live(q, kv_cache[0], kv_cache[1], mask, live, kv_tail, (k, v, new_mask))
+            kv_cache = (k, v)
+        elif kv_cache is not None:
             k_cache, v_cache = write_kv(kv_cache[0], k, slots_BxT), write_kv(kv_cache[1], v, slots_BxT)
             out = (attend(q, k_cache, v_cache, mask) if kv_live is None
                    else attend_live(q, k_cache, v_cache, mask, kv_live, kv_tail))
@@ -178,12 +191,12 @@ class DecoderLayer(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions_BxT, mask, kv_cache=None, slots_BxT=None, kv_live=None):
+    def __call__(self, x, positions_BxT, mask, kv_cache=None, slots_BxT=None, kv_live=None, new_mask=None):
         c = self.config
         dtype = jnp.dtype(c.dtype)
         h, kv_cache = Attention(c, name="self_attn")(
             RMSNorm(c.rms_norm_eps, dtype, name="input_layernorm")(x), positions_BxT, mask, kv_cache, slots_BxT,
-            kv_live)
+            kv_live, new_mask=new_mask)
         x = x + h
         x = x + MLP(c, name="mlp")(RMSNorm(c.rms_norm_eps, dtype, name="post_attention_layernorm")(x))
         return x, kv_cache

@@ -23,6 +23,7 @@ class TargetOutput(NamedTuple):
     logits: jax.Array  # [B, T, V] (or [B, P, V] at logit_positions), float32
     features: jax.Array | None  # [B, T, len(feature_layers) * H]: chosen layers' outputs, concatenated
     cache: KVCache | None
+    new_kv: tuple | None = None  # with `new_mask`: per-layer new (keys, values) [B, T, KV, Dh], unwritten
 
 
 class Transformer(nn.Module):
@@ -31,7 +32,7 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BxT, positions_BxT, mask, cache: KVCache | None = None, slots_BxT=None,
-                 logit_positions_BxP=None, kv_live=None) -> TargetOutput:
+                 logit_positions_BxP=None, kv_live=None, new_mask=None) -> TargetOutput:
         c = self.config
         dtype = jnp.dtype(c.dtype)
         embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=dtype, param_dtype=dtype,
@@ -42,7 +43,7 @@ class Transformer(nn.Module):
         outputs, new_k, new_v = [], [], []
         for i in range(c.num_layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv = DecoderLayer(c, name=f"layers_{i}")(x, positions_BxT, mask, kv, slots_BxT, kv_live)
+            x, kv = DecoderLayer(c, name=f"layers_{i}")(x, positions_BxT, mask, kv, slots_BxT, kv_live, new_mask)
             outputs.append(x)
             if cache is not None:
                 new_k.append(kv[0])
@@ -56,18 +57,24 @@ class Transformer(nn.Module):
             logits = embed.attend(x)
         else:
             logits = dense(c.vocab_size, ("embed", "vocab"), "lm_head", dtype)(x)
+        if new_mask is not None:
+            return TargetOutput(logits.astype(jnp.float32), features, None, (tuple(new_k), tuple(new_v)))
         if cache is not None:
             cache = cache.replace(k=tuple(new_k), v=tuple(new_v))
         return TargetOutput(logits.astype(jnp.float32), features, cache)
 
 
 def forward(params: Any, config: ModelConfig, tokens_BxT, positions_BxT, mask, cache=None, slots_BxT=None,
-            *, feature_layers: tuple[int, ...] = (), logit_positions_BxP=None, kv_live=None) -> TargetOutput:
+            *, feature_layers: tuple[int, ...] = (), logit_positions_BxP=None, kv_live=None,
+            new_mask=None) -> TargetOutput:
     """Apply the target to explicit params. Lengths in `cache` are not changed: committing is the
     caller's decision (see `kvcache`). `kv_live` (an int, or a traced scalar): no query sees a cache
-    slot at or past it, so attention reads only the slots before it (`layers.attend_live`)."""
+    slot at or past it, so attention reads only the slots before it (`layers.attend_live`).
+    With `new_mask` [B, T, T] the cache is read, never written: the tokens see its slots under `mask`
+    and each other under `new_mask`, and `new_kv` holds their keys and values (`cache` is None), for
+    the caller to write (`kvcache.write`)."""
     return Transformer(config, tuple(feature_layers)).apply(
-        {"params": params}, tokens_BxT, positions_BxT, mask, cache, slots_BxT, logit_positions_BxP, kv_live)
+        {"params": params}, tokens_BxT, positions_BxT, mask, cache, slots_BxT, logit_positions_BxP, kv_live, new_mask)
 
 
 def init_params(config: ModelConfig, rng: jax.Array) -> Any:
