@@ -20,7 +20,7 @@ from specblock_jax.config import ConfigError, ModelConfig, load_yaml
 from specblock_jax.decode import PAD_ID
 from specblock_jax.drafter import load_drafter
 from specblock_jax.models import target as target_lib
-from train import feature_cache, train_drafter, vocab_coverage
+from train import feature_cache, learning_curves, train_drafter, vocab_coverage
 from train.train_drafter import DrafterTrainConfig
 
 TARGET = ModelConfig(vocab_size=48, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -390,3 +390,21 @@ def test_vocab_coverage_counts_the_trained_on_tokens_of_each_split(workdir, caps
     assert re.search(r"\| 48 \| 1\.0000 \| 1\.0000 \|", capsys.readouterr().out)
     with pytest.raises(SystemExit):
         vocab_coverage.main(["--config", str(path), "--sizes", "49"])
+
+
+def test_learning_curves_read_a_training_log_in_hours_and_plot_it(trained, workdir, tmp_path):
+    """The curve of a real training log: hours are the summed step seconds, the acceptance estimate is
+    the chain of the held-out per-position accuracies; the plot is written, and a label count that
+    does not match the logs is refused."""
+    root, _ = workdir
+    log = root / "full" / "log.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    curve = learning_curves.read_curve(log)
+    np.testing.assert_allclose(curve.hours * 3600, np.cumsum([r["seconds"] for r in records]))
+    assert curve.steps.tolist() == sorted(r["step"] for r in records) and curve.step_acc.shape == (len(records), 2)
+    np.testing.assert_allclose(curve.acceptance, [train_drafter.chain_acceptance(np.array(a)) for a in curve.step_acc])
+    out = tmp_path / "curves.png"
+    learning_curves.main([str(log), str(log), "--labels", "a,b", "--out", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit):
+        learning_curves.main([str(log), "--labels", "a,b", "--out", str(out)])

@@ -1,0 +1,79 @@
+"""Learning curves of drafter training runs against wall-clock time, from their `log.jsonl`.
+
+    python -m train.learning_curves runs/eagle3-smollm2/log.jsonl runs/specblock-smollm2/log.jsonl \
+        --labels EAGLE-3,SpecBlock --out docs/learning-curves.png
+
+Two panels share the x-axis of training hours: the time summed over the log's records (`seconds`:
+training steps only, held-out evaluation excluded), so runs with equal budgets end at the same
+place. Left: the held-out chain estimate of the acceptance length (`val_acceptance_length`); right:
+the held-out accuracy of each draft position (`val_step_acc`; SpecBlock's given the earlier slots of
+its block right).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+from typing import NamedTuple
+
+import numpy as np
+
+from infer import plots
+
+
+class Curve(NamedTuple):
+    hours: np.ndarray  # [R] training hours at each logged record
+    steps: np.ndarray  # [R]
+    acceptance: np.ndarray  # [R] held-out chain acceptance estimate
+    step_acc: np.ndarray  # [R, K] held-out accuracy per draft position
+
+
+def read_curve(log_path: str | pathlib.Path) -> Curve:
+    """The records of a training log, in step order (a resumed run appends to the same log)."""
+    lines = [line for line in pathlib.Path(log_path).read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"{log_path} holds no log records")
+    records = sorted((json.loads(line) for line in lines), key=lambda r: r["step"])
+    return Curve(np.cumsum([r["seconds"] for r in records]) / 3600.0, np.array([r["step"] for r in records]),
+                 np.array([r["val_acceptance_length"] for r in records]),
+                 np.array([r["val_step_acc"] for r in records]))
+
+
+def plot(curves: dict[str, Curve], path: str | pathlib.Path) -> pathlib.Path:
+    fig, (ax1, ax2) = plots.plt.subplots(1, 2, figsize=(11, 4))
+    for (label, curve), color in zip(curves.items(), ("tab:blue", "tab:orange", "tab:green", "tab:red")):
+        ax1.plot(curve.hours, curve.acceptance, color=color, label=f"{label} ({curve.steps[-1]} steps)")
+        for k in range(curve.step_acc.shape[1]):
+            ax2.plot(curve.hours, curve.step_acc[:, k], color=color, alpha=1.0 - 0.7 * k / curve.step_acc.shape[1],
+                     label=f"{label} position {k + 1}")
+    ax1.set(xlabel="training hours", ylabel="held-out chain acceptance estimate")
+    ax2.set(xlabel="training hours", ylabel="held-out accuracy per draft position")
+    ax1.legend()
+    ax2.legend(fontsize="small", ncol=2)
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plots.plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("logs", nargs="+", help="log.jsonl files of drafter training runs")
+    parser.add_argument("--labels", help="comma-separated, one per log (default: each log's directory name)")
+    parser.add_argument("--out", default="docs/learning-curves.png", help="PNG to write")
+    args = parser.parse_args(argv)
+    labels = args.labels.split(",") if args.labels else [pathlib.Path(p).parent.name for p in args.logs]
+    if len(labels) != len(args.logs):
+        parser.error(f"{len(labels)} labels for {len(args.logs)} logs")
+    try:
+        curves = {label: read_curve(p) for label, p in zip(labels, args.logs)}
+    except (OSError, ValueError, KeyError) as e:
+        parser.error(f"cannot read a training log: {e!r}")
+    print(f"wrote {plot(curves, args.out)}")
+
+
+if __name__ == "__main__":
+    main()
