@@ -473,11 +473,24 @@ class Adapter:
     """A SpecBlock drafter that adapts while it serves. Each `generate` call (a window) decodes with the
     current drafter, collecting feedback in the loop; then the bandit decides, and an update it asks
     for is trained on earlier windows, validated on this one and kept unless it measures worse.
-    `history` holds one record per call.
 
         adapter = Adapter(target, load_drafter("specblock", target))
         for batch in stream:
             out = adapter.generate(batch, max_new_tokens=128)   # out.stats["adapt"]: this window's record
+
+    Args:
+        target: the `Target` served.
+        drafter: a full-vocabulary SpecBlock `Drafter`; its parameters are the reference the
+            updates' returns are measured against.
+        config: what adapts, the buffer, the optimizer and the bandit's prices (`AdaptConfig`).
+        seed: the updates' rng (LoRA initialisation, slot draws).
+
+    Attributes: `drafter` (the drafter as it serves now), `history` (one record per window: tau,
+    the bandit's decision, the measured gain, seconds), `feedback` (the ring buffer).
+
+    Raises:
+        ValueError: a drafter of another kind or with a reduced draft vocabulary, or a config that
+            is not an `AdaptConfig`.
     """
 
     def __init__(self, target: Any, drafter: Drafter, config: AdaptConfig = AdaptConfig(), seed: int = 0):
@@ -540,7 +553,12 @@ class Adapter:
 
     def generate(self, prompts: Any, *, max_new_tokens: int, **kwargs: Any) -> decode.GenerateOutput:
         """`decode.generate` with the current drafter (same keyword arguments, `drafter` excluded),
-        followed by this window's bandit step. Adaptation seconds land in stats["adapt"]["adapt_s"]."""
+        followed by this window's bandit step and, when it asks for one, a validated update.
+
+        Returns `decode.generate`'s output with `stats["adapt"]`: this window's record (also appended
+        to `history`), its adaptation seconds in `adapt_s`. Raises ValueError, before any compute,
+        when the window could write more feedback records than `AdaptConfig.buffer_size` holds, and
+        whatever `decode.generate` raises for its arguments."""
         decode.check_max_new_tokens(max_new_tokens)
         steps = len(prompts) * max_new_tokens  # row-steps, records, at most
         if steps > self.config.buffer_size:

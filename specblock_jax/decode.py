@@ -381,26 +381,46 @@ def generate(target: target_lib.Target, prompts: Sequence[str | Sequence[dict] |
              max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              seed: int = 0, drafter: Drafter | str | None = None, max_len: int | None = None,
              stop_on_eos: bool = True, collect: Any = None, feedback: Any = None) -> GenerateOutput:
-    """Generate continuations of a batch of prompts: strings, conversations (lists of `{"role",
-    "content"}` messages, formatted with the target's chat template and answered as the assistant) or
-    token-id lists.
+    """Generate continuations of a batch of prompts, plainly or speculatively, in one jitted loop.
 
-    With a `drafter` (a `Drafter`, or a kind / directory for `load_drafter`) decoding is speculative
-    and lossless: every token is the target's argmax (greedy) or a draw from its distribution
-    (sampling: the same law as plain decoding's). Greedy output is identical to plain decoding's
-    token for token up to floating-point rounding: the target's logits come from an (N+1)-token
-    verify forward rather than a 1-token one, which may round differently, so where two logits tie
-    within rounding either token may be taken (`infer.bench` reports the gap at any mismatch). Its stats add `verify_steps` and `single_steps` (loop steps that verified a tree, or
-    decoded the roots alone because no running row had a draft), `steps_by_tokens[b][k]` (steps in
-    which row b committed k tokens: k - 1 accepted drafts and the bonus), `tau` (tokens committed per
-    target forward in the loop, over all rows) and `tau_per_row`, `drafter_forwards` and
-    `malformed_trees`; a drafter that produced a malformed tree is a ValueError after the run.
-    Every input is checked before any compute. Compilation is done ahead and timed
-    apart (`stats["compile_s"]`), so `prefill_s`, `decode_s` and `tokens_per_s` (all new tokens over
-    prefill + decode time) measure execution only. Greedy rows decode exactly as they would alone;
-    sampled rows share one rng stream, so a row's samples depend on the batch it is in.
-    With `collect` and a `feedback` buffer (`specblock_jax.adapt`) the loop also collects the
-    verifier's feedback into the buffer (`spec_loop`); the filled one is `output.feedback`.
+    Args:
+        target: a `Target` (`load_target`).
+        prompts: a list of one kind: strings (tokenized, no special tokens added, and continued as
+            they are), conversations (lists of `{"role", "content"}` messages, formatted with the
+            target's chat template and answered as the assistant) or token-id lists. Rows of
+            different lengths are batched right-padded; each stops on its own.
+        max_new_tokens: new tokens per row at most (an integer >= 1).
+        temperature: 0 decodes greedily; above 0 samples from the target's softmax at that
+            temperature, after `top_k` (0: off) and nucleus `top_p` (1: off) filtering.
+        seed: the sampling rng. Greedy rows decode exactly as they would alone; sampled rows share
+            one rng stream, so a row's samples depend on the batch it is in.
+        drafter: None for plain decoding, or a `Drafter` (or a kind or directory for
+            `load_drafter`) for speculative decoding, which is lossless: every token is the
+            target's argmax (greedy) or a draw from its distribution (the same law as plain
+            decoding's). Greedy output equals plain decoding's token for token up to rounding: the
+            logits come from an (N+1)-token verify forward rather than a 1-token one, so where two
+            logits tie within rounding either token may be taken (`infer.bench` reports the gap).
+        max_len: the static KV cache size (default: the longest prompt + max_new_tokens + the
+            drafter's scratch, rounded up to a power-of-two bucket and capped at the target's
+            max_position_embeddings). Attention reads only the live part of the cache.
+        stop_on_eos: stop a row at the target's EOS (kept in its output) or run to max_new_tokens.
+        collect, feedback: with a drafter, a collection function and a feedback buffer
+            (`specblock_jax.adapt`): the loop also writes the verifier's feedback into the buffer.
+
+    Returns:
+        A `GenerateOutput`: `token_ids` (new ids per prompt, EOS included), `texts` (decoded when
+        the target has a tokenizer) and `stats`: `compile_s` (timed apart), `prefill_s`, `decode_s`,
+        `tokens_per_s` (new tokens over prefill + decode), `iterations`, and with a drafter `tau`
+        (tokens committed per target forward) and `tau_per_row`, `verify_steps`, `single_steps`,
+        `steps_by_tokens[b][k]` (steps in which row b committed k tokens), `drafter_forwards` and
+        `malformed_trees`; `feedback`: the filled buffer when `collect` was given.
+
+    Raises:
+        ValueError: for bad input, checked before any compute (prompts empty, mixed or malformed;
+            text on a target without a tokenizer; a conversation on a target without a chat
+            template; token ids outside the vocabulary; max_new_tokens or max_len invalid or too
+            long for the target; a drafter that does not fit the target), and after the run for a
+            drafter that produced a malformed tree.
     """
     sampling = SamplingParams(temperature, top_k, top_p)
     config = target.config

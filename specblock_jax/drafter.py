@@ -89,8 +89,24 @@ def shipped_drafters_dir(target_path: str | os.PathLike | None) -> pathlib.Path 
 
 
 def load_drafter(kind_or_path: str, target: Any) -> Drafter:
-    """A drafter for `target` by kind ("ngram"; "eagle3" and "specblock": the drafters shipped for the
-    embedded default target, or for the toy target), or from a trained drafter directory."""
+    """A drafter for `target`, for `generate(..., drafter=)`.
+
+    Args:
+        kind_or_path: "ngram" (prompt lookup, no training); "eagle3" or "specblock" (the drafter
+            shipped for this target: `shipped_drafters_dir`); or a drafter directory: one written by
+            `train.train_drafter`, or a published EAGLE-3 or SpecBlock checkpoint
+            (`specblock_jax.eagle3_hf`, `specblock_jax.specblock_hf`).
+        target: the `Target` the drafter will serve; a directory's drafter is checked against it.
+
+    Returns:
+        A `Drafter` (its method, with the default tree, and its parameters).
+
+    Raises:
+        FileNotFoundError: no drafter of that kind ships for this target, or the directory holds no
+            drafter.
+        ValueError: an unknown kind, or a drafter directory that is malformed or does not fit the
+            target (`config.ConfigError`, naming both values).
+    """
     if isinstance(kind_or_path, (str, os.PathLike)) and os.path.isdir(kind_or_path):
         method, params = drafter_io.load(kind_or_path, target)
         return Drafter(method, params)

