@@ -132,6 +132,47 @@ def _published_architectures(path: pathlib.Path) -> tuple[str, ...]:
     return tuple(json.loads(config.read_text()).get("architectures") or ())
 
 
+def _read_meta(meta_path: pathlib.Path) -> dict[str, Any]:
+    """drafter.json, with its keys and kind checked."""
+    meta = json.loads(meta_path.read_text())
+    missing = [k for k in ("kind", "config", "decoding") if k not in meta]
+    if missing:
+        raise ConfigError(f"{meta_path}: missing key(s) {missing}")
+    if meta["kind"] not in KINDS:
+        raise ConfigError(f"{meta_path}: unknown drafter kind {meta['kind']!r}; a directory can hold one of {KINDS}")
+    return meta
+
+
+def _config_of(meta: dict[str, Any]) -> eagle3.Eagle3Config | specblock.SpecBlockConfig:
+    return from_dict(specblock.SpecBlockConfig if meta["kind"] == "specblock" else eagle3.Eagle3Config,
+                     meta["config"], "config")
+
+
+def decoding_with(path: str | os.PathLike, tree: dict[str, Any]) -> dict[str, Any]:
+    """The decoding section of the drafter directory at `path` with the fields of `tree` replaced
+    (budget, max_depth, widths, ...), checked: a field its method lacks or a bad value is a ConfigError."""
+    meta_path = pathlib.Path(path) / DRAFTER_JSON
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{path} is not a trained drafter directory: {meta_path} does not exist")
+    meta = _read_meta(meta_path)
+    try:
+        return decoding_of(make_method(meta["kind"], _config_of(meta), {**meta["decoding"], **tree}))
+    except ConfigError as e:
+        raise ConfigError(f"{meta_path}: {e}") from None
+
+
+def set_decoding(path: str | os.PathLike, tree: dict[str, Any]) -> dict[str, Any]:
+    """Make `tree` the default of the drafter directory at `path` (`decoding_with`); drafter.json is
+    replaced atomically, the weights are untouched. Returns the new decoding section."""
+    decoding = decoding_with(path, tree)
+    meta_path = pathlib.Path(path) / DRAFTER_JSON
+    meta = {**json.loads(meta_path.read_text()), "decoding": decoding}
+    tmp = meta_path.with_name(f".{DRAFTER_JSON}.tmp")
+    tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    os.replace(tmp, meta_path)
+    return decoding
+
+
 def load(path: str | os.PathLike, target: Any) -> tuple[Eagle3Method | SpecBlockMethod, dict[str, Any]]:
     """(method, method params) of the drafter directory at `path` for `target` (a `Target`); every
     mismatch with the target is an error naming both values, before any array is placed. A published
@@ -153,16 +194,10 @@ def load(path: str | os.PathLike, target: Any) -> tuple[Eagle3Method | SpecBlock
             return specblock_hf.load_specblock_hf(path, target)
     if not meta_path.is_file():
         raise FileNotFoundError(f"{path} is not a trained drafter directory: {meta_path} does not exist")
-    meta = json.loads(meta_path.read_text())
-    missing = [k for k in ("kind", "config", "decoding") if k not in meta]
-    if missing:
-        raise ConfigError(f"{meta_path}: missing key(s) {missing}")
-    if meta["kind"] not in KINDS:
-        raise ConfigError(f"{meta_path}: unknown drafter kind {meta['kind']!r}; a directory can hold one of {KINDS}")
+    meta = _read_meta(meta_path)
     specblock_kind = meta["kind"] == "specblock"
     try:
-        config = from_dict(specblock.SpecBlockConfig if specblock_kind else eagle3.Eagle3Config, meta["config"],
-                           "config")
+        config = _config_of(meta)
         config.check_target(target.config)
         method = make_method(meta["kind"], config, meta["decoding"])
     except ConfigError as e:
