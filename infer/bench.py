@@ -29,7 +29,8 @@ method's phases are timed (infer/timing.py) and the final report, a markdown tab
 written. Per method: medians of per-run tokens/s (new tokens over prefill + decode seconds) and of the
 per-run ratio to `ar` (`speedup_vs_ar`; `speedup_vs_ar_total` is the ratio of all tokens over all
 seconds, which weighs long runs more); tau (tokens committed per target forward of the loop, bonus included, from the
-acceptance-length histogram); ms per loop iteration (`iteration_ms`, from the timed runs) and, timed
+acceptance-length histogram) and the acceptance rate (how often a drafted position is accepted once the
+ones before it were, pooled and per depth: `acceptance`); ms per loop iteration (`iteration_ms`, from the timed runs) and, timed
 apart on the first batch, split into draft / verify / other (infer/timing.py); the ceiling
 (`speedup_ceiling`: the speedup if every step committed the tree's deepest path, at the measured ms per
 iteration: what no drafter of this cost and tree shape can beat here); and, when
@@ -481,6 +482,19 @@ def _histogram(out) -> list[int]:
     return [0, sum(n - 1 for n in out.stats["new_tokens"])]  # plain decoding: one token per step after the first
 
 
+def acceptance(hist: list[int], depth: int) -> tuple[float | None, list[float | None]]:
+    """From a histogram of steps by tokens committed (index k: k - 1 drafts accepted) on a tree of
+    `depth`: the rate at which a drafted position is accepted once the positions before it were
+    (accepted drafts over positions tried, a step accepting a of them having tried min(a + 1, depth);
+    for a chain drafter, its per-token acceptance probability), and that rate at each depth d (steps
+    accepting >= d drafts over those accepting >= d - 1). A step without a draft counts as a miss."""
+    steps = [sum(hist[k + 1:]) for k in range(depth + 1)]  # steps[d]: steps accepting >= d drafts
+    tried = sum(min(k, depth) * n for k, n in enumerate(hist))
+    accepted = sum(max(k - 1, 0) * n for k, n in enumerate(hist))
+    by_depth = [steps[d] / steps[d - 1] if steps[d - 1] else None for d in range(1, depth + 1)]
+    return (accepted / tried if tried else None), by_depth
+
+
 def _add(a: list[int], b: list[int]) -> list[int]:
     n = max(len(a), len(b))
     return [(a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(n)]
@@ -577,6 +591,9 @@ def method_figures(args: argparse.Namespace, runs: dict[str, list], phases: dict
         entry.update(breakdown, iteration_ms=iteration_ms, phase_ms=phases.get(method),
                      max_tokens_per_iter=(min(trees[method]["budget"], trees[method]["max_depth"]) + 1
                                           if method in trees else 1))
+        if method in trees:
+            entry["acceptance_rate"], entry["acceptance_by_depth"] = acceptance(
+                hist, entry["max_tokens_per_iter"] - 1)
         if greedy and mismatched:
             shown = ", ".join(f"{m['question_id']} turn {m['turn']}"
                               + (f" (logit gap {m['logit_gap']:.2g})" if "logit_gap" in m else "")
@@ -598,17 +615,18 @@ def table(report: dict) -> str:
         return "-" if value is None else format(value, fmt)
 
     lines = ["| method | tokens/s | speedup vs ar (median / total) | tau | ms/iter (runs / timed) | draft | verify "
-             "| other | drafter fwd/iter | iterations | ceiling | mismatches vs ar |", "|---" * 12 + "|"]
+             "| other | drafter fwd/iter | iterations | acceptance | ceiling | mismatches vs ar |", "|---" * 13 + "|"]
     for name, m in report["methods"].items():
         if not m.get("runs"):
-            lines.append(f"| {name} | (no runs) |" + " |" * 10)
+            lines.append(f"| {name} | (no runs) |" + " |" * 11)
             continue
         lines.append(f"| {name} | {m['tokens_per_s']:.0f} | {f(m['speedup_vs_ar'], '.3f')} / "
                      f"{f(m['speedup_vs_ar_total'], '.3f')} | {f(m['tau'], '.2f')} | "
                      f"{m['iteration_ms']:.2f} / {f(m['loop_ms_per_iter'], '.2f')} | "
                      f"{f(m['draft_ms_per_iter'], '.2f')} | "
                      f"{f(m['verify_ms_per_iter'], '.2f')} | {f(m['other_ms_per_iter'], '.2f')} | "
-                     f"{m['drafter_forwards_per_iter']:.2f} | {m['iterations']} | {f(m['speedup_ceiling'], '.2f')} | "
+                     f"{m['drafter_forwards_per_iter']:.2f} | {m['iterations']} | {f(m.get('acceptance_rate'), '.3f')} | "
+                     f"{f(m['speedup_ceiling'], '.2f')} | "
                      f"{f(m['mismatches_vs_ar'], 'd')} |")
     methods = [name for name in report["methods"] if name != "ar"]
     if len(report.get("categories", {})) > 1:

@@ -61,6 +61,15 @@ def read(path):
     return json.loads(pathlib.Path(path).read_text())
 
 
+def test_acceptance_rate_counts_the_positions_each_step_tried():
+    # depth 3; steps accepting 0, 1, 2 and 3 drafts: 4, 3, 2 and 1 of them
+    rate, by_depth = bench.acceptance([0, 4, 3, 2, 1], 3)
+    assert rate == pytest.approx((3 * 1 + 2 * 2 + 1 * 3) / (4 * 1 + 3 * 2 + 2 * 3 + 1 * 3))  # a full path tried 3
+    assert by_depth == pytest.approx([6 / 10, 3 / 6, 1 / 3])
+    rate, by_depth = bench.acceptance([0, 5], 4)  # nothing accepted: depths past the first were never tried
+    assert rate == 0.0 and by_depth == [0.0, None, None, None]
+
+
 def test_end_to_end_schema_and_no_mismatch(small, tmp_path, target, capsys):
     drafter_dir = save_untrained_eagle3(target.config, tmp_path / "e3")
     out = tmp_path / "results.json"
@@ -92,6 +101,8 @@ def test_end_to_end_schema_and_no_mismatch(small, tmp_path, target, capsys):
     assert ar["speedup_ceiling"] == pytest.approx(1.0)
     assert ar["iterations"] == 2 * 7  # 8 tokens each, the first from the prefill (no EOS this early)
     assert e3["drafter_forwards_per_iter"] == pytest.approx(2.0)  # EAGLE drafting: max_depth forwards per step
+    assert "acceptance_rate" not in ar
+    assert (e3["acceptance_rate"], e3["acceptance_by_depth"]) == bench.acceptance(e3["acceptance_histogram"], 2)
     assert set(e3["phase_ms"]) == {"draft_ms", "verify_ms", "root_ms", "loop_ms", "loop_iterations",
                                    "loop_verify_steps"}
     assert e3["phase_ms"]["loop_iterations"] == e3["iterations"] // 2  # the first prompt's loop, timed apart
