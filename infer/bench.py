@@ -30,8 +30,8 @@ written. Per method: medians of per-run tokens/s (new tokens over prefill + deco
 per-run ratio to `ar` (`speedup_vs_ar`; `speedup_vs_ar_total` is the ratio of all tokens over all
 seconds, which weighs long runs more); tau (tokens committed per target forward of the loop, bonus included, from the
 acceptance-length histogram) and the acceptance rate (how often a drafted position is accepted once the
-ones before it were, pooled and per depth: `acceptance`); ms per loop iteration (`iteration_ms`, from the timed runs) and, timed
-apart on the first batch, split into draft / verify / other (infer/timing.py); the ceiling
+ones before it were, pooled and per depth: `acceptance`); ms per loop iteration (`iteration_ms`, from the
+timed runs) and, timed apart on the first batch, split into draft / verify / other (infer/timing.py); the ceiling
 (`speedup_ceiling`: the speedup if every step committed the tree's deepest path, at the measured ms per
 iteration: what no drafter of this cost and tree shape can beat here); and, when
 greedy, the answers (question and turn) that differ from `ar`'s: verification is lossless, so any mismatch is a
@@ -625,7 +625,8 @@ def table(report: dict) -> str:
                      f"{m['iteration_ms']:.2f} / {f(m['loop_ms_per_iter'], '.2f')} | "
                      f"{f(m['draft_ms_per_iter'], '.2f')} | "
                      f"{f(m['verify_ms_per_iter'], '.2f')} | {f(m['other_ms_per_iter'], '.2f')} | "
-                     f"{m['drafter_forwards_per_iter']:.2f} | {m['iterations']} | {f(m.get('acceptance_rate'), '.3f')} | "
+                     f"{m['drafter_forwards_per_iter']:.2f} | {m['iterations']} | "
+                     f"{f(m.get('acceptance_rate'), '.3f')} | "
                      f"{f(m['speedup_ceiling'], '.2f')} | "
                      f"{f(m['mismatches_vs_ar'], 'd')} |")
     methods = [name for name in report["methods"] if name != "ar"]
