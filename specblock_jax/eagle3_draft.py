@@ -51,8 +51,8 @@ def target_ids(config: Any, params: Any, draft_ids: jax.Array) -> jax.Array:
 
 
 class Eagle3State(NamedTuple):
-    k_BxSxKxD: jax.Array  # drafter keys: slots [0, max_len) pairs by position, then the draft's scratch
-    v_BxSxKxD: jax.Array
+    k_BxKxSxD: jax.Array  # drafter keys: slots [0, max_len) pairs by position, then the draft's scratch
+    v_BxKxSxD: jax.Array
     pending_features_BxPxF: jax.Array  # P = max_depth + 1 pairs not yet in the cache, oldest first
     pending_tokens_BxP: jax.Array  # int32; the last pending token is the root
     pending_count_B: jax.Array  # int32 in [1, P]
@@ -101,11 +101,11 @@ class Eagle3Method:
         Pairs at j >= len - 1 are junk that the first draft overwrites before anything sees them."""
         c = self.config
         b, t = prompt_BxT.shape
-        shape = (b, max_len + self.scratch, c.num_kv_heads, c.head_dim)
+        shape = (b, c.num_kv_heads, max_len + self.scratch, c.head_dim)
         kv = (jnp.zeros(shape, jnp.dtype(c.dtype)), jnp.zeros(shape, jnp.dtype(c.dtype)))
         next_BxT = jnp.pad(prompt_BxT[:, 1:], ((0, 0), (0, 1))).astype(jnp.int32)
         positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        mask_BxTxS = (jnp.arange(shape[1])[None, None, :] <= positions_BxT[..., None])
+        mask_BxTxS = (jnp.arange(shape[2])[None, None, :] <= positions_BxT[..., None])
         out = eagle3.step(params["drafter"], c, eagle3.embed(params["embed"], next_BxT), positions_BxT, mask_BxTxS,
                           kv, positions_BxT, features_BxTxF=features_BxTxF, kv_live=t)
         last_B = (prompt_lens_B - 1).astype(jnp.int32)
@@ -120,7 +120,7 @@ class Eagle3Method:
               lengths_B: jax.Array) -> tuple[Tree, Eagle3State, jax.Array]:
         """EAGLE-2's dynamic tree from the pending pairs; the pending pairs are now cached."""
         k, d = self.topk, self.max_depth
-        max_len = state.k_BxSxKxD.shape[1] - self.scratch
+        max_len = state.k_BxKxSxD.shape[2] - self.scratch
         kv, hidden_BxH, logits_BxV = self._cache_pending(params, state, lengths_B, max_len)
         lp1_Bxk, tok1_Bxk = layers.top_k(jax.nn.log_softmax(logits_BxV, axis=-1), k)
         tok1_Bxk = target_ids(self.config, params, tok1_Bxk)
@@ -162,7 +162,7 @@ class Eagle3Method:
                                    flat(parent_LxBxKK)], axis=1)
         scores = jnp.concatenate([jnp.zeros((b, 1)), lp1_Bxk, flat(score_LxBxKK)], axis=1)
         tree = tree_lib.prune(tokens, parents, scores, jnp.ones(tokens.shape, bool), self.budget)
-        new_state = state._replace(k_BxSxKxD=kv[0], v_BxSxKxD=kv[1])
+        new_state = state._replace(k_BxKxSxD=kv[0], v_BxKxSxD=kv[1])
         return tree, new_state, jnp.asarray(d, jnp.int32)
 
     def _cache_pending(self, params: Any, state: Eagle3State, lengths_B: jax.Array, max_len: int):
@@ -172,11 +172,11 @@ class Eagle3Method:
         count_B = state.pending_count_B
         positions_BxP = (lengths_B - count_B)[:, None] + jnp.arange(p, dtype=jnp.int32)
         valid_BxP = jnp.arange(p)[None, :] < count_B[:, None]
-        slots_BxP = jnp.where(valid_BxP, positions_BxP, state.k_BxSxKxD.shape[1])  # past the end: dropped
-        s_S = jnp.arange(state.k_BxSxKxD.shape[1])
+        slots_BxP = jnp.where(valid_BxP, positions_BxP, state.k_BxKxSxD.shape[2])  # past the end: dropped
+        s_S = jnp.arange(state.k_BxKxSxD.shape[2])
         mask_BxPxS = (s_S[None, None, :] <= positions_BxP[..., None]) & (s_S < max_len)
         out = eagle3.step(params["drafter"], self.config, eagle3.embed(params["embed"], state.pending_tokens_BxP),
-                          positions_BxP, mask_BxPxS, (state.k_BxSxKxD, state.v_BxSxKxD), slots_BxP,
+                          positions_BxP, mask_BxPxS, (state.k_BxKxSxD, state.v_BxKxSxD), slots_BxP,
                           features_BxTxF=state.pending_features_BxPxF, kv_live=jnp.max(lengths_B))
         root_row = (count_B - 1)[:, None, None]
         return (out.kv, jnp.take_along_axis(out.hidden, root_row, axis=1)[:, 0],

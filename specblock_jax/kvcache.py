@@ -1,5 +1,6 @@
-"""Static KV cache pytree: one [B, S, KV, Dh] buffer per layer for keys and values, plus each row's
-committed length. Shapes never change; rows advance independently through `lengths`."""
+"""Static KV cache pytree: one head-major [B, KV, S, Dh] buffer per layer for keys and values (the
+layout attention reads without a transposed copy), plus each row's committed length. Shapes never
+change; rows advance independently through `lengths`."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from specblock_jax.models.layers import write_kv
 
 @flax.struct.dataclass
 class KVCache:
-    k: tuple[jax.Array, ...]  # per layer [B, S, KV, Dh]
+    k: tuple[jax.Array, ...]  # per layer [B, KV, S, Dh]
     v: tuple[jax.Array, ...]
     lengths: jax.Array  # [B] int32: slots [0, lengths[b]) of row b hold committed tokens
 
@@ -23,11 +24,11 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[1]
+        return self.k[0].shape[2]
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int) -> KVCache:
-    shape = (batch_size, max_len, config.num_kv_heads, config.head_dim)
+    shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
     dtype = jnp.dtype(config.dtype)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
     return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
@@ -72,9 +73,9 @@ def commit(cache: KVCache, path_BxD1: jax.Array, length_B: jax.Array, active_B: 
     keep_BxD1 = (jnp.arange(d1)[None, :] <= length_B[:, None]) & active_B[:, None]
     dst_BxD1 = jnp.where(keep_BxD1, lengths_Bx1 + jnp.arange(d1)[None, :], cache.max_len)  # past the end: dropped
 
-    def move(layer_BxSxKxD: jax.Array) -> jax.Array:
-        entries_BxD1xKxD = layer_BxSxKxD.at[rows_Bx1, src_BxD1].get(mode="clip")
-        return layer_BxSxKxD.at[rows_Bx1, dst_BxD1].set(entries_BxD1xKxD, mode="drop")
+    def move(layer_BxKxSxD: jax.Array) -> jax.Array:
+        entries_BxD1xKxD = layer_BxKxSxD.at[rows_Bx1, :, src_BxD1].get(mode="clip")
+        return layer_BxKxSxD.at[rows_Bx1, :, dst_BxD1].set(entries_BxD1xKxD, mode="drop")
 
     return cache.replace(k=tuple(move(k) for k in cache.k), v=tuple(move(v) for v in cache.v),
                          lengths=cache.lengths + jnp.where(active_B, length_B + 1, 0).astype(cache.lengths.dtype))

@@ -155,11 +155,11 @@ def plan(target: ModelConfig, drafter: Any, mesh: Mesh, *, train_batch: int, seq
     copies, name = logit_copies(drafter)
     draft_vocab = getattr(drafter, "draft_vocab", drafter.vocab_size)
     per_device[f"{name} f32 (training)"] = copies * rows * seq_len * _split(draft_vocab, vocab_ways) * 4
-    kv = (target.num_layers * 2, decode_batch, kv_len, target.num_kv_heads, target.head_dim)
-    _, kv_dev, kv_notes = kv_cache_bytes(kv, target.dtype, mesh, 1, 3)
-    dkv = (getattr(drafter, "num_layers", 1) * 2, decode_batch, kv_len + drafter_scratch, drafter.num_kv_heads,
+    kv = (target.num_layers * 2, decode_batch, target.num_kv_heads, kv_len, target.head_dim)
+    _, kv_dev, kv_notes = kv_cache_bytes(kv, target.dtype, mesh, 1, 2)
+    dkv = (getattr(drafter, "num_layers", 1) * 2, decode_batch, drafter.num_kv_heads, kv_len + drafter_scratch,
            drafter.head_dim)
-    _, dkv_dev, _ = kv_cache_bytes(dkv, drafter.dtype, mesh, 1, 3)
+    _, dkv_dev, _ = kv_cache_bytes(dkv, drafter.dtype, mesh, 1, 2)
     per_device[f"target KV cache (decode, B={decode_batch}, S={kv_len})"] = kv_dev
     per_device["drafter KV cache (decode)"] = dkv_dev
     notes += kv_notes

@@ -40,7 +40,7 @@ from specblock_jax.verify import Acceptance
 
 
 class SpecBlockState(NamedTuple):
-    k: tuple[jax.Array, ...]  # per layer [B, S, G, D] keys: K slots per committed row, then the expansions' scratch
+    k: tuple[jax.Array, ...]  # per layer [B, G, S, D] keys: K slots per committed row, then the expansions' scratch
     v: tuple[jax.Array, ...]
     pending_features_BxPxF: jax.Array  # P = max_depth + 1 rows not yet cached, oldest first
     pending_tokens_BxP: jax.Array  # int32; the last pending row's token is the root
@@ -134,7 +134,7 @@ class SpecBlockMethod:
         pending. Rows at j >= len - 1 are junk that later drafts overwrite before anything sees them."""
         c = self.config
         b, t = prompt_BxT.shape
-        shape = (b, max_len * c.block_size + self.scratch, c.num_kv_heads, c.head_dim)
+        shape = (b, c.num_kv_heads, max_len * c.block_size + self.scratch, c.head_dim)
         kv = tuple(tuple(jnp.zeros(shape, jnp.dtype(c.dtype)) for _ in range(c.num_layers)) for _ in "kv")
         next_BxT = jnp.pad(prompt_BxT[:, 1:], ((0, 0), (0, 1))).astype(jnp.int32)
         rows_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -153,7 +153,7 @@ class SpecBlockMethod:
         sees every slot of earlier rows and its own row's slots up to itself (none at or past `live`).
         Heads at `head_rows`."""
         c = self.config
-        k_slots, s = c.block_size, kv[0][0].shape[1]
+        k_slots, s = c.block_size, kv[0][0].shape[2]
         b, r = rows_BxR.shape
         slot_BxRxK = rows_BxR[..., None] * k_slots + jnp.arange(k_slots)
         slots_BxQ = jnp.where(valid_BxR[..., None], slot_BxRxK, s).reshape(b, r * k_slots)  # past the end: dropped
@@ -199,14 +199,14 @@ class SpecBlockMethod:
         (node 1 + k W + j: slot k's j-th token), then each round's expand x K x W (row-major)."""
         c = self.config
         k_slots = c.block_size
-        max_len = (state.k[0].shape[1] - self.scratch) // k_slots
+        max_len = (state.k[0].shape[2] - self.scratch) // k_slots
         b, p = state.pending_tokens_BxP.shape
         count_B = state.pending_count_B
         rows_BxP = (lengths_B - count_B)[:, None] + jnp.arange(p, dtype=jnp.int32)
         query_Bx1 = (count_B - 1)[:, None]
         kv, out = self._cache_pending(params, state, rows_BxP, max_len)
         query_row_B = lengths_B - 1
-        s_S = jnp.arange(kv[0][0].shape[1])
+        s_S = jnp.arange(kv[0][0].shape[2])
         level = self._level(
             params, seen_BxRxS=(((s_S // k_slots) < query_row_B[:, None]) & (s_S < max_len * k_slots))[:, None],
             slots_BxRxK=(query_row_B[:, None] * k_slots + jnp.arange(k_slots))[:, None],
@@ -261,7 +261,7 @@ class SpecBlockMethod:
         rows = lambda x: jnp.take_along_axis(x, row_BxE.reshape(b, e, *([1] * (x.ndim - 2))), axis=1)
         # What the new block sees: its parent row's view and the parent block's slots <= the chosen one.
         parent_slots_BxExK = jnp.where(jnp.arange(k_slots) <= slot_BxE[..., None], rows(level.slots_BxRxK), -1)
-        s_S = jnp.arange(kv[0][0].shape[1])
+        s_S = jnp.arange(kv[0][0].shape[2])
         seen_BxExS = rows(level.seen_BxRxS) | jnp.any(s_S == parent_slots_BxExK[..., None], axis=2)
         own_BxExK = (max_len * k_slots + round_index * e * k_slots
                      + jnp.arange(e)[:, None] * k_slots + jnp.arange(k_slots))[None].repeat(b, axis=0)

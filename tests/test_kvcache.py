@@ -25,10 +25,10 @@ commit_jit = jax.jit(kvcache.commit)
 
 
 def labelled_cache(lengths: list[int], max_len: int = 12) -> kvcache.KVCache:
-    """Every entry says where it is: k[layer][b, s] = 1000 layer + 100 b + s, v = -k."""
+    """Every entry says where it is: k[layer][b, :, s] = 1000 layer + 100 b + s, v = -k (head-major)."""
     b = len(lengths)
     label_BxS = 100 * np.arange(b)[:, None] + np.arange(max_len)[None, :]
-    k = tuple(jnp.broadcast_to((1000 * layer + label_BxS)[:, :, None, None], (b, max_len, 2, 3)).astype(jnp.float32)
+    k = tuple(jnp.broadcast_to((1000 * layer + label_BxS)[:, None, :, None], (b, 2, max_len, 3)).astype(jnp.float32)
               for layer in range(2))
     return kvcache.KVCache(k=k, v=tuple(-x for x in k), lengths=jnp.array(lengths, jnp.int32))
 
@@ -42,7 +42,7 @@ def reference_commit(cache: kvcache.KVCache, path, length, active) -> tuple[list
         if active[b]:
             for d in range(length[b] + 1):
                 for old, new in zip(before, after):
-                    new[b, lengths[b] + d] = old[b, lengths[b] + path[b][d]]
+                    new[b, :, lengths[b] + d] = old[b, :, lengths[b] + path[b][d]]
             lengths[b] += length[b] + 1
     return after, lengths
 
@@ -60,7 +60,7 @@ def test_commit_moves_each_accepted_path_to_contiguous_slots():
     np.testing.assert_array_equal(out.lengths, lengths)
     assert lengths.tolist() == [5, 5, 4, 4]
     # Row 0's committed labels: the old prefix, then the path's scratch slots in order.
-    np.testing.assert_array_equal(np.asarray(out.k[1])[0, :5, 0, 0], [1000, 1001, 1002, 1004, 1007])
+    np.testing.assert_array_equal(np.asarray(out.k[1])[0, 0, :5, 0], [1000, 1001, 1002, 1004, 1007])
     np.testing.assert_array_equal(out.k[0][1], cache.k[0][1])  # the inactive row is untouched
 
 
@@ -93,7 +93,7 @@ def assert_committed_cache_is_a_prefill(state: decode.SpecState, params) -> None
                                                                       MAX_LEN)
     for got, want in zip(state.cache.k + state.cache.v, reference.k + reference.v):
         for i, n in enumerate(lengths):
-            np.testing.assert_allclose(got[i, :n], want[i, :n], atol=1e-5, rtol=0)
+            np.testing.assert_allclose(got[i, :, :n], want[i, :, :n], atol=1e-5, rtol=0)
 
 
 def test_committed_cache_after_speculative_run_equals_a_prefill_of_the_same_tokens():

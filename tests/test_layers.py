@@ -21,6 +21,26 @@ def test_top_k_matches_lax_top_k(shape, k):
         np.testing.assert_array_equal(got_values, want_values)
 
 
+@pytest.mark.parametrize("t, s", [(1, 1), (1, 37), (5, 37), (3, 200)])
+def test_attend_matches_per_head_softmax_attention(t, s):
+    """Grouped-query attention over a head-major cache equals the textbook computation, one query head
+    at a time (head h reads KV head h // G), including fully masked query rows (a uniform average)."""
+    b, n, kv, d = 2, 6, 2, 8
+    keys = jax.random.split(jax.random.key(1), 4)
+    q = np.asarray(jax.random.normal(keys[0], (b, t, n, d)))
+    k, v = (np.asarray(jax.random.normal(key, (b, kv, s, d))) for key in keys[1:3])
+    mask = np.array(jax.random.bernoulli(keys[3], 0.6, (b, t, s)))
+    mask[0, 0] = False  # a fully masked row
+    want = np.zeros((b, t, n, d))
+    for row in range(b):
+        for h in range(n):
+            scores = q[row, :, h] @ k[row, h // (n // kv)].T / np.sqrt(d)
+            scores = np.where(mask[row], scores, layers.NEG_INF)
+            probs = np.exp(scores - scores.max(-1, keepdims=True))
+            want[row, :, h] = (probs / probs.sum(-1, keepdims=True)) @ v[row, h // (n // kv)]
+    np.testing.assert_allclose(jax.jit(layers.attend)(q, k, v, mask), want.reshape(b, t, n * d), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("s, tail", [(1000, 0), (600, 40), (100, 0)])
 def test_attend_live_equals_attend_over_the_whole_cache(s, tail):
     """Attention over the live prefix (and a scratch tail) gives the whole cache's result when every
@@ -28,7 +48,7 @@ def test_attend_live_equals_attend_over_the_whole_cache(s, tail):
     b, t, n, kv, d = 2, 3, 4, 2, 8
     keys = jax.random.split(jax.random.key(0), 4)
     q = jax.random.normal(keys[0], (b, t, n, d))
-    k, v = jax.random.normal(keys[1], (b, s, kv, d)), jax.random.normal(keys[2], (b, s, kv, d))
+    k, v = jax.random.normal(keys[1], (b, kv, s, d)), jax.random.normal(keys[2], (b, kv, s, d))
     head = s - tail
     live_jit = jax.jit(layers.attend_live, static_argnames="tail")
     static_jit = jax.jit(layers.attend_live, static_argnames=("live", "tail"))

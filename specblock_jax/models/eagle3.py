@@ -160,7 +160,7 @@ class Eagle3Drafter(nn.Module):
     """One drafter step over T rows. The condition is either target features (`features_BxTxF`, fused
     by `fc`) or a hidden (`hidden_BxTxH`, the previous step's output); exactly one is given.
 
-    `kv` are [B, S, K, D] key/value buffers: this call's rows are written at `slots_BxT` first, then
+    `kv` are head-major [B, K, S, D] key/value buffers: this call's rows are written at `slots_BxT` first, then
     attended under `mask_BxTxS` (the same contract as the target's cache; `kv_live` and `kv_tail` as
     `layers.Attention`'s)."""
 
@@ -197,8 +197,8 @@ def lm_head(vocab: int, dtype) -> nn.Dense:
 
 
 def _dummy_inputs(config: Eagle3Config):
-    h, kv_dim = config.hidden_size, (config.num_kv_heads, config.head_dim)
-    kv = (jnp.zeros((1, 1, *kv_dim), jnp.dtype(config.dtype)),) * 2
+    h = config.hidden_size
+    kv = (jnp.zeros((1, config.num_kv_heads, 1, config.head_dim), jnp.dtype(config.dtype)),) * 2
     ids = jnp.zeros((1, 1), jnp.int32)
     return (jnp.zeros((1, 1, h)), ids, jnp.ones((1, 1, 1), bool), kv, ids), jnp.zeros((1, 1, 3 * h))
 
@@ -252,14 +252,14 @@ def ttt_forward(params: Any, config: Eagle3Config, table_VxH: jax.Array, feature
     every step. Rows whose target lies beyond the sequence are masked by the loss, not here."""
     b, t = tokens_BxT.shape
     c = config
-    kv_shape = (b, t, c.num_kv_heads, c.head_dim)
-    k_buf = v_buf = jnp.zeros((b, 0, c.num_kv_heads, c.head_dim), jnp.dtype(c.dtype))
+    kv_shape = (b, c.num_kv_heads, t, c.head_dim)
+    k_buf = v_buf = jnp.zeros((b, c.num_kv_heads, 0, c.head_dim), jnp.dtype(c.dtype))
     rows_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     hidden_BxTxH, logits = None, []
     for k in range(c.ttt_steps):  # static unroll
         next_BxT = jnp.pad(tokens_BxT[:, 1 + k:], ((0, 0), (0, min(1 + k, t))))[:, :t]
-        kv = (jnp.concatenate([k_buf, jnp.zeros(kv_shape, k_buf.dtype)], axis=1),
-              jnp.concatenate([v_buf, jnp.zeros(kv_shape, v_buf.dtype)], axis=1))
+        kv = (jnp.concatenate([k_buf, jnp.zeros(kv_shape, k_buf.dtype)], axis=2),
+              jnp.concatenate([v_buf, jnp.zeros(kv_shape, v_buf.dtype)], axis=2))
         condition = dict(features_BxTxF=features_BxTxF) if k == 0 else dict(hidden_BxTxH=hidden_BxTxH)
         out = step(params, c, embed(table_VxH, next_BxT), rows_BxT + k, ttt_mask(t, k)[None], kv, rows_BxT + k * t,
                    **condition)

@@ -73,16 +73,22 @@ def apply_rope(x_BxTxNxD: jax.Array, positions_BxT: jax.Array, inv_freq: np.ndar
     return (x32 * cos + rotated * sin).astype(x_BxTxNxD.dtype)
 
 
-def write_kv(cache_BxSxKxD: jax.Array, new_BxTxKxD: jax.Array, slots_BxT: jax.Array) -> jax.Array:
-    """Scatter the new tokens' keys or values into their cache slots (out-of-range slots are dropped)."""
-    rows_Bx1 = jnp.arange(cache_BxSxKxD.shape[0])[:, None]
-    return cache_BxSxKxD.at[rows_Bx1, slots_BxT].set(new_BxTxKxD.astype(cache_BxSxKxD.dtype), mode="drop")
+def write_kv(cache_BxKxSxD: jax.Array, new_BxTxKxD: jax.Array, slots_BxT: jax.Array) -> jax.Array:
+    """Scatter the new tokens' keys or values into their slots of a head-major cache (out-of-range
+    slots are dropped)."""
+    rows_Bx1 = jnp.arange(cache_BxKxSxD.shape[0])[:, None]
+    return cache_BxKxSxD.at[rows_Bx1, :, slots_BxT].set(new_BxTxKxD.astype(cache_BxKxSxD.dtype), mode="drop")
+
+
+def head_major(x_BxTxKxD: jax.Array) -> jax.Array:
+    """[B, T, KV, D] (as projected) -> [B, KV, T, D] (as cached and attended)."""
+    return jnp.swapaxes(x_BxTxKxD, 1, 2)
 
 
 MIN_LIVE = 128  # the smallest static cache prefix `attend_live` attends
 
 
-def attend_live(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, live, tail: int = 0, new=None) -> jax.Array:
+def attend_live(q_BxTxNxD, k_BxKxSxD, v_BxKxSxD, mask_BxTxS, live, tail: int = 0, new=None) -> jax.Array:
     """`attend` over the cache slots a query can see: a prefix of at least `live` slots and the last
     `tail` (a drafter's scratch), never the unused rest, so a step costs what the sequence holds, not
     what the static cache could. `live` is a Python int (a static slice) or a traced scalar: then the
@@ -90,7 +96,7 @@ def attend_live(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, live, tail: int = 0
     picked at run time (`lax.switch`). The caller guarantees the mask hides every other slot, so the
     result is `attend`'s. With `new` = (k [B, T, KV, D], v, mask [B, T, T]) the queries also attend
     these keys, placed after the cache's: the cache is only read."""
-    s = k_BxSxKxD.shape[1]
+    s = k_BxKxSxD.shape[2]
     head = s - tail
 
     def prefix(n: int):
@@ -98,36 +104,42 @@ def attend_live(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, live, tail: int = 0
             if n < head:
                 keep = lambda x, axis: jnp.concatenate(
                     [jax.lax.slice_in_dim(x, 0, n, axis=axis), jax.lax.slice_in_dim(x, head, s, axis=axis)], axis=axis)
-                k, v, mask = keep(k, 1), keep(v, 1), keep(mask, 2)
+                k, v, mask = keep(k, 2), keep(v, 2), keep(mask, 2)
             if new is not None:
                 k_new, v_new, mask_new = new
-                k = jnp.concatenate([k, k_new.astype(k.dtype)], axis=1)
-                v = jnp.concatenate([v, v_new.astype(v.dtype)], axis=1)
+                k = jnp.concatenate([k, head_major(k_new).astype(k.dtype)], axis=2)
+                v = jnp.concatenate([v, head_major(v_new).astype(v.dtype)], axis=2)
                 mask = jnp.concatenate([jnp.broadcast_to(mask, (*mask_new.shape[:2], mask.shape[2])), mask_new], axis=2)
             return attend(q, k, v, mask)
         return run
 
     if isinstance(live, int):
-        return prefix(max(min(live, head), 1))(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS)
+        return prefix(max(min(live, head), 1))(q_BxTxNxD, k_BxKxSxD, v_BxKxSxD, mask_BxTxS)
     sizes = [n for n in (MIN_LIVE << i for i in range(head.bit_length())) if n < head] + [head]
     if len(sizes) == 1:
-        return prefix(head)(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS)
+        return prefix(head)(q_BxTxNxD, k_BxKxSxD, v_BxKxSxD, mask_BxTxS)
     index = jnp.searchsorted(jnp.asarray(sizes), live)
     return jax.lax.switch(jnp.minimum(index, len(sizes) - 1), [prefix(n) for n in sizes],
-                          q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS)
+                          q_BxTxNxD, k_BxKxSxD, v_BxKxSxD, mask_BxTxS)
 
 
-def attend(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS) -> jax.Array:
-    """Grouped-query attention with an explicit boolean mask; softmax in float32."""
+def attend(q_BxTxNxD, k_BxKxSxD, v_BxKxSxD, mask_BxTxS) -> jax.Array:
+    """Grouped-query attention over head-major keys and values with an explicit boolean mask; softmax
+    in float32. Each KV head's G query heads and T tokens are one [G*T, D] operand, so both products
+    are plain batched matmuls over (B, KV) with no transposed copy of the keys or values: on CPU a
+    token-major cache cost XLA a transpose of the whole cache per layer (2-7x slower at T = 1)."""
     b, t, n, d = q_BxTxNxD.shape
-    kv = k_BxSxKxD.shape[2]
-    q_BxTxKxGxD = q_BxTxNxD.reshape(b, t, kv, n // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD,
-                        preferred_element_type=jnp.float32) / math.sqrt(d)
-    scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxD.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD)
-    return out.reshape(b, t, n * d)
+    kv = k_BxKxSxD.shape[1]
+    g = n // kv
+    q_BxKxQxD = jnp.transpose(q_BxTxNxD.reshape(b, t, kv, g, d), (0, 2, 3, 1, 4)).reshape(b, kv, g * t, d)
+    batch = ((0, 1), (0, 1))
+    scores_BxKxQxS = jax.lax.dot_general(q_BxKxQxD, k_BxKxSxD, (((3,), (3,)), batch),
+                                         preferred_element_type=jnp.float32) / math.sqrt(d)
+    mask_Bx1xQxS = jnp.tile(mask_BxTxS, (1, g, 1))[:, None]  # query row q = g_index * T + t
+    scores_BxKxQxS = jnp.where(mask_Bx1xQxS, scores_BxKxQxS, NEG_INF)
+    probs = jax.nn.softmax(scores_BxKxQxS, axis=-1).astype(v_BxKxSxD.dtype)
+    out_BxKxQxD = jax.lax.dot_general(probs, v_BxKxSxD, (((3,), (2,)), batch))
+    return jnp.transpose(out_BxKxQxD.reshape(b, kv, g, t, d), (0, 3, 1, 2, 4)).reshape(b, t, n * d)
 
 
 class Attention(nn.Module):
@@ -157,7 +169,7 @@ class Attention(nn.Module):
         inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
         q, k = apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq)
         if kv_cache is not None and new_mask is not None:  # read the cache; the caller writes (k, v)
-            live = kv_cache[0].shape[1] if kv_live is None else kv_live
+            live = kv_cache[0].shape[2] if kv_live is None else kv_live
             out = attend_live(q, kv_cache[0], kv_cache[1], mask, live, kv_tail, (k, v, new_mask))
             kv_cache = (k, v)
         elif kv_cache is not None:
@@ -166,7 +178,7 @@ class Attention(nn.Module):
                    else attend_live(q, k_cache, v_cache, mask, kv_live, kv_tail))
             kv_cache = (k_cache, v_cache)
         else:
-            out = attend(q, k, v, mask)
+            out = attend(q, head_major(k), head_major(v), mask)
         out = dense(c.hidden_size, ("heads", "embed"), "o_proj", dtype)(out)
         return out, kv_cache
 
