@@ -3,7 +3,7 @@
 Plain decoding is one target forward per token. Speculative decoding drafts a tree (any drafter
 behind `specblock_jax.drafter`), verifies it in one target forward with a tree attention mask,
 accepts a path losslessly (`verify.accept`) and commits it (`kvcache.commit`). Both loops share
-`prefill`, the output bookkeeping (`_emit`), `DecodeResult` and `generate`'s validation and timing.
+`prefill`, the output bookkeeping (`emit`), `DecodeResult` and `generate`'s validation and timing.
 Rows are independent: each has its own length, its own stop, and decodes greedily exactly as it
 would alone.
 
@@ -99,7 +99,7 @@ def is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
     return stop
 
 
-def _emit(tokens_BxN: jax.Array, num_generated_B: jax.Array, done_B: jax.Array, new_BxK: jax.Array,
+def emit(tokens_BxN: jax.Array, num_generated_B: jax.Array, done_B: jax.Array, new_BxK: jax.Array,
           count_B: jax.Array, eos_ids: tuple[int, ...],
           max_new_tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Append each running row's first `count_B` new tokens to its output, cut at max_new_tokens and
@@ -128,7 +128,7 @@ def _start(params: Any, config: ModelConfig, request: Request, output_width: int
     rng, key = jax.random.split(request.rng)
     first_B = sample(key, logits_BxV, request.sampling)
     b = request.prompt_BxT.shape[0]
-    output = _emit(jnp.full((b, output_width), PAD_ID, jnp.int32), jnp.zeros((b,), jnp.int32), ~request.active_B,
+    output = emit(jnp.full((b, output_width), PAD_ID, jnp.int32), jnp.zeros((b,), jnp.int32), ~request.active_B,
                    first_B[:, None], jnp.ones((b,), jnp.int32), eos_ids, request.max_new_tokens)[:3]
     return cache, features_BxTxF, output, rng
 
@@ -158,7 +158,7 @@ def plain_loop(params: Any, config: ModelConfig, state: PlainState, *, eos_ids: 
         rng, key = jax.random.split(s.rng)
         next_B = sample(key, out.logits[:, 0], s.sampling)
         # Stopped rows keep computing (static batch) but commit nothing: their writes are dropped.
-        tokens_BxN, num_generated_B, done_B, _ = _emit(
+        tokens_BxN, num_generated_B, done_B, _ = emit(
             s.tokens_BxN, s.num_generated_B, s.done_B, next_B[:, None], jnp.ones_like(lengths_B), eos_ids,
             s.max_new_tokens)
         return s._replace(cache=out.cache.replace(lengths=lengths_B + (~s.done_B)), tokens_BxN=tokens_BxN,
@@ -300,7 +300,7 @@ def spec_loop(params: Any, config: ModelConfig, drafter_params: Any, state: Spec
             logits_BxN1xV, features_BxN1xF, cache = verify_tree(s.cache, tree)
         rng, key = jax.random.split(s.rng)
         acceptance = verify.accept(tree, logits_BxN1xV, s.sampling, key, method.max_depth)
-        tokens_BxN, num_generated_B, done_B, emitted_B = _emit(
+        tokens_BxN, num_generated_B, done_B, emitted_B = emit(
             s.tokens_BxN, s.num_generated_B, s.done_B, acceptance.tokens_BxD1, acceptance.length_B + 1, eos_ids,
             s.max_new_tokens)
         # Drafts past a cut (EOS, max_new_tokens) are not committed: lengths stay prompt + generated - 1.
@@ -482,8 +482,8 @@ def prepare(config: ModelConfig, prompt_ids: list[list[int]], *, max_new_tokens:
             seed: int = 0, scratch: int = 0, max_len: int | None = None) -> tuple[Request, dict[str, int]]:
     """The `Request` of checked prompt ids (`encode_prompts`) and its static shapes (`output_width`,
     `max_len`): the batch, prompt width and output width rounded up to their buckets (`bucket`),
-    padding rows inactive; the cache length as `_resolve_max_len` says."""
-    max_len = _resolve_max_len(config, [len(p) for p in prompt_ids], max_new_tokens, max_len, scratch)
+    padding rows inactive; the cache length as `resolve_max_len` says."""
+    max_len = resolve_max_len(config, [len(p) for p in prompt_ids], max_new_tokens, max_len, scratch)
     width = min(bucket(max(len(p) for p in prompt_ids), MIN_WIDTH), max_len)
     rows = len(prompt_ids)
     prompt_BxT = np.zeros((bucket(rows), width), np.int32)
@@ -581,7 +581,7 @@ def encode_prompts(target: target_lib.Target, prompts) -> list[list[int]]:
     return prompt_ids
 
 
-def _resolve_max_len(config: ModelConfig, prompt_lens: list[int], max_new_tokens: int,
+def resolve_max_len(config: ModelConfig, prompt_lens: list[int], max_new_tokens: int,
                      max_len: int | None, scratch: int = 0) -> int:
     """The cache length: given, or the longest prompt + max_new_tokens + `scratch` (a speculative
     tree's budget + 1 slots) rounded up to its bucket (fewer compiles; attention reads only the live

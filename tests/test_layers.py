@@ -53,7 +53,8 @@ def test_attend_live_equals_attend_over_the_whole_cache(s, tail):
     live_jit = jax.jit(layers.attend_live, static_argnames="tail")
     static_jit = jax.jit(layers.attend_live, static_argnames=("live", "tail"))
     attend_jit = jax.jit(layers.attend)
-    lives = sorted({1, 2, 127, 128, 129, 255, 256, 257, 511, 512, 513, head - 1, head} & set(range(1, head + 1)))
+    bounds = (128, 192, 256, 384, 512, 768)  # the prefix sizes, and one slot on either side of each
+    lives = sorted(({1, 2, head - 1, head} | {n + e for n in bounds for e in (-1, 0, 1)}) & set(range(1, head + 1)))
     for i, live in enumerate(lives):
         slots_S = jnp.arange(s)
         visible_BxTxS = jax.random.bernoulli(keys[3], 0.7, (b, t, s)) & ((slots_S < live) | (slots_S >= head))

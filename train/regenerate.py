@@ -1,7 +1,10 @@
 """Regenerate drafter training data: the target answers chat prompts (with its chat template) or
 continues prompts cut from the corpus's training split, with the project's own jitted generation,
 greedy and sampled, so a drafter learns the target's own distribution (as EAGLE-3 and SpecBlock train
-on target-regenerated answers).
+on target-regenerated answers). Generation is continuously batched (`specblock_jax.continuous`):
+`--concurrent-rows` rows decode at once and a finished row takes the next prompt, so parts are only
+the unit of output, not of compute. A sampled answer's key comes from its part's seed and its row,
+so it never depends on the prompts it was decoded beside.
 
     python -m train.regenerate --prompts train/prompts/chat_prompts.jsonl --output-dir runs/regen-chat \
         --prompt-tokens 448 --new-tokens 256 --batch-size 32           # chat answers, by category
@@ -17,14 +20,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import pathlib
 
+import jax
 import numpy as np
 from tqdm import tqdm
 
-from specblock_jax import chat, data, generate, load_target
+from specblock_jax import chat, continuous, data, load_target
 from specblock_jax.config import ConfigError, from_dict, to_dict
 from specblock_jax.decode import PAD_ID
 
@@ -43,7 +48,8 @@ class RegenerateConfig:
     greedy_fraction: float = 0.4  # the rest is sampled at `temperature` / `top_p`
     temperature: float = 1.0
     top_p: float = 1.0
-    batch_size: int = 16
+    batch_size: int = 16  # prompts per part
+    concurrent_rows: int = 32  # rows decoding at once; how fast, not what: not part of the data's identity
     seed: int = 0
     # The corpus and its split: keep these equal to the target's training config so no held-out
     # document is ever used.
@@ -57,7 +63,7 @@ class RegenerateConfig:
         unknown = [d for d in self.domains if d not in data.DOMAINS]
         if unknown or not self.domains:
             raise ConfigError(f"domains {list(self.domains)} must be a non-empty subset of {data.DOMAINS}")
-        for name in ("samples_per_domain", "prompt_tokens", "new_tokens", "batch_size"):
+        for name in ("samples_per_domain", "prompt_tokens", "new_tokens", "batch_size", "concurrent_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.greedy_fraction <= 1.0:
@@ -113,30 +119,47 @@ def regenerate(cfg: RegenerateConfig, progress: bool = True) -> pathlib.Path:
     target = load_target(cfg.target)
     if target.tokenizer is None:
         raise ValueError(f"target {cfg.target or 'embedded'} has no tokenizer; regeneration reads its prompts as text")
-    width = cfg.prompt_tokens + cfg.new_tokens
-    for name, prompts, greedy, seed in tqdm(plan(cfg, target.tokenizer), desc="regenerate", unit="batch",
-                                            disable=not progress):
-        path = out / f"{name}.npz"
-        if path.exists():
-            continue
-        result = generate(target, prompts, max_new_tokens=cfg.new_tokens,
-                          temperature=0.0 if greedy else cfg.temperature, top_p=1.0 if greedy else cfg.top_p,
-                          seed=seed)
-        tokens = np.full((len(prompts), width), PAD_ID, np.int32)
-        for row, (prompt, ids) in enumerate(zip(prompts, result.token_ids)):
-            tokens[row, :len(prompt) + len(ids)] = prompt + ids
-        prompt_len = np.array([len(prompt) for prompt in prompts], np.int32)
-        lengths = prompt_len + np.array([len(ids) for ids in result.token_ids], np.int32)
-        tmp = out / f".{name}.tmp.npz"
-        np.savez_compressed(tmp, tokens=tokens, prompt_len=prompt_len, length=lengths)
-        os.replace(tmp, path)
+    parts = plan(cfg, target.tokenizer)
+    todo = [part for part in parts if not (out / f"{part[0]}.npz").exists()]
+    bar = tqdm(total=len(parts), initial=len(parts) - len(todo), desc="regenerate", unit="part", disable=not progress)
+    for greedy, run in itertools.groupby(todo, key=lambda part: part[2]):  # one stream per sampling mode
+        run = list(run)
+        owners = [(p, row) for p, (_, prompts, _, _) in enumerate(run) for row in range(len(prompts))]
+        keys = [jax.random.fold_in(jax.random.key(run[p][3]), row) for p, row in owners]
+        answers = [{} for _ in run]
+        for i, ids in continuous.stream(target, [run[p][1][row] for p, row in owners], keys,
+                                        max_new_tokens=cfg.new_tokens, temperature=0.0 if greedy else cfg.temperature,
+                                        top_p=1.0 if greedy else cfg.top_p, rows=cfg.concurrent_rows,
+                                        max_len=cfg.prompt_tokens + cfg.new_tokens):
+            p, row = owners[i]
+            answers[p][row] = ids
+            name, prompts, _, _ = run[p]
+            if len(answers[p]) == len(prompts):
+                _write_part(out / f"{name}.npz", prompts, [answers[p][r] for r in range(len(prompts))],
+                            cfg.prompt_tokens + cfg.new_tokens)
+                bar.update()
+    bar.close()
     return out
+
+
+def _write_part(path: pathlib.Path, prompts: list[list[int]], answers: list[list[int]], width: int) -> None:
+    """One part, written atomically: tokens [rows, width] (prompt then answer, PAD_ID after), prompt_len, length."""
+    tokens = np.full((len(prompts), width), PAD_ID, np.int32)
+    for row, (prompt, ids) in enumerate(zip(prompts, answers)):
+        tokens[row, :len(prompt) + len(ids)] = prompt + ids
+    prompt_len = np.array([len(prompt) for prompt in prompts], np.int32)
+    lengths = prompt_len + np.array([len(ids) for ids in answers], np.int32)
+    tmp = path.parent / f".{path.stem}.tmp.npz"
+    np.savez_compressed(tmp, tokens=tokens, prompt_len=prompt_len, length=lengths)
+    os.replace(tmp, path)
 
 
 def _check_same_run(path: pathlib.Path, cfg: RegenerateConfig) -> None:
     """Parts are skipped by name on a rerun, so a rerun with another config would mix two datasets.
-    Where the parts live is not part of it: a directory may be moved (or committed) and resumed."""
-    text = json.dumps({k: v for k, v in to_dict(cfg).items() if k != "output_dir"}, sort_keys=True, indent=1)
+    Where the parts live and how many rows decode at once are not part of it: a directory may be moved
+    (or committed) and resumed at another speed."""
+    text = json.dumps({k: v for k, v in to_dict(cfg).items() if k not in ("output_dir", "concurrent_rows")},
+                      sort_keys=True, indent=1)
     if path.exists() and json.loads(path.read_text()) != json.loads(text):
         raise ConfigError(f"{path.parent} holds parts made with a different config ({path}); "
                           "use a new --output-dir")
