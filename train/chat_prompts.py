@@ -12,7 +12,8 @@ trained on the target's answers to these is measured on questions it never saw:
 - translation: one-sentence stdlib docstrings and the first sentences of those passages, into French,
   Spanish or German;
 - writing: continue or retell those passages;
-- tasks: every self-instruct seed task the suite does not use, with each of its instances.
+- tasks: every self-instruct seed task the suite does not use, with each of its instances;
+- explain: public stdlib functions of 5-30 lines, their docstring removed, to explain.
 
     python -m train.chat_prompts --per-category 1000   # writes train/prompts/chat_prompts.jsonl (committed)
 
@@ -23,6 +24,7 @@ categories interleaved; deterministic for the same data and Python.
 from __future__ import annotations
 
 import argparse
+import ast
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -33,7 +35,7 @@ from specblock_jax import data
 
 from infer import make_suite
 
-CATEGORIES = ("math", "code", "summarization", "translation", "writing", "tasks")
+CATEGORIES = ("math", "code", "summarization", "translation", "writing", "tasks", "explain")
 PASSAGE_CHARS = 900  # Shakespeare passages cut from the training plays
 WRITING_ASKS = ("Continue this scene for a few more lines, in the same style:",
                 "Retell what happens in this passage in modern English:",
@@ -61,6 +63,7 @@ def build(shared_data: str | pathlib.Path, per_category: int, seed: int = 0,
                     for i, (source, text) in enumerate(passages)],
         "tasks": [(_task_prompt(task, instance), f"self_instruct:{task['id']}")
                   for task in tasks for instance in task["instances"]],
+        "explain": _explain_prompts(),
     }
     chosen = {}
     for category, pool in pools.items():
@@ -83,6 +86,27 @@ def _code_prompts() -> list[tuple[str, str]]:
         for name, signature, doc in functions:
             prompts.append((f"Write a Python function `{name.rsplit('.', 1)[1]}({signature})` that does the following:"
                             f"\n\n{doc}\n\nDo not use the `{module}` module.", f"python-stdlib:{name}"))
+    return prompts
+
+
+def _explain_prompts() -> list[tuple[str, str]]:
+    """Public top-level functions of the public stdlib modules, 5-30 lines once their docstring is
+    dropped (so the answer has to read the code), to explain."""
+    prompts = []
+    for module, path in make_suite._stdlib_modules():
+        try:
+            tree = ast.parse(path.read_bytes())
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        for node in tree.body:
+            if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
+                continue
+            if ast.get_docstring(node) is not None:
+                node.body = node.body[1:]
+            code = ast.unparse(node) if node.body else ""
+            if 5 <= len(code.splitlines()) <= 30:
+                prompts.append((f"Explain what this Python function does, step by step:\n\n```python\n{code}\n```",
+                                f"python-stdlib:{module}.{node.name}"))
     return prompts
 
 
