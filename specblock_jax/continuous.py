@@ -134,9 +134,7 @@ def stream(target: target_lib.Target, prompts: Sequence[Sequence[int]], keys: Se
         if not held_B.any():
             return
         state = run(target.params, config, state, held_B, sampling, eos_ids=eos_ids)
-        done_B, num_B = jax.device_get((state.done_B, state.num_generated_B))
-        finished = [row for row in range(rows) if held_B[row] and done_B[row]]
-        tokens_BxN = np.asarray(state.tokens_BxN[np.array(finished)])
-        for row, tokens_N in zip(finished, tokens_BxN):
-            yield holder[row], tokens_N[:num_B[row]].tolist()
+        done_B, num_B, tokens_BxN = jax.device_get((state.done_B, state.num_generated_B, state.tokens_BxN))
+        for row in np.flatnonzero(held_B & done_B):
+            yield holder[row], tokens_BxN[row, :num_B[row]].tolist()
             holder[row] = None

@@ -58,9 +58,9 @@ def test_sampled_token_pairs_follow_the_targets_joint_distribution(peaked_target
     between steps, or one row's draw leaking into another's, would skew the joint."""
     config = dataclasses.replace(CONFIG, vocab_size=12)
     target = peaked_target(config, scale=2.0)
-    prompt, n = [4, 7, 1], 3000
+    prompt, n = [4, 7, 1], 2000
     pairs = _answers(target, [prompt] * n, _keys(3, n), max_new_tokens=2, temperature=1.0, stop_on_eos=False,
-                     rows=100)
+                     rows=250)
     v = config.vocab_size
     p0_V = jax.nn.softmax(target.logits([prompt])[0, -1])
     p1_VxV = jax.nn.softmax(target.logits([prompt + [t] for t in range(v)])[:, -1], axis=-1)
