@@ -1,4 +1,4 @@
-"""Regenerate drafter training data: the target answers chat prompts (with its chat template) or
+r"""Regenerate drafter training data: the target answers chat prompts (with its chat template) or
 continues prompts cut from the corpus's training split, with the project's own jitted generation,
 greedy and sampled, so a drafter learns the target's own distribution (as EAGLE-3 and SpecBlock train
 on target-regenerated answers). Generation is continuously batched (`specblock_jax.continuous`):
@@ -10,10 +10,10 @@ so it never depends on the prompts it was decoded beside.
         --prompt-tokens 448 --new-tokens 256 --batch-size 32           # chat answers, by category
     python -m train.regenerate --target specblock_jax/assets/toy/target --output-dir runs/regen  # corpus
 
-Output: `part-<category or domain>-<mode>-<index>.npz` files, each a batch with `tokens` [b, prompt
-tokens + new tokens] (PAD_ID after a row's end), `prompt_len` [b] and `length` [b]. Each part is
-written atomically and an existing part is skipped, so rerunning after a kill only makes what is
-missing (the same command resumes).
+Output: `part-<category or domain>-<mode>-<index>.npz` files, each the answers to `--batch-size`
+prompts: `tokens` [b, prompt tokens + new tokens] (PAD_ID after a row's end), `prompt_len` [b] and
+`length` [b]. Each part is written atomically and an existing part is skipped, so rerunning after a
+kill only makes what is missing (the same command resumes; the rows in flight are decoded again).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import itertools
 import json
 import os
 import pathlib
+import time
 
 import jax
 import numpy as np
@@ -34,30 +35,39 @@ from specblock_jax.config import ConfigError, from_dict, to_dict
 from specblock_jax.decode import PAD_ID
 
 
+def _option(default, help: str):
+    """A config field with its --help text."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclasses.dataclass(frozen=True)
 class RegenerateConfig:
-    output_dir: str = "runs/regen"
-    target: str | None = None  # HF directory or .gguf; default: the embedded default (SmolLM2-135M-Instruct)
-    # A chat prompt file ({"messages", "category"} per line, train/chat_prompts.py): every prompt is
-    # answered, parts named by category; None: prompts cut from the corpus (`domains`).
-    prompts: str | None = None
-    domains: tuple[str, ...] = data.DOMAINS
-    samples_per_domain: int = 512  # corpus prompts per domain
-    prompt_tokens: int = 64  # corpus: each prompt's length; chat: the longest prompt kept (longer ones left out)
-    new_tokens: int = 192
-    greedy_fraction: float = 0.4  # the rest is sampled at `temperature` / `top_p`
-    temperature: float = 1.0
-    top_p: float = 1.0
-    batch_size: int = 16  # prompts per part
-    concurrent_rows: int = 32  # rows decoding at once; how fast, not what: not part of the data's identity
-    seed: int = 0
+    output_dir: str = _option("runs/regen", "where the parts go; rerunning into it makes only the missing ones")
+    target: str | None = _option(None, "Hugging Face directory or .gguf file (default: the embedded "
+                                       "SmolLM2-135M-Instruct)")
+    prompts: str | None = _option(None, "chat prompt file ({'messages', 'category'} per line, train/chat_prompts.py): "
+                                        "every prompt is answered, parts named by category; unset: prompts cut "
+                                        "from the corpus (--domains)")
+    domains: tuple[str, ...] = _option(data.DOMAINS, "corpus domains to cut prompts from, comma-separated")
+    samples_per_domain: int = _option(512, "corpus prompts per domain")
+    prompt_tokens: int = _option(64, "corpus: each prompt's length; chat: the longest prompt kept (longer ones "
+                                     "are left out)")
+    new_tokens: int = _option(192, "new tokens per answer at most")
+    greedy_fraction: float = _option(0.4, "share of each category's prompts answered greedily; the rest is "
+                                          "sampled at --temperature / --top-p")
+    temperature: float = _option(1.0, "sampling temperature of the sampled share")
+    top_p: float = _option(1.0, "nucleus top-p of the sampled share (1: off)")
+    batch_size: int = _option(16, "prompts per part (the unit of output and of resuming)")
+    concurrent_rows: int = _option(32, "rows decoding at once (continuous batching): how fast, not what, so not "
+                                       "part of the data's identity")
+    seed: int = _option(0, "seeds the sampled answers and the corpus prompts")
     # The corpus and its split: keep these equal to the target's training config so no held-out
     # document is ever used.
-    data_dir: str = "data/corpus"
-    code_dir: str | None = None
-    prose_dir: str | None = None
-    val_fraction: float = 0.05
-    test_fraction: float = 0.05
+    data_dir: str = _option("data/corpus", "where the prose corpus is kept (fetched on first use)")
+    code_dir: str | None = _option(None, "code documents folder (default: the Python standard library's source)")
+    prose_dir: str | None = _option(None, "prose documents folder (default: Shakespeare's plays in --data-dir)")
+    val_fraction: float = _option(0.05, "the corpus's held-out share, as the target's training split it")
+    test_fraction: float = _option(0.05, "the corpus's test share, as the target's training split it")
 
     def __post_init__(self):
         unknown = [d for d in self.domains if d not in data.DOMAINS]
@@ -122,6 +132,7 @@ def regenerate(cfg: RegenerateConfig, progress: bool = True) -> pathlib.Path:
     parts = plan(cfg, target.tokenizer)
     todo = [part for part in parts if not (out / f"{part[0]}.npz").exists()]
     bar = tqdm(total=len(parts), initial=len(parts) - len(todo), desc="regenerate", unit="part", disable=not progress)
+    start, new_tokens = time.perf_counter(), 0
     for greedy, run in itertools.groupby(todo, key=lambda part: part[2]):  # one stream per sampling mode
         run = list(run)
         owners = [(p, row) for p, (_, prompts, _, _) in enumerate(run) for row in range(len(prompts))]
@@ -133,6 +144,8 @@ def regenerate(cfg: RegenerateConfig, progress: bool = True) -> pathlib.Path:
                                         max_len=cfg.prompt_tokens + cfg.new_tokens):
             p, row = owners[i]
             answers[p][row] = ids
+            new_tokens += len(ids)
+            bar.set_postfix(answer_tokens_per_s=f"{new_tokens / (time.perf_counter() - start):.1f}", refresh=False)
             name, prompts, _, _ = run[p]
             if len(answers[p]) == len(prompts):
                 _write_part(out / f"{name}.npz", prompts, [answers[p][r] for r in range(len(prompts))],
@@ -182,11 +195,13 @@ def main(argv: list[str] | None = None) -> None:
     defaults = RegenerateConfig()
     for field in dataclasses.fields(RegenerateConfig):
         if field.name == "domains":
-            parser.add_argument("--domains", default=",".join(defaults.domains), help="comma-separated")
+            parser.add_argument("--domains", default=",".join(defaults.domains),
+                                help=f"{field.metadata['help']} (default: {','.join(defaults.domains)})")
         else:
             kind = {"int": int, "float": float}.get(str(field.type), str)
             parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=getattr(defaults, field.name),
-                                help=f"default: {getattr(defaults, field.name)}")
+                                help=field.metadata["help"] + ("" if getattr(defaults, field.name) is None
+                                                              else f" (default: {getattr(defaults, field.name)})"))
     args = vars(parser.parse_args(argv))
     args["domains"] = [d for d in args["domains"].split(",") if d]
     print(f"wrote {regenerate(from_dict(RegenerateConfig, args))}")
