@@ -100,8 +100,8 @@ def is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
 
 
 def emit(tokens_BxN: jax.Array, num_generated_B: jax.Array, done_B: jax.Array, new_BxK: jax.Array,
-          count_B: jax.Array, eos_ids: tuple[int, ...],
-          max_new_tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+         count_B: jax.Array, eos_ids: tuple[int, ...],
+         max_new_tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Append each running row's first `count_B` new tokens to its output, cut at max_new_tokens and
     just after the first stop token; a row that reaches either is done. Returns the output, the
     generated counts, `done_B` and how many tokens each row emitted."""
@@ -129,7 +129,7 @@ def _start(params: Any, config: ModelConfig, request: Request, output_width: int
     first_B = sample(key, logits_BxV, request.sampling)
     b = request.prompt_BxT.shape[0]
     output = emit(jnp.full((b, output_width), PAD_ID, jnp.int32), jnp.zeros((b,), jnp.int32), ~request.active_B,
-                   first_B[:, None], jnp.ones((b,), jnp.int32), eos_ids, request.max_new_tokens)[:3]
+                  first_B[:, None], jnp.ones((b,), jnp.int32), eos_ids, request.max_new_tokens)[:3]
     return cache, features_BxTxF, output, rng
 
 
@@ -582,7 +582,7 @@ def encode_prompts(target: target_lib.Target, prompts) -> list[list[int]]:
 
 
 def resolve_max_len(config: ModelConfig, prompt_lens: list[int], max_new_tokens: int,
-                     max_len: int | None, scratch: int = 0) -> int:
+                    max_len: int | None, scratch: int = 0) -> int:
     """The cache length: given, or the longest prompt + max_new_tokens + `scratch` (a speculative
     tree's budget + 1 slots) rounded up to its bucket (fewer compiles; attention reads only the live
     slots, so the unused tail costs memory, not time), never beyond max_position_embeddings. Each
