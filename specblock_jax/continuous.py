@@ -76,22 +76,13 @@ def run(params: Any, config: ModelConfig, state: StreamState, held_B: jax.Array,
         eos_ids: tuple[int, ...]) -> StreamState:
     """One target forward per step for every running row, until a held row (one whose answer the host
     has not taken yet) is done, or none runs."""
-    rows_B = jnp.arange(state.tokens_BxN.shape[0])
-    max_new_tokens = state.tokens_BxN.shape[1]
 
     def step(s: StreamState) -> StreamState:
-        lengths_B = s.cache.lengths
-        newest_B = s.tokens_BxN[rows_B, jnp.maximum(s.num_generated_B - 1, 0)]
-        live = jnp.max(jnp.where(s.done_B, 0, lengths_B)) + 1
-        out = target_lib.forward(params, config, newest_B[:, None], lengths_B[:, None],
-                                 kvcache.decode_mask(lengths_B, s.cache.max_len), s.cache, lengths_B[:, None],
-                                 kv_live=live)
-        next_B = _draw(s.keys_B, s.num_generated_B, out.logits[:, 0], sampling)
-        tokens_BxN, num_generated_B, done_B, _ = decode.emit(
-            s.tokens_BxN, s.num_generated_B, s.done_B, next_B[:, None], jnp.ones_like(lengths_B), eos_ids,
-            max_new_tokens)
-        return s._replace(cache=out.cache.replace(lengths=lengths_B + (~s.done_B)), tokens_BxN=tokens_BxN,
-                          num_generated_B=num_generated_B, done_B=done_B)
+        cache, tokens_BxN, num_generated_B, done_B = decode.plain_step(
+            params, config, s.cache, s.tokens_BxN, s.num_generated_B, s.done_B,
+            lambda logits_BxV: _draw(s.keys_B, s.num_generated_B, logits_BxV, sampling), eos_ids,
+            s.tokens_BxN.shape[1], jnp.max(jnp.where(s.done_B, 0, s.cache.lengths)) + 1)
+        return s._replace(cache=cache, tokens_BxN=tokens_BxN, num_generated_B=num_generated_B, done_B=done_B)
 
     return jax.lax.while_loop(lambda s: ~jnp.any(held_B & s.done_B) & ~jnp.all(s.done_B), step, state)
 

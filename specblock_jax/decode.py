@@ -144,25 +144,34 @@ def plain_init(params: Any, config: ModelConfig, request: Request, *, output_wid
                       sampling=request.sampling)
 
 
+def plain_step(params: Any, config: ModelConfig, cache: KVCache, tokens_BxN: jax.Array, num_generated_B: jax.Array,
+               done_B: jax.Array, draw: Any, eos_ids: tuple[int, ...], max_new_tokens: Any,
+               live: jax.Array) -> tuple[KVCache, jax.Array, jax.Array, jax.Array]:
+    """One target forward for every row's newest token; `draw(logits_BxV)` picks the next tokens.
+    Stopped rows keep computing (static batch) but commit nothing: their writes are dropped. `live`:
+    no running row sees a cache slot at or past it. Returns the cache, output, counts and `done_B`."""
+    lengths_B = cache.lengths
+    newest_B = tokens_BxN[jnp.arange(tokens_BxN.shape[0]), jnp.maximum(num_generated_B - 1, 0)]
+    out = target_lib.forward(params, config, newest_B[:, None], lengths_B[:, None],
+                             kvcache.decode_mask(lengths_B, cache.max_len), cache, lengths_B[:, None], kv_live=live)
+    tokens_BxN, num_generated_B, new_done_B, _ = emit(
+        tokens_BxN, num_generated_B, done_B, draw(out.logits[:, 0])[:, None], jnp.ones_like(lengths_B), eos_ids,
+        max_new_tokens)
+    return out.cache.replace(lengths=lengths_B + (~done_B)), tokens_BxN, num_generated_B, new_done_B
+
+
 @functools.partial(jax.jit, static_argnames=("config", "eos_ids"), donate_argnames="state")
 def plain_loop(params: Any, config: ModelConfig, state: PlainState, *, eos_ids: tuple[int, ...]) -> PlainState:
     """One target forward per step until every row has stopped (EOS emitted, or max_new_tokens)."""
-    rows_B = jnp.arange(state.tokens_BxN.shape[0])
 
     def step(s: PlainState) -> PlainState:
-        lengths_B = s.cache.lengths
-        newest_B = s.tokens_BxN[rows_B, s.num_generated_B - 1]
-        out = target_lib.forward(params, config, newest_B[:, None], lengths_B[:, None],
-                                 kvcache.decode_mask(lengths_B, s.cache.max_len), s.cache, lengths_B[:, None],
-                                 kv_live=jnp.max(lengths_B) + 1)
         rng, key = jax.random.split(s.rng)
-        next_B = sample(key, out.logits[:, 0], s.sampling)
-        # Stopped rows keep computing (static batch) but commit nothing: their writes are dropped.
-        tokens_BxN, num_generated_B, done_B, _ = emit(
-            s.tokens_BxN, s.num_generated_B, s.done_B, next_B[:, None], jnp.ones_like(lengths_B), eos_ids,
-            s.max_new_tokens)
-        return s._replace(cache=out.cache.replace(lengths=lengths_B + (~s.done_B)), tokens_BxN=tokens_BxN,
-                          num_generated_B=num_generated_B, done_B=done_B, rng=rng, iterations=s.iterations + 1)
+        cache, tokens_BxN, num_generated_B, done_B = plain_step(
+            params, config, s.cache, s.tokens_BxN, s.num_generated_B, s.done_B,
+            lambda logits_BxV: sample(key, logits_BxV, s.sampling), eos_ids, s.max_new_tokens,
+            jnp.max(s.cache.lengths) + 1)
+        return s._replace(cache=cache, tokens_BxN=tokens_BxN, num_generated_B=num_generated_B, done_B=done_B,
+                          rng=rng, iterations=s.iterations + 1)
 
     return jax.lax.while_loop(lambda s: ~jnp.all(s.done_B), step, state)
 
