@@ -14,13 +14,73 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from specblock_jax.models.layers import NEG_INF
+
 TTT_DECAY = 0.8  # EAGLE-3's weight of step k: 0.8 ** k
 
 
-def soft_cross_entropy(logits_BxTxV: jax.Array, target_probs_BxTxV: jax.Array, mask_BxT: jax.Array) -> jax.Array:
-    """Mean over masked positions of -sum_v p(v) log q(v); 0 when nothing is masked in."""
-    logq = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
-    ce_BxT = -jnp.sum(target_probs_BxTxV.astype(jnp.float32) * logq, axis=-1)
+class Teacher(NamedTuple):
+    """The target's next-token distribution at each position, over the drafter's vocabulary: the
+    probabilities of k ids per position (`ids` None: of every id in order, a dense distribution) and its
+    most likely id. The offline feature cache keeps the target's top k logits only, so its teacher is
+    k ids per position and no loss builds a [.., V] copy of it (`topk_teacher`)."""
+
+    probs_BxTxk: jax.Array  # float32, sums to 1 over k
+    ids_BxTxk: jax.Array | None  # int32 drafter-vocabulary ids of the k probabilities; None: k = V, in order
+    argmax_BxT: jax.Array  # int32 the most likely id
+
+    def rows(self, index_BxQ: jax.Array) -> Teacher:
+        """The teacher at positions `index` [B, Q] of each batch row."""
+        gather = lambda x: jnp.take_along_axis(x, index_BxQ.reshape(index_BxQ.shape + (1,) * (x.ndim - 2)), axis=1)
+        return jax.tree.map(gather, self)
+
+
+def dense_teacher(target_logits_BxTxV: jax.Array, loss_mask_BxT: jax.Array,
+                  draft_to_target_Vd: jax.Array | None = None) -> tuple[Teacher, jax.Array]:
+    """The teacher of full target logits (online training), over the draft vocabulary when reduced
+    (`restrict_to_draft_vocab`), and the loss mask that goes with it."""
+    if draft_to_target_Vd is not None:
+        target_logits_BxTxV, loss_mask_BxT = restrict_to_draft_vocab(target_logits_BxTxV, loss_mask_BxT,
+                                                                     draft_to_target_Vd)
+    logits = jax.lax.stop_gradient(target_logits_BxTxV).astype(jnp.float32)
+    return Teacher(jax.nn.softmax(logits, axis=-1), None, jnp.argmax(logits, axis=-1).astype(jnp.int32)), loss_mask_BxT
+
+
+def topk_teacher(topk_logits_BxTxk: jax.Array, topk_ids_BxTxk: jax.Array, loss_mask_BxT: jax.Array, vocab_size: int,
+                 draft_to_target_Vd: jax.Array | None = None) -> tuple[Teacher, jax.Array]:
+    """The teacher of the target's top-k logits (the offline feature cache): the target renormalised
+    over them, and over the draft vocabulary when reduced, with the positions dropped from the loss
+    mask where the target's most likely token lies outside it. Equal to `dense_teacher` of the logits
+    with NEG_INF at every other id, without building them."""
+    logits_BxTxk = jax.lax.stop_gradient(topk_logits_BxTxk).astype(jnp.float32)
+    ids_BxTxk = topk_ids_BxTxk.astype(jnp.int32)
+    if draft_to_target_Vd is not None:
+        draft_to_target_Vd = jnp.asarray(draft_to_target_Vd, jnp.int32)
+        target_to_draft_V = jnp.full((vocab_size,), -1, jnp.int32).at[draft_to_target_Vd].set(
+            jnp.arange(draft_to_target_Vd.shape[0], dtype=jnp.int32))
+        ids_BxTxk = target_to_draft_V[ids_BxTxk]
+        top_BxT = jnp.argmax(logits_BxTxk, axis=-1)  # the target's most likely token, before restricting
+        covered_BxT = jnp.take_along_axis(ids_BxTxk, top_BxT[..., None], axis=-1)[..., 0] >= 0
+        loss_mask_BxT = loss_mask_BxT * covered_BxT.astype(loss_mask_BxT.dtype)
+        logits_BxTxk = jnp.where(ids_BxTxk >= 0, logits_BxTxk, NEG_INF)
+        ids_BxTxk = jnp.maximum(ids_BxTxk, 0)
+    argmax_BxT = jnp.take_along_axis(ids_BxTxk, jnp.argmax(logits_BxTxk, axis=-1)[..., None], axis=-1)[..., 0]
+    return Teacher(jax.nn.softmax(logits_BxTxk, axis=-1), ids_BxTxk, argmax_BxT), loss_mask_BxT
+
+
+def cross_entropy(logits_xV: jax.Array, probs_xk: jax.Array, ids_xk: jax.Array | None = None) -> jax.Array:
+    """-sum_v p(v) log q(v) per row, q = softmax(logits), p given at `ids` (None: at every id): the
+    log-probabilities are read at p's ids only, so a k-id teacher never costs a [.., V] product."""
+    logits_xV = logits_xV.astype(jnp.float32)
+    at_p = logits_xV if ids_xk is None else jnp.take_along_axis(logits_xV, ids_xk, axis=-1)
+    logq_at_p = at_p - jax.nn.logsumexp(logits_xV, axis=-1, keepdims=True)
+    return -jnp.sum(probs_xk.astype(jnp.float32) * logq_at_p, axis=-1)
+
+
+def soft_cross_entropy(logits_BxTxV: jax.Array, target_probs_BxTxk: jax.Array, mask_BxT: jax.Array,
+                       ids_BxTxk: jax.Array | None = None) -> jax.Array:
+    """Mean over masked positions of `cross_entropy`; 0 when nothing is masked in."""
+    ce_BxT = cross_entropy(logits_BxTxV, target_probs_BxTxk, ids_BxTxk)
     mask_BxT = mask_BxT.astype(jnp.float32)
     return jnp.sum(ce_BxT * mask_BxT) / jnp.maximum(jnp.sum(mask_BxT), 1.0)
 
@@ -46,23 +106,23 @@ class TTTLoss(NamedTuple):
     step_acc_K: jax.Array  # [K] fraction of masked rows whose drafter argmax equals the target's argmax
 
 
-def ttt_loss(draft_logits_K: Sequence[jax.Array], target_logits_BxTxV: jax.Array, loss_mask_BxT: jax.Array,
+def ttt_loss(draft_logits_K: Sequence[jax.Array], teacher: Teacher, loss_mask_BxT: jax.Array,
              decay: float = TTT_DECAY) -> TTTLoss:
     """EAGLE-3's TTT loss: per-step soft cross-entropy to the target's distribution, weighted decay**k.
-    `draft_logits_K`: each step's [B, T, V] logits (`eagle3.ttt_forward`'s tuple, or a [K, B, T, V] array).
+    `draft_logits_K`: each step's [B, T, V] logits (`eagle3.ttt_forward`'s tuple, or a [K, B, T, V] array);
+    `teacher` and `loss_mask` as `dense_teacher` or `topk_teacher` give them.
 
-    The same figures as `ttt_targets` per step, computed without its shifted copies: the teacher is
-    softmaxed once, and step k compares draft rows [0, T - 1 - k) with teacher rows [1 + k, T) (the rows
-    past the end, masked out there, are left out here)."""
-    t = target_logits_BxTxV.shape[1]
-    probs_BxTxV = jax.nn.softmax(target_logits_BxTxV.astype(jnp.float32), axis=-1)
-    teacher_BxT = jnp.argmax(target_logits_BxTxV, axis=-1)
+    The same figures as `ttt_targets` per step, computed without its shifted copies: step k compares
+    draft rows [0, T - 1 - k) with teacher rows [1 + k, T) (the rows past the end, masked out there,
+    are left out here)."""
+    t = teacher.argmax_BxT.shape[1]
     losses, accs = [], []
     for k in range(len(draft_logits_K)):  # static: the number of TTT steps
         n = max(t - 1 - k, 0)
+        later = jax.tree.map(lambda x: x[:, 1 + k:], teacher)
         logits_BxNxV, mask_BxN = draft_logits_K[k][:, :n], loss_mask_BxT[:, 1 + k:].astype(jnp.float32)
-        losses.append(soft_cross_entropy(logits_BxNxV, probs_BxTxV[:, 1 + k:], mask_BxN))
-        hit_BxN = jnp.argmax(logits_BxNxV, axis=-1) == teacher_BxT[:, 1 + k:]
+        losses.append(soft_cross_entropy(logits_BxNxV, later.probs_BxTxk, mask_BxN, later.ids_BxTxk))
+        hit_BxN = jnp.argmax(logits_BxNxV, axis=-1) == later.argmax_BxT
         accs.append(jnp.sum(hit_BxN * mask_BxN) / jnp.maximum(jnp.sum(mask_BxN), 1.0))
     step_loss_K = jnp.stack(losses)
     weights_K = decay ** jnp.arange(len(losses), dtype=jnp.float32)
@@ -74,8 +134,7 @@ def restrict_to_draft_vocab(target_logits_BxTxV: jax.Array, loss_mask_BxT: jax.A
     """A reduced-vocabulary drafter's teacher, as EAGLE-3 trains it: the target's logits gathered at the
     draft vocabulary's target ids ([B, T, Vd]; a softmax of them is the target renormalized over the
     draft vocabulary), and the loss mask with positions dropped where the target's argmax lies outside
-    the draft vocabulary (nothing there to learn). Pass both on to `ttt_loss` / `ttt_targets` in place
-    of the full logits and mask: the TTT shift applies to them unchanged."""
+    the draft vocabulary (nothing there to learn): what `dense_teacher` builds its teacher from."""
     draft_to_target_Vd = jnp.asarray(draft_to_target_Vd, jnp.int32)
     logits_BxTxVd = jnp.take(target_logits_BxTxV, draft_to_target_Vd, axis=-1)
     covered_V = jnp.zeros((target_logits_BxTxV.shape[-1],), bool).at[draft_to_target_Vd].set(True)

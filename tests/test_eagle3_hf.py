@@ -262,10 +262,10 @@ def test_loss_restricted_to_the_draft_vocabulary():
     # restricted loss is the full one.
     draft = jnp.asarray(np.random.default_rng(1).standard_normal((2, 2, 5, V)), jnp.float32)
     ttt_loss = jax.jit(losses.ttt_loss)
-    full = ttt_loss(draft, logits, mask)
-    same = ttt_loss(draft, *losses.restrict_to_draft_vocab(logits, mask, jnp.arange(V)))
+    full = ttt_loss(draft, *losses.dense_teacher(logits, mask))
+    same = ttt_loss(draft, *losses.dense_teacher(logits, mask, jnp.arange(V)))
     np.testing.assert_allclose(np.asarray(same.step_loss_K), np.asarray(full.step_loss_K), rtol=1e-6)
-    reduced = ttt_loss(draft[..., :len(ids)], sub, sub_mask)
+    reduced = ttt_loss(draft[..., :len(ids)], *losses.dense_teacher(logits, mask, jnp.asarray(ids)))
     probs = jax.nn.softmax(np.asarray(logits)[..., ids][:, 1:], axis=-1)  # step 0 teacher: position j + 1
     logq = jax.nn.log_softmax(draft[0, :, :-1, :len(ids)], axis=-1)
     m = np.asarray(sub_mask)[:, 1:]

@@ -36,7 +36,7 @@ def test_ttt_loss_offsets_masks_weights_and_accuracy():
     step0 = 20.0 * jnp.eye(v)[jnp.array([1, 0, 0, 2])][None]
     # Step 1: row 0 (position 2, masked) and row 1 (position 3 -> token 0): wrong on row 1.
     step1 = 20.0 * jnp.eye(v)[jnp.array([2, 1, 0, 0])][None]
-    out = losses.ttt_loss(jnp.stack([step0, step1]), target_logits, loss_mask)
+    out = losses.ttt_loss(jnp.stack([step0, step1]), *losses.dense_teacher(target_logits, loss_mask))
     np.testing.assert_allclose(out.step_acc_K, [1.0, 0.0])
     probs = np.exp(np.asarray(target_logits[0]) - np.log(np.exp(np.asarray(target_logits[0])).sum(-1, keepdims=True)))
 
@@ -59,7 +59,7 @@ def test_ttt_loss_equals_the_shifted_targets_of_every_step():
     draft = jax.random.normal(keys[0], (k, b, t, v)) * 3
     target = jax.random.normal(keys[1], (b, t, v)) * 3
     mask = (jax.random.uniform(keys[2], (b, t)) < 0.7).astype(jnp.float32)
-    out = losses.ttt_loss(tuple(draft), target, mask)
+    out = losses.ttt_loss(tuple(draft), *losses.dense_teacher(target, mask))
     for step in range(k):
         probs, step_mask = losses.ttt_targets(target, mask, step)
         np.testing.assert_allclose(out.step_loss_K[step], losses.soft_cross_entropy(draft[step], probs, step_mask),
@@ -68,6 +68,42 @@ def test_ttt_loss_equals_the_shifted_targets_of_every_step():
         np.testing.assert_allclose(out.step_acc_K[step], jnp.sum(hit * step_mask) / max(float(jnp.sum(step_mask)), 1.0),
                                    rtol=1e-6)
     assert float(out.step_loss_K[-1]) == 0.0 and float(out.step_loss_K[0]) > 0.0
+
+
+def test_topk_teacher_is_the_dense_teacher_of_its_top_k():
+    """The feature cache's teacher (the target's top k logits) equals the dense teacher of logits that
+    are those k values and -1e30 elsewhere: the target renormalised over its top k, over the draft
+    vocabulary when reduced (positions whose top token it lacks leave the loss mask). Checked on the
+    probabilities, the argmax, the mask, and the TTT loss with its gradient."""
+    rng = np.random.default_rng(0)
+    b, t, v, k, steps = 2, 7, 30, 5, 3
+    top_ids = np.argsort(-rng.standard_normal((b, t, v)), axis=-1)[..., :k].astype(np.int32)
+    top_logits = np.sort(rng.standard_normal((b, t, k)) * 3, axis=-1)[..., ::-1].astype(np.float32)
+    full = np.full((b, t, v), -1e30, np.float32)
+    np.put_along_axis(full, top_ids, top_logits, axis=-1)
+    mask = (rng.uniform(size=(b, t)) < 0.8).astype(np.float32)
+    by_hand = np.exp(top_logits) / np.exp(top_logits).sum(-1, keepdims=True)
+    draftable = np.setdiff1d(np.arange(v), top_ids[0, :3, 0])  # positions 0-2 of row 0: top token not draftable
+    for draft_to_target in (None, draftable.astype(np.int32)):
+        dense, dense_mask = losses.dense_teacher(jnp.asarray(full), jnp.asarray(mask), draft_to_target)
+        topk, topk_mask = losses.topk_teacher(jnp.asarray(top_logits), jnp.asarray(top_ids), jnp.asarray(mask), v,
+                                              draft_to_target)
+        np.testing.assert_array_equal(np.asarray(topk_mask), np.asarray(dense_mask))
+        np.testing.assert_array_equal(np.asarray(topk.argmax_BxT), np.asarray(dense.argmax_BxT))
+        scattered = np.zeros(dense.probs_BxTxk.shape, np.float32)
+        rows, cols = np.indices((b, t))
+        np.add.at(scattered, (rows[..., None], cols[..., None], np.asarray(topk.ids_BxTxk)), np.asarray(topk.probs_BxTxk))
+        np.testing.assert_allclose(scattered, np.asarray(dense.probs_BxTxk), rtol=1e-6, atol=1e-7)
+        width = dense.probs_BxTxk.shape[-1]
+        draft = jnp.asarray(rng.standard_normal((steps, b, t, width)) * 2, jnp.float32)
+        value_and_grad = jax.jit(jax.value_and_grad(lambda d, teacher, m: losses.ttt_loss(d, teacher, m).loss))
+        (a, grad_a), (c, grad_c) = value_and_grad(draft, dense, dense_mask), value_and_grad(draft, topk, topk_mask)
+        np.testing.assert_allclose(float(c), float(a), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(grad_c), np.asarray(grad_a), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(losses.topk_teacher(jnp.asarray(top_logits), jnp.asarray(top_ids),
+                                                              jnp.asarray(mask), v)[0].probs_BxTxk), by_hand, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(dense_mask), mask * np.isin(top_ids[..., 0], draftable))
+    assert float(dense_mask[0, :3].sum()) == 0.0 < float(dense_mask.sum())
 
 
 def test_ttt_targets_mask_rows_past_the_sequence():

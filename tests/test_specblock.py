@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from specblock_jax import config as config_lib
+from specblock_jax import losses
 from specblock_jax.config import ConfigError, ModelConfig
 from specblock_jax.models import specblock as sb
 from specblock_jax.sharding import LOGICAL_AXIS_RULES
@@ -248,7 +249,8 @@ def without_valid_prefix(setup, two_blocks):
     cfg = dataclasses.replace(cfg, valid_prefix=False)
 
     def two_losses(p):
-        out = sb.train_metrics(p, cfg, table, features, tokens, loss_mask, target_logits, None, inherit)
+        out = sb.train_metrics(p, cfg, table, features, tokens, *losses.dense_teacher(target_logits, loss_mask),
+                               None, inherit)
         return jnp.stack([out.block_loss_NxK[-1, 0], out.rank_loss]), out
 
     return jax.jit(jax.jacrev(two_losses, has_aux=True))(params)
@@ -276,7 +278,8 @@ def test_train_metrics_composes_the_block_losses(setup, two_blocks, without_vali
     position j + 1 + k under the valid-prefix mask; without the mask slot k > 0 trains everywhere."""
     params, table, features, tokens, _ = setup
     cfg, inherit, target_logits, loss_mask = two_blocks
-    out = _metrics(params, cfg, table, features, tokens, loss_mask, target_logits, None, inherit)
+    out = _metrics(params, cfg, table, features, tokens, *losses.dense_teacher(target_logits, loss_mask), None,
+                   inherit)
     k = cfg.block_size
     assert out.step_loss_K.shape == out.step_acc_K.shape == (k,)
     assert out.block_loss_NxK.shape == (2, k)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from specblock_jax import decode, drafter_io, specblock_hf
+from specblock_jax import decode, drafter_io, losses, specblock_hf
 from specblock_jax.config import ConfigError, ModelConfig
 from specblock_jax.drafter import Drafter, load_drafter
 from specblock_jax.models import eagle3
@@ -284,20 +284,30 @@ def test_project_drafter_directory_keeps_the_vocab_map(tmp_path, target):
         sb.SpecBlockConfig.for_target(TARGET, draft_vocab_size=12)  # rank features read the top 20
 
 
-def test_reduced_vocab_training_loss_uses_the_draft_vocabulary():
-    """The training loss of a reduced-vocabulary drafter is the full-vocabulary loss of the target's
-    logits restricted to the map (with every id mapped, the two agree)."""
-    cfg = sb.SpecBlockConfig.for_target(TARGET, rank_hidden=8, num_ttt_blocks=1, draft_vocab_size=V)
-    full_cfg = sb.SpecBlockConfig.for_target(TARGET, rank_hidden=8, num_ttt_blocks=1)
-    params = jax.jit(sb.init_params, static_argnums=0)(full_cfg, jax.random.key(1))
+def test_reduced_vocab_training_loss_reads_the_teacher_over_the_draft_vocabulary():
+    """A reduced-vocabulary drafter trains on the target restricted to its map: the teacher from full
+    logits and the one from their top k (the feature cache's) give the same loss, and a teacher over
+    the whole vocabulary is refused."""
+    ids = DRAFT_TO_TARGET
+    cfg = sb.SpecBlockConfig.for_target(TARGET, rank_hidden=8, num_ttt_blocks=2, draft_vocab_size=len(ids))
+    params = jax.jit(sb.init_params, static_argnums=0)(cfg, jax.random.key(1))
     rng = np.random.default_rng(0)
-    t = 8
-    args = (jnp.asarray(rng.standard_normal((V, H)), jnp.float32), jnp.asarray(rng.standard_normal((1, t, 3 * H))),
-            jnp.asarray(rng.integers(0, V, (1, t))), jnp.ones((1, t)), jnp.asarray(rng.standard_normal((1, t, V))),
-            jax.random.key(0))
+    t, k = 8, 6
+    top_ids = np.argsort(-rng.standard_normal((1, t, V)), axis=-1)[..., :k].astype(np.int32)
+    top_ids[0, 2, 0] = next(i for i in range(V) if i not in ids and i not in top_ids[0, 2])
+    top_logits = np.sort(rng.standard_normal((1, t, k)) * 3, axis=-1)[..., ::-1].astype(np.float32)
+    logits = np.full((1, t, V), -1e30, np.float32)
+    np.put_along_axis(logits, top_ids, top_logits, axis=-1)
+    mask = jnp.ones((1, t))
+    inputs = (jnp.asarray(rng.standard_normal((V, H)), jnp.float32), jnp.asarray(rng.standard_normal((1, t, 3 * H))),
+              jnp.asarray(rng.integers(0, V, (1, t))))
     metrics = jax.jit(sb.train_metrics, static_argnums=1)
-    full = metrics(params, full_cfg, *args)
-    same = metrics(params, cfg, *args, draft_to_target_Vd=jnp.arange(V))
-    np.testing.assert_allclose(float(same.loss), float(full.loss), rtol=1e-5)
-    with pytest.raises(ValueError, match="pass draft_to_target_Vd exactly when"):
-        sb.train_metrics(params, cfg, *args)
+    dense, dense_mask = losses.dense_teacher(logits, mask, ids)
+    topk, topk_mask = losses.topk_teacher(top_logits, top_ids, mask, V, ids)
+    assert float(dense_mask[0, 2]) == float(topk_mask[0, 2]) == 0.0  # its top token is not draftable
+    a = metrics(params, cfg, *inputs, dense, dense_mask, jax.random.key(0))
+    b = metrics(params, cfg, *inputs, topk, topk_mask, jax.random.key(0))
+    np.testing.assert_allclose(np.asarray(b.block_loss_NxK), np.asarray(a.block_loss_NxK), rtol=1e-5)
+    np.testing.assert_allclose(float(b.loss), float(a.loss), rtol=1e-5)
+    with pytest.raises(ValueError, match=f"the teacher covers {V} ids, the drafter's vocabulary {len(ids)}"):
+        sb.train_metrics(params, cfg, *inputs, *losses.dense_teacher(logits, mask), jax.random.key(0))

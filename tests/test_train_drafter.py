@@ -20,7 +20,7 @@ from specblock_jax.config import ConfigError, ModelConfig, load_yaml
 from specblock_jax.decode import PAD_ID
 from specblock_jax.drafter import load_drafter
 from specblock_jax.models import target as target_lib
-from train import feature_cache, learning_curves, train_drafter, vocab_coverage
+from train import learning_curves, train_drafter, vocab_coverage
 from train.train_drafter import DrafterTrainConfig
 
 TARGET = ModelConfig(vocab_size=48, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -141,16 +141,6 @@ def test_offline_mode_with_the_full_vocabulary_matches_online_training(trained, 
     with pytest.raises(ConfigError, match=r"feature cache .*cache_k4 was built from other inputs \(differs in \['topk'\]\)"):
         train_drafter.train(load_config(root, config_dict(root, "offline_k8", feature_cache=str(root / "cache_k4"),
                                                           cache_topk=8)), progress=False)
-
-
-def test_dense_logits_renormalise_over_the_top_k():
-    logits = jnp.asarray([[[2.0, 1.0, 0.5]]])
-    ids = jnp.asarray([[[3, 0, 5]]])
-    dense = feature_cache.dense_logits(logits, ids, 6)
-    probs = np.asarray(jax.nn.softmax(dense, axis=-1))[0, 0]
-    expected = np.exp([2.0, 1.0, 0.5]) / np.exp([2.0, 1.0, 0.5]).sum()
-    np.testing.assert_allclose(probs[[3, 0, 5]], expected, rtol=1e-6)
-    assert probs[[1, 2, 4]].sum() == 0.0
 
 
 SPECBLOCK = {"kind": "specblock", "specblock": {"num_ttt_blocks": 2, "block_size": 2, "rank_hidden": 8},

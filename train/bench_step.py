@@ -4,6 +4,7 @@ kind: the figure that sets how many steps a training budget buys.
 
     python -m train.bench_step                                 # both kinds, SmolLM2-135M-Instruct
     python -m train.bench_step --kinds eagle3 --batch-size 4 --repeats 3
+    python -m train.bench_step --modes offline                 # what the feature-cache configs run
 
 The drafters are the configs' shapes (EAGLE-3: `--ttt-steps`; SpecBlock: `--layers`, `--block-size`,
 `--ttt-blocks`), freshly initialised, on random tokens: a step's time does not depend on the values.
@@ -59,12 +60,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--block-size", type=int, default=4, help="SpecBlock's K")
     parser.add_argument("--ttt-blocks", type=int, default=2, help="SpecBlock's TTT blocks")
     parser.add_argument("--repeats", type=int, default=2, help="timed steps per figure (median)")
+    parser.add_argument("--modes", default="online,offline",
+                        help="comma-separated: online (the target runs in the step), offline (cached outputs)")
     args = parser.parse_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]
     if unknown := sorted(set(kinds) - set(train_drafter.DRAFTER_KINDS)):
         parser.error(f"unknown kind(s) {unknown}; choose from {list(train_drafter.DRAFTER_KINDS)}")
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
+    modes = [m for m in args.modes.split(",") if m]
+    if not modes or set(modes) - {"online", "offline"}:
+        parser.error(f"--modes must name online and/or offline, got {args.modes!r}")
 
     target = load_target(args.target)
     tc = target.config
@@ -93,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
         step = jax.jit(train_drafter.make_train_step(tc, config, optimizer, draft_to_target=mapping))
         state = {"params": params, "opt_state": optimizer.init(params)}
         for mode, batch in (("online", online), ("offline", offline)):
+            if mode not in modes:
+                continue
             seconds = step_seconds(step, state, target.params, batch, args.repeats)
             print(f"| {cfg.kind} | {mode} | {seconds:.1f} | {3600 / seconds:.0f} |", flush=True)
 

@@ -8,7 +8,7 @@ the target is much dearer than the drafter (an 8B target under a 1-layer drafter
 embedded target it mostly shows the mode works.
 
 The teacher becomes the target's distribution restricted to its top-k tokens and renormalised
-(`dense_logits` puts -1e30 elsewhere), as HASS-style top-k distillation does; with `topk` equal to the
+(`losses.topk_teacher`), as HASS-style top-k distillation does; with `topk` equal to the
 vocabulary and float32 features it is exactly the online teacher, which the tests check.
 
 A cache directory holds `cache.json` (what it was built from: target, rows, layers, top-k, dtype),
@@ -127,12 +127,3 @@ class Cache:
         indices, same seed), so offline and online runs see the same rows at every step."""
         return (grain.MapDataset.source(np.arange(self.rows("train"))).shuffle(seed=seed).repeat(None)
                 .batch(batch_size, drop_remainder=True).map(lambda idx: self.examples("train", idx)))
-
-
-def dense_logits(topk_logits_BxTxk: jax.Array, topk_ids_BxTxk: jax.Array, vocab_size: int) -> jax.Array:
-    """[B, T, V] logits that are the cached top-k values at their ids and -1e30 elsewhere (finite, so
-    no 0 * inf): a softmax of them is the target's distribution renormalised over its top k."""
-    b, t, _ = topk_ids_BxTxk.shape
-    full = jnp.full((b, t, vocab_size), -1e30, jnp.float32)
-    return full.at[jnp.arange(b)[:, None, None], jnp.arange(t)[None, :, None], topk_ids_BxTxk].set(
-        topk_logits_BxTxk.astype(jnp.float32))

@@ -264,19 +264,18 @@ def drafter_metrics(params: Any, target_params: Any, target_config: ModelConfig,
     With a reduced draft vocabulary (`draft_to_target`), the teacher is the target over that vocabulary."""
     if "features" in batch:  # offline mode: the target's outputs come with the batch
         features_BxTxF = batch["features"]
-        logits_BxTxV = feature_cache.dense_logits(batch["topk_logits"], batch["topk_ids"], target_config.vocab_size)
+        teacher, loss_mask_BxT = losses.topk_teacher(batch["topk_logits"], batch["topk_ids"], batch["loss_mask"],
+                                                     target_config.vocab_size, draft_to_target)
     else:
         features_BxTxF, logits_BxTxV = target_outputs(target_params, target_config, config.feature_layers,
                                                       batch["tokens"])
+        teacher, loss_mask_BxT = losses.dense_teacher(logits_BxTxV, batch["loss_mask"], draft_to_target)
     table_VxH = jax.lax.stop_gradient(target_params["embed_tokens"]["embedding"])
     if isinstance(config, specblock.SpecBlockConfig):
-        return specblock.train_metrics(params, config, table_VxH, features_BxTxF, batch["tokens"],
-                                       batch["loss_mask"], logits_BxTxV, key, draft_to_target_Vd=draft_to_target)
-    draft_K = eagle3.ttt_forward(params, config, table_VxH, features_BxTxF, batch["tokens"])
-    loss_mask_BxT = batch["loss_mask"]
-    if draft_to_target is not None:
-        logits_BxTxV, loss_mask_BxT = losses.restrict_to_draft_vocab(logits_BxTxV, loss_mask_BxT, draft_to_target)
-    return losses.ttt_loss(draft_K, logits_BxTxV, loss_mask_BxT)
+        return specblock.train_metrics(params, config, table_VxH, features_BxTxF, batch["tokens"], teacher,
+                                       loss_mask_BxT, key)
+    return losses.ttt_loss(eagle3.ttt_forward(params, config, table_VxH, features_BxTxF, batch["tokens"]), teacher,
+                           loss_mask_BxT)
 
 
 def make_train_step(target_config: ModelConfig, config: Any, optimizer: optax.GradientTransformation, seed: int = 0,

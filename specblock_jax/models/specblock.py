@@ -458,57 +458,45 @@ class BlockMetrics(NamedTuple):
     rank_acc: jax.Array  # []
 
 
-def block_metrics(out: BlockOutput, offset_BxT: jax.Array, target_probs_BxTxV: jax.Array,
-                  target_argmax_BxT: jax.Array, loss_mask_BxT: jax.Array, valid_prefix: bool,
-                  rank_bounds: tuple[int, ...]) -> BlockMetrics:
+def block_metrics(out: BlockOutput, offset_BxT: jax.Array, teacher: losses.Teacher, loss_mask_BxT: jax.Array,
+                  valid_prefix: bool, rank_bounds: tuple[int, ...]) -> BlockMetrics:
     """One block's losses. Slot k of row j at depth O + k is taught by the target at position
     p = j + 1 + O + k (its distribution of x_{p+1}), counted where p < T and loss_mask[p]."""
     b, t, k_slots, _ = out.logits.shape
     pos_BxTxK = jnp.arange(t)[None, :, None] + 1 + offset_BxT[..., None] + jnp.arange(k_slots)
     pos_BxQ = jnp.minimum(pos_BxTxK, t - 1).reshape(b, t * k_slots)
-    at_pos = lambda x_BxT: jnp.take_along_axis(x_BxT, pos_BxQ, axis=1).reshape(b, t, k_slots)
-    mask_BxTxK = (pos_BxTxK < t) * at_pos(loss_mask_BxT)
-    target_tok_BxTxK = at_pos(target_argmax_BxT)
-    hit_BxTxK = jnp.argmax(out.logits, axis=-1) == target_tok_BxTxK
+    taught = jax.tree.map(lambda x: x.reshape(b, t, k_slots, *x.shape[2:]), teacher.rows(pos_BxQ))
+    mask_BxTxK = (pos_BxTxK < t) * jnp.take_along_axis(loss_mask_BxT, pos_BxQ, axis=1).reshape(b, t, k_slots)
+    hit_BxTxK = jnp.argmax(out.logits, axis=-1) == taught.argmax_BxT
     chain_BxTxK = losses.valid_prefix_mask(hit_BxTxK, mask_BxTxK)
     train_BxTxK = chain_BxTxK if valid_prefix else mask_BxTxK
-    teacher_BxTxKxV = jnp.take_along_axis(target_probs_BxTxV, pos_BxQ[..., None], axis=1).reshape(out.logits.shape)
-    ce_BxTxK = -jnp.sum(teacher_BxTxKxV * jax.nn.log_softmax(out.logits, axis=-1), axis=-1)
+    ce_BxTxK = losses.cross_entropy(out.logits, taught.probs_BxTxk, taught.ids_BxTxk)
     per_slot = lambda x, m: jnp.sum(x * m, axis=(0, 1)) / jnp.maximum(jnp.sum(m, axis=(0, 1)), 1.0)
     loss_K, acc_K = per_slot(ce_BxTxK, train_BxTxK), per_slot(hit_BxTxK, chain_BxTxK)
     if out.rank_logits is None:
         return BlockMetrics(loss_K, acc_K, jnp.zeros(()), jnp.zeros(()))
-    labels_BxTxK = losses.rank_labels(jax.lax.stop_gradient(out.logits), target_tok_BxTxK, rank_bounds)
+    labels_BxTxK = losses.rank_labels(jax.lax.stop_gradient(out.logits), taught.argmax_BxT, rank_bounds)
     right_BxTxK = (jnp.argmax(out.rank_logits, axis=-1) == labels_BxTxK) * mask_BxTxK
     return BlockMetrics(loss_K, acc_K, losses.rank_loss(out.rank_logits, labels_BxTxK, mask_BxTxK),
                         jnp.sum(right_BxTxK) / jnp.maximum(jnp.sum(mask_BxTxK), 1.0))
 
 
 def train_metrics(params: Any, config: SpecBlockConfig, table_VxH: jax.Array, features_BxTxF: jax.Array,
-                  tokens_BxT: jax.Array, loss_mask_BxT: jax.Array, target_logits_BxTxV: jax.Array,
-                  key: jax.Array, inherit_BxTxN1: jax.Array | None = None,
-                  draft_to_target_Vd: jax.Array | None = None) -> losses.SpecBlockLoss:
+                  tokens_BxT: jax.Array, teacher: losses.Teacher, loss_mask_BxT: jax.Array, key: jax.Array,
+                  inherit_BxTxN1: jax.Array | None = None) -> losses.SpecBlockLoss:
     """SpecBlock's training loss over a packed batch: `ttt_forward` with inheritance slots drawn from
     `key` per anchor row (or given), then sum_k w**k sum_b L_{b,k} + rank weight * sum_b R_b. The
-    target's logits at p are its distribution of x_{p+1}; `loss_mask[p]` says x_{p+1} is trained on.
-    A reduced-vocabulary drafter needs `draft_to_target_Vd`: its teacher is the target renormalised
-    over the draft vocabulary, positions whose target argmax lies outside it dropped (as EAGLE-3's)."""
+    teacher at p (`losses.dense_teacher` or `topk_teacher`, over the drafter's vocabulary) is the
+    target's distribution of x_{p+1}; `loss_mask[p]` says x_{p+1} is trained on."""
     c = config
-    if c.reduced_vocab != (draft_to_target_Vd is not None):
-        raise ValueError(f"draft_vocab_size is {c.draft_vocab_size}: pass draft_to_target_Vd exactly when the "
-                         "draft vocabulary is reduced")
+    if teacher.ids_BxTxk is None and teacher.probs_BxTxk.shape[-1] != c.draft_vocab:
+        raise ValueError(f"the teacher covers {teacher.probs_BxTxk.shape[-1]} ids, the drafter's vocabulary "
+                         f"{c.draft_vocab}: restrict it with the draft_to_target map")
     if inherit_BxTxN1 is None:
         inherit_BxTxN1 = sample_inherit(c, key, tokens_BxT.shape)
-    target_logits_BxTxV = jax.lax.stop_gradient(target_logits_BxTxV).astype(jnp.float32)
-    loss_mask_BxT = loss_mask_BxT.astype(jnp.float32)
-    if draft_to_target_Vd is not None:  # from here on V is the draft vocabulary
-        target_logits_BxTxV, loss_mask_BxT = losses.restrict_to_draft_vocab(target_logits_BxTxV, loss_mask_BxT,
-                                                                            draft_to_target_Vd)
     blocks = ttt_forward(params, c, table_VxH, features_BxTxF, tokens_BxT, inherit_BxTxN1)
-    target_probs_BxTxV = jax.nn.softmax(target_logits_BxTxV, axis=-1)
-    target_argmax_BxT = jnp.argmax(target_logits_BxTxV, axis=-1)
-    per_block = [block_metrics(out, offset_BxT, target_probs_BxTxV, target_argmax_BxT,
-                               loss_mask_BxT.astype(jnp.float32), c.valid_prefix, c.rank_bounds)
+    per_block = [block_metrics(out, offset_BxT, teacher, loss_mask_BxT.astype(jnp.float32), c.valid_prefix,
+                               c.rank_bounds)
                  for out, offset_BxT in zip(blocks.outputs, blocks.offsets_NxBxT)]
     loss_NxK = jnp.stack([m.loss_K for m in per_block])
     acc_NxK = jnp.stack([m.acc_K for m in per_block])
