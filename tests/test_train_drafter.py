@@ -2,6 +2,7 @@
 exported drafter directory decodes losslessly through `load_drafter`, bad inputs are clear errors; a
 SpecBlock run trains through the same loop, resumes exactly and exports a lossless drafter."""
 
+import functools
 import json
 import pathlib
 import re
@@ -20,7 +21,7 @@ from specblock_jax.config import ConfigError, ModelConfig, load_yaml
 from specblock_jax.decode import PAD_ID
 from specblock_jax.drafter import load_drafter
 from specblock_jax.models import target as target_lib
-from train import learning_curves, train_drafter, vocab_coverage
+from train import feature_cache, learning_curves, train_drafter, vocab_coverage
 from train.train_drafter import DrafterTrainConfig
 
 TARGET = ModelConfig(vocab_size=48, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -141,6 +142,36 @@ def test_offline_mode_with_the_full_vocabulary_matches_online_training(trained, 
     with pytest.raises(ConfigError, match=r"feature cache .*cache_k4 was built from other inputs \(differs in \['topk'\]\)"):
         train_drafter.train(load_config(root, config_dict(root, "offline_k8", feature_cache=str(root / "cache_k4"),
                                                           cache_topk=8)), progress=False)
+
+
+def test_a_cut_feature_cache_build_resumes_to_the_uninterrupted_cache(workdir):
+    """A build stopped after some batches (as a kill would stop it) leaves its rows in a staging
+    directory, and the rerun finishes it: file for file the cache of an uninterrupted build. A
+    staging directory of other inputs is discarded, never mixed in."""
+    root, target = workdir
+    rng = np.random.default_rng(3)
+    examples = {split: {"tokens": rng.integers(0, TARGET.vocab_size, (n, 12)).astype(np.int32),
+                        "loss_mask": (rng.uniform(size=(n, 12)) < 0.8).astype(np.float32)}
+                for split, n in (("train", 9), ("val", 4))}
+    build = functools.partial(feature_cache.build, target=target, layers=(0, 2), examples=examples, dtype="float16",
+                              batch_size=2, progress=False)
+    whole = build(root / "cache_whole", topk=5)
+    assert build(root / "cache_cut", topk=5, stop_after=3) is None and not (root / "cache_cut").exists()
+    staged = json.loads((root / ".cache_cut.partial" / "progress.json").read_text())["rows_done"]
+    assert staged == {"train": 6, "val": 0}
+    assert build(root / "cache_cut", topk=5, stop_after=3) is None  # the last 2 train batches, 1 val batch
+    assert json.loads((root / ".cache_cut.partial" / "progress.json").read_text())["rows_done"] == {"train": 9, "val": 2}
+    cut = build(root / "cache_cut", topk=5)
+    assert not (root / ".cache_cut.partial").exists()
+    assert sorted(p.name for p in cut.iterdir()) == sorted(p.name for p in whole.iterdir())
+    for name in sorted(p.name for p in whole.iterdir() if p.suffix == ".npy"):
+        np.testing.assert_array_equal(np.load(cut / name), np.load(whole / name), err_msg=name)
+    assert json.loads((cut / "cache.json").read_text()) == json.loads((whole / "cache.json").read_text())
+
+    assert build(root / "cache_other", topk=5, stop_after=1) is None
+    other = build(root / "cache_other", topk=3)
+    np.testing.assert_array_equal(np.load(other / "train_topk_ids.npy"), np.load(whole / "train_topk_ids.npy")[..., :3])
+    assert json.loads((other / "cache.json").read_text())["topk"] == 3
 
 
 SPECBLOCK = {"kind": "specblock", "specblock": {"num_ttt_blocks": 2, "block_size": 2, "rank_hidden": 8},

@@ -15,14 +15,17 @@ A cache directory holds `cache.json` (what it was built from: target, rows, laye
 and per split (`train`, `val`): the online example fields `<split>_tokens.npy` [N, T] and
 `<split>_loss_mask.npy` [N, T], then `<split>_features.npy` [N, T, F],
 `<split>_topk_logits.npy` [N, T, k] float32 and `<split>_topk_ids.npy` [N, T, k] int32. It is written
-into a hidden sibling and renamed into place when complete, and refused when it does not match the run.
+into a hidden sibling, resumed there after a kill, renamed into place when complete, and refused when
+it does not match the run.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pathlib
+import shutil
 from typing import Any
 
 import grain
@@ -32,7 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from specblock_jax.config import ConfigError, ModelConfig, to_dict
-from specblock_jax.hf import atomic_dir
+from specblock_jax.hf import replace_dir
 from specblock_jax.models import target as target_lib
 from specblock_jax.models.layers import top_k
 
@@ -40,6 +43,7 @@ SPLITS = ("train", "val")
 FIELDS = ("tokens", "loss_mask")  # what an online example holds
 CACHED = ("features", "topk_logits", "topk_ids")  # the target's outputs
 CACHE_JSON = "cache.json"
+PROGRESS_JSON = "progress.json"  # in the staging directory of a build under way
 
 
 def _describe(target_config: ModelConfig, layers: tuple[int, ...], topk: int, dtype: str,
@@ -55,10 +59,16 @@ def _describe(target_config: ModelConfig, layers: tuple[int, ...], topk: int, dt
 
 
 def build(path: str | pathlib.Path, target: Any, layers: tuple[int, ...], examples: dict[str, dict[str, np.ndarray]],
-          *, topk: int, dtype: str, batch_size: int, progress: bool = True) -> pathlib.Path:
+          *, topk: int, dtype: str, batch_size: int, progress: bool = True, stop_after: int | None = None
+          ) -> pathlib.Path | None:
     """Write the cache of `examples` (split -> the online example fields of all its rows: `tokens` and
     `loss_mask`, [N, T] each) to `path`, unless a matching one is already there; a cache built from
-    anything else is an error, never overwritten."""
+    anything else is an error, never overwritten.
+
+    A build of the real data takes hours, so it resumes: rows go into a hidden staging sibling whose
+    `progress.json` counts the rows on disk after each batch, and a rerun after a crash or kill goes
+    on from there (a staging directory of other inputs is discarded). `stop_after` ends the call after
+    that many batches, as a kill would, and returns None; the finished cache is renamed into place."""
     path = pathlib.Path(path)
     described = _describe(target.config, layers, topk, dtype, examples)
     if (path / CACHE_JSON).is_file():
@@ -81,27 +91,65 @@ def build(path: str | pathlib.Path, target: Any, layers: tuple[int, ...], exampl
         top_logits, top_ids = top_k(out.logits, topk)
         return out.features.astype(dtype), top_logits, top_ids
 
-    with atomic_dir(path) as tmp:
-        for split in SPLITS:
-            example = examples[split]
-            n, t = example["tokens"].shape
-            for name in FIELDS:
-                np.save(tmp / f"{split}_{name}.npy", example[name])
-            tokens = example["tokens"]
-            arrays = {name: np.lib.format.open_memmap(tmp / f"{split}_{name}.npy", "w+", dt, shape)
-                      for name, dt, shape in (("features", dtype, (n, t, len(layers) * target.config.hidden_size)),
-                                              ("topk_logits", np.float32, (n, t, topk)),
-                                              ("topk_ids", np.int32, (n, t, topk)))}
-            for start in tqdm(range(0, n, batch_size), disable=not progress, desc=f"cache target outputs ({split})",
-                              unit="batch"):
-                results = outputs(target.params, tokens[start:start + batch_size])
-                for (name, array), result in zip(arrays.items(), results):
-                    array[start:start + batch_size] = np.asarray(result)
-            for array in arrays.values():
+    staging = path.with_name(f".{path.name}.partial")
+    done = _staged_rows(staging, described)
+    if done is None:
+        done = _stage(staging, described, examples, width=len(layers) * target.config.hidden_size, topk=topk,
+                      dtype=dtype)
+    batches = 0
+    for split in SPLITS:
+        tokens = examples[split]["tokens"]
+        arrays = [np.load(staging / f"{split}_{name}.npy", mmap_mode="r+") for name in CACHED]
+        starts = range(done[split], len(tokens), batch_size)
+        for start in tqdm(starts, disable=not progress, desc=f"cache target outputs ({split})", unit="batch"):
+            if stop_after is not None and batches == stop_after:
+                return None
+            for array, result in zip(arrays, outputs(target.params, tokens[start:start + batch_size])):
+                array[start:start + batch_size] = np.asarray(result)
                 array.flush()
-            del arrays
-        (tmp / CACHE_JSON).write_text(json.dumps(described, indent=1) + "\n")
+            done[split] = min(start + batch_size, len(tokens))
+            _write_json(staging / PROGRESS_JSON, {"inputs": described, "rows_done": done})
+            batches += 1
+        del arrays
+    (staging / CACHE_JSON).write_text(json.dumps(described, indent=1) + "\n")
+    (staging / PROGRESS_JSON).unlink()
+    replace_dir(staging, path)
     return path
+
+
+def _staged_rows(staging: pathlib.Path, described: dict[str, Any]) -> dict[str, int] | None:
+    """Rows per split already in a staging directory of these inputs; None when there is nothing to
+    resume (a staging directory of other inputs, or one cut before its first record, is removed)."""
+    record = staging / PROGRESS_JSON
+    if record.is_file() and (found := json.loads(record.read_text()))["inputs"] == described:
+        return found["rows_done"]
+    if staging.exists():
+        shutil.rmtree(staging)
+    return None
+
+
+def _stage(staging: pathlib.Path, described: dict[str, Any], examples: dict[str, dict[str, np.ndarray]], *,
+           width: int, topk: int, dtype: str) -> dict[str, int]:
+    """A fresh staging directory: the example fields, the empty target-output arrays, no rows done."""
+    staging.mkdir(parents=True)
+    for split in SPLITS:
+        example = examples[split]
+        n, t = example["tokens"].shape
+        for name in FIELDS:
+            np.save(staging / f"{split}_{name}.npy", example[name])
+        for name, dt, shape in (("features", dtype, (n, t, width)), ("topk_logits", np.float32, (n, t, topk)),
+                                ("topk_ids", np.int32, (n, t, topk))):
+            np.lib.format.open_memmap(staging / f"{split}_{name}.npy", "w+", dt, shape).flush()
+    done = {split: 0 for split in SPLITS}
+    _write_json(staging / PROGRESS_JSON, {"inputs": described, "rows_done": done})
+    return done
+
+
+def _write_json(path: pathlib.Path, value: Any) -> None:
+    """Replace `path` whole: a kill leaves the old record or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
 
 
 class Cache:
