@@ -31,7 +31,7 @@ from tqdm import tqdm
 from specblock_jax import adapt, data, generate, hf, load_drafter, load_target
 from specblock_jax.config import ConfigError
 
-from infer.bench import _now, versions, write_json
+from infer.bench import _now, versions
 from train.train_target import PROMPT_CHARS
 
 DOMAINS = ("code", "prose")
@@ -189,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.repeats):
                 passes.append(run_stream(target, drafter, prompts, args.adapt_config, args.max_new_tokens, bar))
                 report["streams"][name] = {"prompts": len(prompts), "passes": passes, "summary": summarize(passes)}
-                write_json({**report, "finished_utc": _now()}, args.out)
+                hf.write_json({**report, "finished_utc": _now()}, args.out)
     report.update(complete=True, finished_utc=_now())
-    write_json(report, args.out)
+    hf.write_json(report, args.out)
     print(table(report))
     print(f"\nreport: {args.out}")
     if args.plots_dir != "none":

@@ -350,15 +350,6 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def write_json(report: dict, path: str | os.PathLike) -> None:
-    """Atomically: a reader never sees a half-written report."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=1, allow_nan=False, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def run(args: argparse.Namespace, target: Any, questions: list[dict[str, Any]], drafters: dict[str, Drafter | None],
         header: dict) -> dict:
     """Warm up, run the interleaved repeats (rewriting the report every 10 units), time the phases, and
@@ -412,8 +403,8 @@ def run(args: argparse.Namespace, target: Any, questions: list[dict[str, Any]], 
                                     gaps[method, repeat, u, j] = greedy_mismatch(
                                         target, prompt_ids[method][j], prompt_ids["ar"][j], y, x)
                     if u % 10 == 9:
-                        write_json(report(complete=False), args.out)
-                write_json(report(complete=False), args.out)
+                        hf.write_json(report(complete=False), args.out)
+                hf.write_json(report(complete=False), args.out)
         if args.timing_calls:
             first = [turn_prompt(questions[i], 0, []) for i in units[0]["rows"]]
             fns = {method: timing.phase_calls(target, drafters[method], first, max_new_tokens=args.max_new_tokens,
@@ -425,12 +416,12 @@ def run(args: argparse.Namespace, target: Any, questions: list[dict[str, Any]], 
     except BaseException as e:
         reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         try:
-            write_json(report(complete=False, interrupted=reason), args.out)
+            hf.write_json(report(complete=False, interrupted=reason), args.out)
         except Exception as write_error:  # never hide the original failure behind this one
             print(f"could not write the partial report: {write_error!r}", file=sys.stderr)
         raise
     final = report(complete=True)
-    write_json(final, args.out)
+    hf.write_json(final, args.out)
     return final
 
 

@@ -314,6 +314,15 @@ def write_model(config: ModelConfig, params: Any, directory: pathlib.Path, token
         tokenizer.save_pretrained(str(directory))
 
 
+def write_json(report: Any, path: str | os.PathLike) -> None:
+    """Atomically: a reader (or a rerun after a kill) never sees a half-written file."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=1, allow_nan=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
 @contextlib.contextmanager
 def atomic_dir(out_dir: str | os.PathLike) -> Iterator[pathlib.Path]:
     """A hidden sibling of `out_dir` to write into: renamed into place (replacing `out_dir`) when the

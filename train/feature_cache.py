@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pathlib
 import shutil
 from typing import Any
@@ -35,7 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from specblock_jax.config import ConfigError, ModelConfig, to_dict
-from specblock_jax.hf import replace_dir
+from specblock_jax.hf import replace_dir, write_json
 from specblock_jax.models import target as target_lib
 from specblock_jax.models.layers import top_k
 
@@ -108,7 +107,7 @@ def build(path: str | pathlib.Path, target: Any, layers: tuple[int, ...], exampl
                 array[start:start + batch_size] = np.asarray(result)
                 array.flush()
             done[split] = min(start + batch_size, len(tokens))
-            _write_json(staging / PROGRESS_JSON, {"inputs": described, "rows_done": done})
+            write_json({"inputs": described, "rows_done": done}, staging / PROGRESS_JSON)
             batches += 1
         del arrays
     (staging / CACHE_JSON).write_text(json.dumps(described, indent=1) + "\n")
@@ -141,15 +140,8 @@ def _stage(staging: pathlib.Path, described: dict[str, Any], examples: dict[str,
                                 ("topk_ids", np.int32, (n, t, topk))):
             np.lib.format.open_memmap(staging / f"{split}_{name}.npy", "w+", dt, shape).flush()
     done = {split: 0 for split in SPLITS}
-    _write_json(staging / PROGRESS_JSON, {"inputs": described, "rows_done": done})
+    write_json({"inputs": described, "rows_done": done}, staging / PROGRESS_JSON)
     return done
-
-
-def _write_json(path: pathlib.Path, value: Any) -> None:
-    """Replace `path` whole: a kill leaves the old record or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value))
-    os.replace(tmp, path)
 
 
 class Cache:
