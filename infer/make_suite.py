@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import json
 import os
 import pathlib
@@ -297,7 +298,7 @@ def _stdlib_functions(modules: Iterable[str]) -> dict[str, list[tuple[str, str, 
     lib = pathlib.Path(sysconfig.get_paths()["stdlib"])
     functions = {}
     for module in modules:
-        tree = ast.parse((lib / f"{module}.py").read_bytes())
+        tree = _parse_stdlib(lib / f"{module}.py")
         functions[module] = sorted(
             (f"{module}.{node.name}", ast.unparse(node.args), doc)
             for node in tree.body
@@ -306,6 +307,13 @@ def _stdlib_functions(modules: Iterable[str]) -> dict[str, list[tuple[str, str, 
             and not _uses_private_name(node.args)
         )
     return functions
+
+
+@functools.cache
+def _parse_stdlib(path: pathlib.Path) -> ast.Module:
+    """A stdlib file's syntax tree, parsed once per process (the suite and the training prompts walk
+    the same few hundred files several times). Shared: callers must not modify it."""
+    return ast.parse(path.read_bytes())
 
 
 def _uses_private_name(args: ast.arguments) -> bool:
@@ -319,7 +327,7 @@ def _stdlib_passages() -> list[tuple[str, str, str]]:
     heading, at most a quarter of its lines indented."""
     passages = []
     for module, path in _stdlib_modules():
-        tree = ast.parse(path.read_bytes())
+        tree = _parse_stdlib(path)
         nodes = [("module", module, tree)] + [
             ("class", f"{module}.{node.name}", node) for node in tree.body
             if isinstance(node, ast.ClassDef) and not node.name.startswith("_")]

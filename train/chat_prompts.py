@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -95,13 +96,14 @@ def _explain_prompts() -> list[tuple[str, str]]:
     prompts = []
     for module, path in make_suite._stdlib_modules():
         try:
-            tree = ast.parse(path.read_bytes())
+            tree = make_suite._parse_stdlib(path)
         except (SyntaxError, UnicodeDecodeError):
             continue
         for node in tree.body:
             if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
                 continue
             if ast.get_docstring(node) is not None:
+                node = copy.copy(node)  # the parsed tree is shared
                 node.body = node.body[1:]
             code = ast.unparse(node) if node.body else ""
             if 5 <= len(code.splitlines()) <= 30:
