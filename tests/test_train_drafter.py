@@ -21,7 +21,7 @@ from specblock_jax.config import ConfigError, ModelConfig, load_yaml
 from specblock_jax.decode import PAD_ID
 from specblock_jax.drafter import load_drafter
 from specblock_jax.models import target as target_lib
-from train import feature_cache, learning_curves, train_drafter, vocab_coverage
+from train import bench_step, feature_cache, learning_curves, train_drafter, vocab_coverage
 from train.train_drafter import DrafterTrainConfig
 
 TARGET = ModelConfig(vocab_size=48, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -429,3 +429,27 @@ def test_learning_curves_read_a_training_log_in_hours_and_plot_it(trained, workd
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit):
         learning_curves.main([str(log), "--labels", "a,b", "--out", str(out)])
+
+
+def test_bench_step_reports_each_steps_time_and_its_xla_flop_count(workdir, capsys):
+    """The step's FLOP count is the compiled step's (twice the batch, about twice the operations: the
+    optimizer's update is the only part that does not grow), and the rate columns are that count over
+    the measured time."""
+    root, _ = workdir
+
+    def rows(*args):
+        bench_step.main(["--target", str(root / "target"), "--kinds", "eagle3", "--seq-len", "16", "--draft-vocab",
+                         "0", "--cache-topk", "4", "--ttt-steps", "2", "--repeats", "1", *args])
+        lines = capsys.readouterr().out.splitlines()
+        peak = float(lines[0].split(" runs at ")[1].split()[0])
+        table = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[3:]]
+        return peak, {(kind, mode): [float(x) for x in rest] for kind, mode, *rest in table}
+
+    peak, small = rows("--batch-size", "2", "--modes", "offline")
+    _, large = rows("--batch-size", "4", "--modes", "offline")
+    assert list(small) == list(large) == [("eagle3", "offline")]
+    for seconds, per_hour, tflop, gflops, share in [*small.values(), *large.values()]:
+        assert seconds > 0 and per_hour == pytest.approx(3600 / seconds, rel=0.05, abs=1)
+        assert gflops == pytest.approx(tflop * 1e3 / seconds, rel=0.05, abs=1) and share == pytest.approx(
+            gflops / peak, abs=0.01)
+    assert 1.6 < large["eagle3", "offline"][2] / small["eagle3", "offline"][2] <= 2.0

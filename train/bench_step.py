@@ -8,7 +8,9 @@ kind: the figure that sets how many steps a training budget buys.
 
 The drafters are the configs' shapes (EAGLE-3: `--ttt-steps`; SpecBlock: `--layers`, `--block-size`,
 `--ttt-blocks`), freshly initialised, on random tokens: a step's time does not depend on the values.
-Each step is compiled once first; the median of `--repeats` timed steps is reported.
+Each step is compiled once first; the median of `--repeats` timed steps is reported, with XLA's count
+of the step's floating-point operations and the rate it reached beside that of one large float32
+matmul on the same machine: how close a step runs to what this machine's matmuls allow.
 """
 
 from __future__ import annotations
@@ -37,12 +39,27 @@ def train_config(kind: str, args: argparse.Namespace) -> train_drafter.DrafterTr
                                                    num_ttt_blocks=args.ttt_blocks, draft_vocab_size=vocab))
 
 
-def step_seconds(step, state, target_params, batch, repeats: int) -> float:
-    jax.block_until_ready(step(state, target_params, batch, jnp.int32(0)))  # compile
+def step_cost(step, state, target_params, batch, repeats: int) -> tuple[float, float]:
+    """(median seconds per step, XLA's floating-point operation count of the step)."""
+    compiled = step.lower(state, target_params, batch, jnp.int32(0)).compile()
+    flops = float(compiled.cost_analysis()["flops"])
+    jax.block_until_ready(compiled(state, target_params, batch, jnp.int32(0)))  # warm-up
+    return _median_seconds(lambda: compiled(state, target_params, batch, jnp.int32(0)), repeats), flops
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of one n x n x n float32 matmul: the rate a step of large matmuls could reach here."""
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    jax.block_until_ready(matmul(a, a))
+    return 2 * n ** 3 / _median_seconds(lambda: matmul(a, a), repeats) / 1e9
+
+
+def _median_seconds(run, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(step(state, target_params, batch, jnp.int32(0)))
+        jax.block_until_ready(run())
         times.append(time.perf_counter() - start)
     return float(np.median(times))
 
@@ -81,9 +98,11 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng(0)
     tokens_BxT = jnp.asarray(rng.integers(0, tc.vocab_size, (args.batch_size, args.seq_len)), jnp.int32)
     online = {"tokens": tokens_BxT, "loss_mask": jnp.ones(tokens_BxT.shape, jnp.float32)}
+    peak = matmul_gflops()
     print(f"{jax.devices()[0].device_kind}, batch {args.batch_size} x {args.seq_len}, draft vocabulary "
-          f"{args.draft_vocab or tc.vocab_size}")
-    print("| drafter | mode | s / step | steps / hour |\n|---|---|---|---|")
+          f"{args.draft_vocab or tc.vocab_size}; a 2048^3 float32 matmul runs at {peak:.0f} GFLOP/s")
+    print("| drafter | mode | s / step | steps / hour | TFLOP / step (XLA) | GFLOP/s | of the matmul rate |\n"
+          "|---|---|---|---|---|---|---|")
     for cfg, config in runs:
         optimizer = make_optimizer(cfg.optim)
         mapping = None
@@ -101,8 +120,10 @@ def main(argv: list[str] | None = None) -> None:
         for mode, batch in (("online", online), ("offline", offline)):
             if mode not in modes:
                 continue
-            seconds = step_seconds(step, state, target.params, batch, args.repeats)
-            print(f"| {cfg.kind} | {mode} | {seconds:.1f} | {3600 / seconds:.0f} |", flush=True)
+            seconds, flops = step_cost(step, state, target.params, batch, args.repeats)
+            rate = flops / seconds / 1e9
+            print(f"| {cfg.kind} | {mode} | {seconds:.3g} | {3600 / seconds:.0f} | {flops / 1e12:.3g} | {rate:.3g} "
+                  f"| {rate / peak:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
