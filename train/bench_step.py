@@ -47,7 +47,10 @@ def step_cost(step, state, target_params, batch, repeats: int) -> tuple[float, f
     return _median_seconds(lambda: compiled(state, target_params, batch, jnp.int32(0)), repeats), flops
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+MATMUL_N = 2048  # the reference matmul is MATMUL_N^3, float32
+
+
+def matmul_gflops(n: int = MATMUL_N, repeats: int = 5) -> float:
     """GFLOP/s of one n x n x n float32 matmul: the rate a step of large matmuls could reach here."""
     a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
     matmul = jax.jit(jnp.matmul)
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     online = {"tokens": tokens_BxT, "loss_mask": jnp.ones(tokens_BxT.shape, jnp.float32)}
     peak = matmul_gflops()
     print(f"{jax.devices()[0].device_kind}, batch {args.batch_size} x {args.seq_len}, draft vocabulary "
-          f"{args.draft_vocab or tc.vocab_size}; a 2048^3 float32 matmul runs at {peak:.0f} GFLOP/s")
+          f"{args.draft_vocab or tc.vocab_size}; a {MATMUL_N}^3 float32 matmul runs at {peak:.0f} GFLOP/s")
     print("| drafter | mode | s / step | steps / hour | TFLOP / step (XLA) | GFLOP/s | of the matmul rate |\n"
           "|---|---|---|---|---|---|---|")
     for cfg, config in runs:
