@@ -174,6 +174,41 @@ def test_a_cut_feature_cache_build_resumes_to_the_uninterrupted_cache(workdir):
     assert json.loads((other / "cache.json").read_text())["topk"] == 3
 
 
+
+def test_a_cache_build_copies_the_batches_a_finished_cache_holds(workdir):
+    """With `reuse`, batches whose rows another cache of the same target holds are copied from it (a
+    marked row proves it), the rest computed; the result is the fresh build's. A reused cache of another
+    top-k, or an unfinished one, is an error."""
+    root, target = workdir
+    rng = np.random.default_rng(4)
+    rows = lambda n: rng.integers(0, TARGET.vocab_size, (n, 12)).astype(np.int32)
+    mask = lambda n: np.ones((n, 12), np.float32)
+    donor_examples = {split: {"tokens": rows(n), "loss_mask": mask(n)} for split, n in (("train", 6), ("val", 2))}
+    build = functools.partial(feature_cache.build, target=target, layers=(0, 2), dtype="float16", batch_size=2,
+                              progress=False)
+    donor = build(root / "donor", examples=donor_examples, topk=5)
+    marked = np.load(donor / "train_topk_logits.npy", mmap_mode="r+")
+    marked[3] = -7.0
+    marked.flush()
+    del marked
+    # the subset's train: donor train rows 2..5, then two new rows; its val: the donor's val rows
+    subset = {"train": {"tokens": np.concatenate([donor_examples["train"]["tokens"][2:], rows(2)]),
+                        "loss_mask": mask(6)}, "val": donor_examples["val"]}
+    fresh = build(root / "subset_fresh", examples=subset, topk=5)
+    reused = build(root / "subset_reused", examples=subset, topk=5, reuse=donor)
+    logits = np.load(reused / "train_topk_logits.npy")
+    assert (logits[1] == -7.0).all()  # donor row 3: copied, not computed
+    fresh_logits = np.load(fresh / "train_topk_logits.npy")
+    np.testing.assert_array_equal(np.delete(logits, 1, axis=0), np.delete(fresh_logits, 1, axis=0))
+    for name in sorted(p.name for p in fresh.iterdir() if p.suffix == ".npy" and p.name != "train_topk_logits.npy"):
+        np.testing.assert_array_equal(np.load(reused / name), np.load(fresh / name), err_msg=name)
+    assert json.loads((reused / "cache.json").read_text()) == json.loads((fresh / "cache.json").read_text())
+
+    with pytest.raises(ConfigError, match=r"cache_reuse .*donor was built with another topk"):
+        build(root / "subset_k3", examples=subset, topk=3, reuse=donor)
+    with pytest.raises(ConfigError, match=r"cache_reuse .*missing is not a finished feature cache"):
+        build(root / "subset_none", examples=subset, topk=5, reuse=root / "missing")
+
 SPECBLOCK = {"kind": "specblock", "specblock": {"num_ttt_blocks": 2, "block_size": 2, "rank_hidden": 8},
              "decoding": {"budget": 6, "max_blocks": 2, "widths": [1, 2, 2, 1], "slot0_width": 2, "topk": 2,
                           "expand": 2}}
@@ -453,3 +488,36 @@ def test_bench_step_reports_each_steps_time_and_its_xla_flop_count(workdir, caps
         assert gflops == pytest.approx(tflop * 1e3 / seconds, rel=0.05, abs=1) and share == pytest.approx(
             gflops / peak, abs=0.01)
     assert 1.6 < large["eagle3", "offline"][2] / small["eagle3", "offline"][2] <= 2.0
+
+
+def test_the_smollm2_recipes_differ_only_where_their_comments_say():
+    """The shipped drafters' recipes for the default target, the ablations and the one-domain drafter:
+    the same data, feature cache, batches, optimizer and seed, apart from what each config's header
+    names (its kind, one ablation switch, the budget, the domains), so comparisons between them hold."""
+    configs = pathlib.Path(__file__).parent.parent / "configs"
+    read = lambda name: train_drafter.to_dict(load_yaml(DrafterTrainConfig, configs / name))
+
+    def common(cfg: dict) -> dict:
+        optim = {k: v for k, v in cfg["optim"].items() if k not in ("total_steps", "warmup_steps")}
+        dropped = ("kind", "eagle3", "specblock", "optim", "output_dir", "export_dir", "domains", "feature_cache",
+                   "cache_reuse", "checkpoint_every", "log_every")
+        return {**{k: v for k, v in cfg.items() if k not in dropped}, "optim": optim}
+
+    eagle3, specblock = read("eagle3-smollm2.yaml"), read("specblock-smollm2.yaml")
+    assert common(eagle3) == common(specblock) and eagle3["feature_cache"] == specblock["feature_cache"]
+    assert eagle3["eagle3"]["draft_vocab_size"] == specblock["specblock"]["draft_vocab_size"]
+    outputs = {eagle3["output_dir"], specblock["output_dir"]}
+    switches = ("shift", "inherit", "rank_head", "valid_prefix")
+    for variant in ("full", *(f"no-{s.replace('_', '-')}" for s in switches)):
+        ablation = read(f"ablations/smollm2/specblock-{variant}.yaml")
+        assert common(ablation) == common(specblock) and ablation["feature_cache"] == specblock["feature_cache"]
+        off = [s for s in switches if not ablation["specblock"][s]]
+        assert off == ([] if variant == "full" else [variant[3:].replace("-", "_")])
+        assert {k: v for k, v in ablation["specblock"].items() if k not in switches} == \
+            {k: v for k, v in specblock["specblock"].items() if k not in switches}
+        assert ablation["optim"]["total_steps"] == 58 and ablation["output_dir"] not in outputs
+        outputs.add(ablation["output_dir"])
+    prose = read("specblock-smollm2-prose.yaml")
+    assert common(prose) == common(specblock) and prose["specblock"] == specblock["specblock"]
+    assert prose["cache_reuse"] == specblock["feature_cache"] != prose["feature_cache"]
+    assert set(prose["domains"]).isdisjoint({"code", "explain", "math"}) and prose["output_dir"] not in outputs

@@ -16,7 +16,8 @@ and per split (`train`, `val`): the online example fields `<split>_tokens.npy` [
 `<split>_loss_mask.npy` [N, T], then `<split>_features.npy` [N, T, F],
 `<split>_topk_logits.npy` [N, T, k] float32 and `<split>_topk_ids.npy` [N, T, k] int32. It is written
 into a hidden sibling, resumed there after a kill, renamed into place when complete, and refused when
-it does not match the run.
+it does not match the run. A build may copy rows from another finished cache of the same target
+(`reuse`): a run on a subset of the rows (one domain) then costs only its rows the other lacks.
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ def _describe(target_config: ModelConfig, layers: tuple[int, ...], topk: int, dt
 
 
 def build(path: str | pathlib.Path, target: Any, layers: tuple[int, ...], examples: dict[str, dict[str, np.ndarray]],
-          *, topk: int, dtype: str, batch_size: int, progress: bool = True, stop_after: int | None = None
-          ) -> pathlib.Path | None:
+          *, topk: int, dtype: str, batch_size: int, progress: bool = True, stop_after: int | None = None,
+          reuse: str | pathlib.Path | None = None) -> pathlib.Path | None:
     """Write the cache of `examples` (split -> the online example fields of all its rows: `tokens` and
     `loss_mask`, [N, T] each) to `path`, unless a matching one is already there; a cache built from
     anything else is an error, never overwritten.
@@ -67,7 +68,11 @@ def build(path: str | pathlib.Path, target: Any, layers: tuple[int, ...], exampl
     A build of the real data takes hours, so it resumes: rows go into a hidden staging sibling whose
     `progress.json` counts the rows on disk after each batch, and a rerun after a crash or kill goes
     on from there (a staging directory of other inputs is discarded). `stop_after` ends the call after
-    that many batches, as a kill would, and returns None; the finished cache is renamed into place."""
+    that many batches, as a kill would, and returns None; the finished cache is renamed into place.
+
+    `reuse` names a finished cache of the same target, layers, top-k and dtype: a batch whose rows all
+    appear in it (matched by their tokens, which alone decide the target's outputs) is copied from it
+    instead of computed."""
     path = pathlib.Path(path)
     described = _describe(target.config, layers, topk, dtype, examples)
     if (path / CACHE_JSON).is_file():
@@ -90,6 +95,7 @@ def build(path: str | pathlib.Path, target: Any, layers: tuple[int, ...], exampl
         top_logits, top_ids = top_k(out.logits, topk)
         return out.features.astype(dtype), top_logits, top_ids
 
+    donor = None if reuse is None else _Donor(pathlib.Path(reuse), described)
     staging = path.with_name(f".{path.name}.partial")
     done = _staged_rows(staging, described)
     if done is None:
@@ -100,10 +106,17 @@ def build(path: str | pathlib.Path, target: Any, layers: tuple[int, ...], exampl
         tokens = examples[split]["tokens"]
         arrays = [np.load(staging / f"{split}_{name}.npy", mmap_mode="r+") for name in CACHED]
         starts = range(done[split], len(tokens), batch_size)
-        for start in tqdm(starts, disable=not progress, desc=f"cache target outputs ({split})", unit="batch"):
+        bar = tqdm(starts, disable=not progress, desc=f"cache target outputs ({split})", unit="batch")
+        for start in bar:
             if stop_after is not None and batches == stop_after:
                 return None
-            for array, result in zip(arrays, outputs(target.params, tokens[start:start + batch_size])):
+            rows = tokens[start:start + batch_size]
+            results = None if donor is None else donor.outputs(rows)
+            if results is None:
+                results = outputs(target.params, rows)
+            elif progress:
+                bar.set_postfix(copied_batches=donor.copied)
+            for array, result in zip(arrays, results):
                 array[start:start + batch_size] = np.asarray(result)
                 array.flush()
             done[split] = min(start + batch_size, len(tokens))
@@ -114,6 +127,29 @@ def build(path: str | pathlib.Path, target: Any, layers: tuple[int, ...], exampl
     (staging / PROGRESS_JSON).unlink()
     replace_dir(staging, path)
     return path
+
+
+class _Donor:
+    """Rows of a finished cache looked up by their tokens, for `build(reuse=...)`."""
+
+    def __init__(self, path: pathlib.Path, described: dict[str, Any]):
+        if not (path / CACHE_JSON).is_file():
+            raise ConfigError(f"cache_reuse {path} is not a finished feature cache (no {CACHE_JSON})")
+        found = json.loads((path / CACHE_JSON).read_text())
+        if changed := sorted(k for k in ("target", "feature_layers", "topk", "dtype") if found[k] != described[k]):
+            raise ConfigError(f"cache_reuse {path} was built with another {', '.join(changed)} than this run's cache")
+        self.cache = Cache(path)
+        self.where = {row.tobytes(): (split, i) for split in SPLITS
+                      for i, row in enumerate(np.asarray(self.cache.arrays[split]["tokens"]))}
+        self.copied = 0
+
+    def outputs(self, tokens_BxT: np.ndarray) -> list[np.ndarray] | None:
+        """The cached outputs (features, top-k logits, top-k ids) of these rows; None unless all are there."""
+        found = [self.where.get(np.ascontiguousarray(row).tobytes()) for row in tokens_BxT]
+        if any(f is None for f in found):
+            return None
+        self.copied += 1
+        return [np.stack([self.cache.arrays[split][name][i] for split, i in found]) for name in CACHED]
 
 
 def _staged_rows(staging: pathlib.Path, described: dict[str, Any]) -> dict[str, int] | None:

@@ -13,7 +13,8 @@ configured mesh (specblock_jax/sharding.py), so the same command runs on one CPU
 
 Offline mode (`feature_cache: DIR`): the target's features and top-`cache_topk` logits for every row
 are computed once into DIR (train/feature_cache.py) and training reads them instead of running the
-target each step.
+target each step. `cache_reuse: DIR2` copies the rows DIR2 already holds (a one-domain run beside a
+run on all the data).
 
 Resumable: rerunning the same command after a kill continues from the newest checkpoint with exactly
 the batches the uninterrupted run would have seen. log.jsonl gets, every `log_every` steps, the loss,
@@ -98,6 +99,7 @@ class DrafterTrainConfig:
     feature_cache: str | None = None  # offline mode: cache of the target's outputs (built on first use)
     cache_topk: int = 64  # offline mode: target logits kept per position (the teacher is renormalised over them)
     cache_dtype: str = "float16"  # offline mode: dtype of the cached features
+    cache_reuse: str | None = None  # offline mode: a finished cache whose rows building feature_cache copies
     # The target's and the drafter's parameter and compute dtype ("bfloat16" on TPU / GPU). The optimizer
     # keeps float32 master weights and moments; logits and losses are float32 either way.
     dtype: str = "float32"
@@ -135,7 +137,8 @@ class DrafterTrainConfig:
 def run_fingerprint(cfg: DrafterTrainConfig) -> dict:
     """What defines a run's math: resuming under a different one is refused. Paths and the logging
     and checkpoint cadence may change between a run and its resume."""
-    free = {"output_dir", "export_dir", "data_dir", "checkpoint_every", "log_every", "decoding", "feature_cache"}
+    free = {"output_dir", "export_dir", "data_dir", "checkpoint_every", "log_every", "decoding", "feature_cache",
+            "cache_reuse"}
     return {k: v for k, v in to_dict(cfg).items() if k not in free}
 
 
@@ -439,7 +442,7 @@ def train(cfg: DrafterTrainConfig, *, stop_after: int | None = None, export: boo
         cache = feature_cache.Cache(feature_cache.build(
             cfg.feature_cache, target, config.feature_layers,
             {"train": to_example(train_rows), "val": to_example(val_rows)}, topk=cfg.cache_topk,
-            dtype=cfg.cache_dtype, batch_size=cfg.batch_size, progress=progress))
+            dtype=cfg.cache_dtype, batch_size=cfg.batch_size, progress=progress, reuse=cfg.cache_reuse))
         train_ds = cache.dataset(cfg.seed, cfg.batch_size)
         val_batches = [cache.examples("val", idx) for idx in np.split(np.arange(cache.rows("val")), cfg.val_batches)]
     target_sh = sharding.logical_to_sharding(target_lib.param_axes(target.config), mesh, target.params)
