@@ -4,10 +4,15 @@ adapting (specblock_jax.adapt), interleaved prompt by prompt so machine drift ca
     python -m infer.adapt_bench --drafter runs/specblock-prose/drafter            # code (shift), prose (own)
     python -m infer.adapt_bench --drafter DIR --streams prose+code --repeats 3     # a shift mid-stream
     python -m infer.adapt_bench --drafter DIR --source corpus --max-prompts 320   # streams long enough to learn
+    python -m infer.adapt_bench --drafter runs/specblock-smollm2-prose/drafter \
+        --source train/prompts/serving_prompts.jsonl --streams math,writing+summarization+translation,writing+math
 
 A stream is held-out prompts of one domain, or of several joined with '+' (prose+code: every prose
 prompt, then every code prompt): the toy target's 48 per domain, or (`--source corpus`) prompts
-cut apart through the held-out documents of its corpus, as many as asked. Per stream and repeat the
+cut apart through the held-out documents of its corpus, as many as asked. On a chat target the
+source is a file of chat prompts (`train.chat_prompts` writes them; its categories are the domains),
+each formatted with the target's chat template: `train/prompts/serving_prompts.jsonl` holds prompts
+no shipped drafter was trained on (GSM8K problems and passages of held-out plays). Per stream and repeat the
 adapter starts from the trained drafter. Each prompt is decoded by both methods in turn (alternating
 which goes first); an adapting method's time includes its bandit step, updates and probes (`adapt_s`). Reported per
 stream: tokens/s (all tokens over all seconds) and its ratio adapt / static (the median over
@@ -28,9 +33,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from specblock_jax import adapt, data, generate, hf, load_drafter, load_target
+from specblock_jax import adapt, chat, data, generate, hf, load_drafter, load_target
 from specblock_jax.config import ConfigError
 
+from infer import make_suite
 from infer.bench import _now, versions
 from train.train_target import PROMPT_CHARS
 
@@ -48,10 +54,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--streams", default="code,prose",
                    help="comma-separated streams, each a domain or domains joined with '+' (default: code,prose)")
     p.add_argument("--max-prompts", type=int, default=48, help="prompts per domain")
-    p.add_argument("--source", choices=("embedded", "corpus"), default="embedded",
+    p.add_argument("--source", default="embedded",
                    help="embedded: the toy target's 48 held-out prompts per domain; corpus: prompts cut "
                         "apart through the held-out documents of its training corpus (up to 840 code and 383 "
-                        "prose), for streams long enough for adaptation to pay")
+                        "prose), for streams long enough for adaptation to pay; or a JSONL file of chat "
+                        "prompts ({\"messages\", \"category\"} per line), whose categories are the domains")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--adapt", default="{}", metavar="JSON",
@@ -63,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     args.streams = [s.strip() for s in args.streams.split(",") if s.strip()]
-    for stream in args.streams or [""]:
+    for stream in (args.streams or [""]) if args.source in ("embedded", "corpus") else ():
         unknown = [d for d in stream.split("+") if d not in DOMAINS]
         if unknown:
             p.error(f"--streams: {stream!r} names unknown domain(s) {unknown}; domains: {', '.join(DOMAINS)}")
@@ -77,8 +84,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def stream_prompts(stream: str, max_prompts: int, source: str = "embedded") -> list[str]:
-    """The stream's prompts, `max_prompts` per domain, domain after domain."""
+def stream_prompts(stream: str, max_prompts: int, source: str = "embedded") -> list[str | list[dict]]:
+    """The stream's prompts, `max_prompts` per domain, domain after domain: strings, or conversations
+    from a chat prompt file (ValueError for a domain that is none of its categories)."""
+    if source not in ("embedded", "corpus"):
+        by_category: dict[str, list] = {}
+        for line, row in enumerate(make_suite._read_jsonl(pathlib.Path(source)), start=1):
+            if not isinstance(row, dict) or not {"category", "messages"} <= row.keys():
+                raise ValueError(f"{source}:{line}: expected an object with 'category' and 'messages'")
+            by_category.setdefault(row["category"], []).append(chat.check_conversation(row["messages"],
+                                                                                       f"{source}:{line}"))
+        if unknown := [d for d in stream.split("+") if d not in by_category]:
+            raise ValueError(f"--streams: {stream!r} names {unknown}, not categories of {source} "
+                             f"({', '.join(sorted(by_category))})")
+        return [p for domain in stream.split("+") for p in by_category[domain][:max_prompts]]
     if source == "embedded":
         prompt_dir = hf.TOY_TARGET_DIR / "prompts"
         return [p for domain in stream.split("+")

@@ -77,3 +77,22 @@ def test_corpus_streams_come_from_the_held_out_documents(monkeypatch, capsys):
     assert all(p.startswith("prose test") for p in prompts[:3]) and all(p.startswith("code test") for p in prompts[3:])
     assert adapt_bench.main(["--drafter", "specblock", "--source", "corpus", "--max-prompts", "1000"]) == 2
     assert "fewer than 1000" in capsys.readouterr().err
+
+
+def test_chat_prompt_files_give_streams_of_their_categories(tmp_path, capsys):
+    """A chat prompt file's categories are the domains: a stream takes up to --max-prompts of each, in
+    file order, as conversations; a domain it lacks, or a line without a category, is a clear error."""
+    path = tmp_path / "prompts.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"{c} {i}"}], "category": c, "source": f"s{c}{i}"}
+            for i in range(3) for c in ("math", "writing")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts = adapt_bench.stream_prompts("writing+math", 2, str(path))
+    assert [p[0]["content"] for p in prompts] == ["writing 0", "writing 1", "math 0", "math 1"]
+    assert all(p[0]["role"] == "user" and len(p) == 1 for p in prompts)
+    assert adapt_bench.main(["--drafter", "specblock", "--source", str(path), "--streams", "math,code",
+                             "--out", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert "names ['code'], not categories of" in err and "(math, writing)" in err
+    path.write_text(json.dumps({"messages": rows[0]["messages"]}) + "\n")
+    with pytest.raises(ValueError, match=r"prompts.jsonl:1: expected an object with 'category' and 'messages'"):
+        adapt_bench.stream_prompts("math", 2, str(path))

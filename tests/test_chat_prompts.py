@@ -42,6 +42,18 @@ def test_prompts_cover_every_category_and_leave_the_suite_out(plays, tmp_path):
     assert rows[0]["category"] == "math" and rows[1]["category"] == "code"  # interleaved
 
 
+
+@pytest.mark.skipif(not (SHARED / "gsm8k_train.jsonl").is_file(), reason="needs ../shared/data")
+def test_excluded_sources_are_left_out(plays):
+    """`exclude` (the training prompts' sources) leaves those prompts out: serving prompts built that
+    way share no source with the training ones, and the categories with more sources still fill up."""
+    training = chat_prompts.build(SHARED, per_category=12, plays=plays)
+    serving = chat_prompts.build(SHARED, per_category=12, plays=plays,
+                                 exclude=frozenset(r["source"] for r in training))
+    assert not {r["source"] for r in serving} & {r["source"] for r in training}
+    assert sum(r["category"] == "math" for r in serving) == 12
+
+
 def test_bad_arguments_are_clear_errors(capsys):
     with pytest.raises(SystemExit):
         chat_prompts.main(["--per-category", "0"])

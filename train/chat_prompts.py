@@ -17,6 +17,12 @@ trained on the target's answers to these is measured on questions it never saw:
 
     python -m train.chat_prompts --per-category 1000   # writes train/prompts/chat_prompts.jsonl (committed)
 
+Prompts no drafter was trained on, for serving streams (infer.adapt_bench): passages of the corpus's
+held-out plays, and of the other sources only what the training prompts leave out:
+
+    python -m train.chat_prompts --plays test --exclude train/prompts/chat_prompts.jsonl \
+        --per-category 200 --out train/prompts/serving_prompts.jsonl
+
 One JSON line per prompt, `{"messages": [{"role": "user", "content": ...}], "category", "source"}`,
 categories interleaved; deterministic for the same data and Python.
 """
@@ -44,12 +50,12 @@ WRITING_ASKS = ("Continue this scene for a few more lines, in the same style:",
 
 
 def build(shared_data: str | pathlib.Path, per_category: int, seed: int = 0,
-          plays: Sequence[data.Document] | None = None) -> list[dict]:
-    """Up to `per_category` prompts per category (all there are when fewer), none from a suite source,
-    interleaved category by category. `plays`: the prose documents to cut passages from (default: the
-    corpus's training split, fetched on first use)."""
+          plays: Sequence[data.Document] | None = None, exclude: frozenset[str] = frozenset()) -> list[dict]:
+    """Up to `per_category` prompts per category (all there are when fewer), none from a suite source
+    or from the sources in `exclude`, interleaved category by category. `plays`: the prose documents
+    to cut passages from (default: the corpus's training split, fetched on first use)."""
     shared_data = pathlib.Path(shared_data)
-    used = make_suite.suite_sources()
+    used = make_suite.suite_sources() | exclude
     rng = np.random.default_rng(seed)
     tasks = make_suite._read_jsonl(shared_data / "self_instruct_seed_tasks.jsonl")
     gsm8k = make_suite._read_jsonl(shared_data / "gsm8k_train.jsonl")
@@ -175,12 +181,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="folder holding self_instruct_seed_tasks.jsonl and gsm8k_train.jsonl")
     p.add_argument("--per-category", type=int, default=1000, help="prompts per category, at most (default 1000)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plays", choices=("train", "test"), default="train",
+                   help="the corpus split whose plays the passages are cut from (default train; test: the "
+                        "held-out plays no drafter trains on)")
+    p.add_argument("--exclude", action="append", default=[], metavar="JSONL",
+                   help="a prompt file whose sources are left out (repeatable), e.g. the training prompts")
     p.add_argument("--out", default="train/prompts/chat_prompts.jsonl")
     args = p.parse_args(argv)
     if args.per_category < 1:
         p.error(f"--per-category must be >= 1, got {args.per_category}")
     try:
-        rows = build(args.shared_data, args.per_category, args.seed)
+        exclude = frozenset(row["source"] for path in args.exclude
+                            for row in make_suite._read_jsonl(pathlib.Path(path)))
+        plays = data.corpus_splits()["prose"][args.plays]
+        rows = build(args.shared_data, args.per_category, args.seed, plays, exclude)
     except FileNotFoundError as e:
         print(f"train.chat_prompts: error: {e}", file=sys.stderr)
         return 2
