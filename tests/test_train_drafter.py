@@ -515,7 +515,7 @@ def test_the_smollm2_recipes_differ_only_where_their_comments_say():
         assert off == ([] if variant == "full" else [variant[3:].replace("-", "_")])
         assert {k: v for k, v in ablation["specblock"].items() if k not in switches} == \
             {k: v for k, v in specblock["specblock"].items() if k not in switches}
-        assert ablation["optim"]["total_steps"] == 58 and ablation["output_dir"] not in outputs
+        assert ablation["optim"]["total_steps"] == 73 and ablation["output_dir"] not in outputs
         outputs.add(ablation["output_dir"])
     prose = read("specblock-smollm2-prose.yaml")
     assert common(prose) == common(specblock) and prose["specblock"] == specblock["specblock"]
