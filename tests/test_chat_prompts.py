@@ -42,7 +42,6 @@ def test_prompts_cover_every_category_and_leave_the_suite_out(plays, tmp_path):
     assert rows[0]["category"] == "math" and rows[1]["category"] == "code"  # interleaved
 
 
-
 @pytest.mark.skipif(not (SHARED / "gsm8k_train.jsonl").is_file(), reason="needs ../shared/data")
 def test_excluded_sources_are_left_out(plays):
     """`exclude` (the training prompts' sources) leaves those prompts out: serving prompts built that

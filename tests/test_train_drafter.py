@@ -174,7 +174,6 @@ def test_a_cut_feature_cache_build_resumes_to_the_uninterrupted_cache(workdir):
     assert json.loads((other / "cache.json").read_text())["topk"] == 3
 
 
-
 def test_a_cache_build_copies_the_batches_a_finished_cache_holds(workdir):
     """With `reuse`, batches whose rows another cache of the same target holds are copied from it (a
     marked row proves it), the rest computed; the result is the fresh build's. A reused cache of another
@@ -208,6 +207,7 @@ def test_a_cache_build_copies_the_batches_a_finished_cache_holds(workdir):
         build(root / "subset_k3", examples=subset, topk=3, reuse=donor)
     with pytest.raises(ConfigError, match=r"cache_reuse .*missing is not a finished feature cache"):
         build(root / "subset_none", examples=subset, topk=5, reuse=root / "missing")
+
 
 SPECBLOCK = {"kind": "specblock", "specblock": {"num_ttt_blocks": 2, "block_size": 2, "rank_hidden": 8},
              "decoding": {"budget": 6, "max_blocks": 2, "widths": [1, 2, 2, 1], "slot0_width": 2, "topk": 2,
