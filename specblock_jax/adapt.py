@@ -85,7 +85,7 @@ class AdaptConfig:
     steps: int = 8  # optimizer steps per update
     batch_slots: int = 96  # valid slots per optimizer step (drawn from the buffer)
     batch_records: int = 64  # records per gain measurement (the newest)
-    horizon_tokens: int = 16384  # tokens an update is expected to serve: its cost is amortised over them
+    horizon_tokens: int = 16384  # the server's setting: tokens this drafter will still serve (an update's gain x it)
     min_records: int = 64  # records of earlier windows an update needs to train on
     returns_after: int = 16  # updates tried before what they returned together may cap the gain
     probe_every: int = 8  # while the cap alone declines, windows between measurements of the return
