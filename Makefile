@@ -20,4 +20,4 @@ demo: $(VENV)/.installed
 	$(PY) -m infer.demo
 
 test: $(VENV)/.installed
-	$(PY) -m pytest tests -n 2 --dist loadfile
+	$(PY) -m pytest tests -n 2 --dist loadfile --no-loadscope-reorder
