@@ -78,6 +78,7 @@ def trained(workdir):
 def test_training_lowers_the_ttt_loss(trained):
     _, _, log = trained
     assert [r["step"] for r in log] == [4, 8]
+    assert all(r["seconds"] > 0 and r["eval_seconds"] > 0 for r in log)
     assert log[-1]["val_loss"] < log[0]["val_loss"]
     assert len(log[-1]["step_loss"]) == len(log[-1]["step_acc"]) == len(log[-1]["val_step_acc"]) == 2
     acc = np.asarray(log[-1]["val_step_acc"])

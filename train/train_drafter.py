@@ -476,7 +476,9 @@ def train(cfg: DrafterTrainConfig, *, stop_after: int | None = None, export: boo
             state, metrics = train_step(state, target_params, batch, np.int32(step))
             if (step + 1) % cfg.log_every == 0 or step + 1 == last:
                 record = log_record(step + 1, metrics, float(lr_schedule(step)), time.perf_counter() - t_mark)
+                t_eval = time.perf_counter()
                 record.update(evaluate(eval_step, state["params"], target_params, val_batches, mesh))
+                record["eval_seconds"] = time.perf_counter() - t_eval  # outside `seconds` (training only)
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{record['loss']:.3f}", acc="/".join(f"{a:.2f}" for a in record["step_acc"]),
