@@ -449,10 +449,11 @@ def test_vocab_coverage_counts_the_trained_on_tokens_of_each_split(workdir, caps
         vocab_coverage.main(["--config", str(path), "--sizes", "49"])
 
 
-def test_learning_curves_read_a_training_log_in_hours_and_plot_it(trained, workdir, tmp_path):
-    """The curve of a real training log: hours are the summed step seconds, the acceptance estimate is
-    the chain of the held-out per-position accuracies; the plot is written, and a label count that
-    does not match the logs is refused."""
+def test_learning_curves_read_a_training_log_in_hours_and_plot_it(trained, workdir, tmp_path, capsys):
+    """The curve of a real training log: hours are the summed step seconds (or steps x the median
+    seconds per step), the acceptance estimate is the chain of the held-out per-position accuracies;
+    the plot and the budget table are written, and a label count that does not match the logs is
+    refused."""
     root, _ = workdir
     log = root / "full" / "log.jsonl"
     records = [json.loads(line) for line in log.read_text().splitlines()]
@@ -460,9 +461,19 @@ def test_learning_curves_read_a_training_log_in_hours_and_plot_it(trained, workd
     np.testing.assert_allclose(curve.hours * 3600, np.cumsum([r["seconds"] for r in records]))
     assert curve.steps.tolist() == sorted(r["step"] for r in records) and curve.step_acc.shape == (len(records), 2)
     np.testing.assert_allclose(curve.acceptance, [train_drafter.chain_acceptance(np.array(a)) for a in curve.step_acc])
+    # the median clock: a paused interval (here the second, 100x its logged time) moves nothing
+    paused = tmp_path / "paused.jsonl"
+    paused.write_text("".join(json.dumps({**r, "seconds": r["seconds"] * (100 if i == 1 else 1)}) + "\n"
+                              for i, r in enumerate(records)))
+    steps = np.array([r["step"] for r in records])
+    per_step = np.array([r["seconds"] for r in records]) / np.diff(steps, prepend=0)
+    per_step[1] *= 100
+    np.testing.assert_allclose(learning_curves.read_curve(paused, "median").hours * 3600, steps * np.median(per_step))
     out = tmp_path / "curves.png"
-    learning_curves.main([str(log), str(log), "--labels", "a,b", "--out", str(out)])
+    learning_curves.main([str(log), str(paused), "--labels", "a,b", "--out", str(out), "--clock", "median"])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("| run | steps | logged hours") and table[3].startswith(f"| b | {steps[-1]} |")
     with pytest.raises(SystemExit):
         learning_curves.main([str(log), "--labels", "a,b", "--out", str(out)])
 

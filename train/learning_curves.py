@@ -3,9 +3,12 @@
     python -m train.learning_curves runs/eagle3-smollm2/log.jsonl runs/specblock-smollm2/log.jsonl \
         --labels EAGLE-3,SpecBlock --out docs/learning-curves.png
 
-Two panels share the x-axis of training hours: the time summed over the log's records (`seconds`:
-training steps only, held-out evaluation excluded), so runs with equal budgets end at the same
-place. Left: the held-out chain estimate of the acceptance length (`val_acceptance_length`); right:
+Two panels share the x-axis of training hours: by default (`--clock logged`) the time summed over
+the log's records (`seconds`: training steps only, held-out evaluation excluded), so runs with equal
+budgets end at the same place. An interval that shared the machine with other work, or waited while
+the run was paused, counts in full there; `--clock median` instead puts step s at s x the run's median
+seconds per step over its intervals, which such intervals (and the first one's compiles) do not move.
+A table of each run's steps, logged hours, median seconds per step and that budget is printed. Left: the held-out chain estimate of the acceptance length (`val_acceptance_length`); right:
 the held-out accuracy of each draft position (`val_step_acc`; SpecBlock's given the earlier slots of
 its block right).
 """
@@ -22,22 +25,42 @@ import numpy as np
 from infer import plots
 
 
+CLOCKS = ("logged", "median")
+
+
 class Curve(NamedTuple):
     hours: np.ndarray  # [R] training hours at each logged record
     steps: np.ndarray  # [R]
     acceptance: np.ndarray  # [R] held-out chain acceptance estimate
     step_acc: np.ndarray  # [R, K] held-out accuracy per draft position
+    step_seconds: np.ndarray  # [R] seconds per step over each record's interval (as logged)
 
 
-def read_curve(log_path: str | pathlib.Path) -> Curve:
-    """The records of a training log, in step order (a resumed run appends to the same log)."""
+def read_curve(log_path: str | pathlib.Path, clock: str = "logged") -> Curve:
+    """The records of a training log, in step order (a resumed run appends to the same log), on the
+    `clock` the module docstring describes."""
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
     lines = [line for line in pathlib.Path(log_path).read_text().splitlines() if line.strip()]
     if not lines:
         raise ValueError(f"{log_path} holds no log records")
     records = sorted((json.loads(line) for line in lines), key=lambda r: r["step"])
-    return Curve(np.cumsum([r["seconds"] for r in records]) / 3600.0, np.array([r["step"] for r in records]),
-                 np.array([r["val_acceptance_length"] for r in records]),
-                 np.array([r["val_step_acc"] for r in records]))
+    steps = np.array([r["step"] for r in records])
+    seconds = np.array([r["seconds"] for r in records])
+    step_seconds = seconds / np.diff(steps, prepend=0)
+    hours = (np.cumsum(seconds) if clock == "logged" else steps * np.median(step_seconds)) / 3600.0
+    return Curve(hours, steps, np.array([r["val_acceptance_length"] for r in records]),
+                 np.array([r["val_step_acc"] for r in records]), step_seconds)
+
+
+def budget_table(curves: dict[str, Curve]) -> str:
+    """Markdown: each run's steps, logged hours, median seconds per step and steps x that median."""
+    lines = ["| run | steps | logged hours | median s / step | steps x median (hours) |", "|---|---|---|---|---|"]
+    for label, c in curves.items():
+        median = float(np.median(c.step_seconds))
+        lines.append(f"| {label} | {c.steps[-1]} | {c.step_seconds @ np.diff(c.steps, prepend=0) / 3600:.2f} | "
+                     f"{median:.1f} | {c.steps[-1] * median / 3600:.2f} |")
+    return "\n".join(lines)
 
 
 def plot(curves: dict[str, Curve], path: str | pathlib.Path) -> pathlib.Path:
@@ -64,14 +87,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("logs", nargs="+", help="log.jsonl files of drafter training runs")
     parser.add_argument("--labels", help="comma-separated, one per log (default: each log's directory name)")
     parser.add_argument("--out", default="docs/learning-curves.png", help="PNG to write")
+    parser.add_argument("--clock", choices=CLOCKS, default="logged",
+                        help="training hours as logged, or steps x the run's median seconds per step")
     args = parser.parse_args(argv)
     labels = args.labels.split(",") if args.labels else [pathlib.Path(p).parent.name for p in args.logs]
     if len(labels) != len(args.logs):
         parser.error(f"{len(labels)} labels for {len(args.logs)} logs")
     try:
-        curves = {label: read_curve(p) for label, p in zip(labels, args.logs)}
+        curves = {label: read_curve(p, args.clock) for label, p in zip(labels, args.logs)}
     except (OSError, ValueError, KeyError) as e:
         parser.error(f"cannot read a training log: {e!r}")
+    print(budget_table(curves))
     print(f"wrote {plot(curves, args.out)}")
 
 
