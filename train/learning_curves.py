@@ -8,7 +8,8 @@ the log's records (`seconds`: training steps only, held-out evaluation excluded)
 budgets end at the same place. An interval that shared the machine with other work, or waited while
 the run was paused, counts in full there; `--clock median` instead puts step s at s x the run's median
 seconds per step over its intervals, which such intervals (and the first one's compiles) do not move.
-A table of each run's steps, logged hours, median seconds per step and that budget is printed. Left: the held-out chain estimate of the acceptance length (`val_acceptance_length`); right:
+A table of each run's steps, logged hours, median seconds per step and that budget is printed.
+Left: the held-out chain estimate of the acceptance length (`val_acceptance_length`); right:
 the held-out accuracy of each draft position (`val_step_acc`; SpecBlock's given the earlier slots of
 its block right).
 """
