@@ -7,7 +7,10 @@ for k <= the accepted length (the accepted slots and the first rejected one; pas
 conditioned on a wrong token) `collect` writes the slot's pre-norm hidden (the drafter's input to
 its heads), the target's top-`teacher_topk` distribution there and the emitted token into a buffer
 (`Feedback`, one record of K slots per running row and step, all rows). The loop fills one sized for
-its call; `append` then writes it into the fixed-size ring buffer the updates draw from.
+its call; `append` then writes it into the fixed-size ring buffer the updates draw from. For a drafter
+with a reduced draft vocabulary, `to_draft_ids` first restricts the window's records to it, as the
+drafter's training restricts its teacher: ids become draft ids (a label outside the draft vocabulary
+becomes -1, which no head can propose), and the teacher is renormalised over the ids it covers.
 
 Update. What is trained is the drafter's output side, chosen by `AdaptConfig.params`: the LM head
 (`head`) or a low-rank adapter on it (`lora`, merged into it for drafting), plus the rank head
@@ -65,7 +68,7 @@ import optax
 from specblock_jax import decode, losses
 from specblock_jax.config import ConfigError
 from specblock_jax.drafter import Drafter
-from specblock_jax.models import layers, specblock
+from specblock_jax.models import eagle3, layers, specblock
 from specblock_jax.specblock_draft import SpecBlockMethod
 from specblock_jax.verify import Acceptance
 
@@ -118,7 +121,8 @@ class AdaptConfig:
 # Feedback: collected inside the decode loop.
 
 class Feedback(NamedTuple):
-    """A ring buffer of records: one per (running row, decode step), K slots each."""
+    """A ring buffer of records: one per (running row, decode step), K slots each. Ids are target ids
+    as collected; the Adapter's ring holds draft ids for a reduced-vocabulary drafter (`to_draft_ids`)."""
 
     hidden_CxKxH: jax.Array  # block-1 slot hiddens (pre-norm) the drafter computed
     teacher_ids_CxKxT: jax.Array  # int32 the target's top tokens at the slot's position
@@ -187,6 +191,18 @@ def append(feedback: Feedback, window: Feedback) -> Feedback:
     return Feedback(**fields, written=feedback.written + window.written, window=feedback.window)
 
 
+def to_draft_ids(window: Feedback, target_to_draft_V: jax.Array) -> Feedback:
+    """A window's records over a reduced draft vocabulary (`eagle3.target_to_draft`'s table): teacher ids
+    and labels as draft ids (a label outside it: -1), the teacher renormalised over the ids it covers,
+    and no teacher at all (zero probabilities: no loss) where the target's top token lies outside it,
+    as the drafter's training drops those positions (`losses.topk_teacher`)."""
+    ids_CxKxT = target_to_draft_V[window.teacher_ids_CxKxT]
+    probs_CxKxT = jnp.where((ids_CxKxT >= 0) & (ids_CxKxT[..., :1] >= 0), window.teacher_probs_CxKxT, 0.0)
+    probs_CxKxT = probs_CxKxT / jnp.maximum(jnp.sum(probs_CxKxT, axis=-1, keepdims=True), 1e-30)
+    return window._replace(teacher_ids_CxKxT=jnp.maximum(ids_CxKxT, 0), teacher_probs_CxKxT=probs_CxKxT,
+                           labels_CxK=target_to_draft_V[window.labels_CxK])
+
+
 # ---------------------------------------------------------------------------------------------------
 # The update: the drafter's heads trained on the buffer.
 
@@ -195,7 +211,7 @@ def init_trainable(cfg: AdaptConfig, config: specblock.SpecBlockConfig, base: An
     if cfg.params == "lora":
         h, r = config.hidden_size, cfg.lora_rank
         trainable = {"lora_a": jax.random.normal(key, (h, r), jnp.float32) / math.sqrt(h),
-                     "lora_b": jnp.zeros((r, config.vocab_size), jnp.float32)}
+                     "lora_b": jnp.zeros((r, config.draft_vocab), jnp.float32)}
     else:
         trainable = {"lm_head": base["lm_head"]}
     if cfg.rank_head and config.rank_head:
@@ -216,18 +232,22 @@ def merge(base: Any, trainable: dict) -> Any:
 def feedback_loss(trainable: dict, base: Any, feedback: Feedback, config: specblock.SpecBlockConfig) -> jax.Array:
     """The drafter's loss on records of K slots (the buffer) or of one (`sample_slots`): per-slot soft
     cross-entropy to the target's (top-T) distribution under the valid-prefix mask, weighted w**k, plus
-    the rank loss when the rank head adapts."""
+    the rank loss when the rank head adapts. A slot without a teacher (zero probabilities:
+    `to_draft_ids`) is left out of the cross-entropy."""
     logits_CxKxV, rank_logits_CxKxC = specblock.heads(merge(base, trainable), config, feedback.hidden_CxKxH)
     logp_CxKxV = jax.nn.log_softmax(logits_CxKxV, axis=-1)
     ce_CxK = -jnp.sum(feedback.teacher_probs_CxKxT * jnp.take_along_axis(logp_CxKxV, feedback.teacher_ids_CxKxT,
                                                                           axis=-1), axis=-1)
     hit_CxK = jnp.argmax(logits_CxKxV, axis=-1) == feedback.labels_CxK
+    taught_CxK = jnp.sum(feedback.teacher_probs_CxKxT, axis=-1) > 0
     mask_CxK = (losses.valid_prefix_mask(hit_CxK, feedback.valid_CxK) if config.valid_prefix
-                else feedback.valid_CxK.astype(jnp.float32))
+                else feedback.valid_CxK.astype(jnp.float32)) * taught_CxK
     per_slot_K = jnp.sum(ce_CxK * mask_CxK, axis=0) / jnp.maximum(jnp.sum(mask_CxK, axis=0), 1.0)
     loss = jnp.sum(config.position_loss_weight ** jnp.arange(hit_CxK.shape[1]) * per_slot_K)
-    if "rank_in" in trainable:
-        labels_CxK = losses.rank_labels(jax.lax.stop_gradient(logits_CxKxV), feedback.labels_CxK, config.rank_bounds)
+    if "rank_in" in trainable:  # a label outside the draft vocabulary (-1) ranks past every bound
+        labels_CxK = jnp.where(feedback.labels_CxK >= 0, losses.rank_labels(
+            jax.lax.stop_gradient(logits_CxKxV), jnp.maximum(feedback.labels_CxK, 0), config.rank_bounds),
+            len(config.rank_bounds))
         loss = loss + config.rank_loss_weight * losses.rank_loss(rank_logits_CxKxC, labels_CxK, feedback.valid_CxK)
     return loss
 
@@ -303,8 +323,9 @@ def depth_gains(serving: Any, others: tuple[Any, ...], feedback: Feedback, windo
 
     def accepted_M(params):
         logits_MxKxV, rank_MxKxC = specblock.heads(params, config, newest.hidden_CxKxH)
-        label_MxKx1 = jnp.take_along_axis(logits_MxKxV, newest.labels_CxK[..., None], axis=-1)
+        label_MxKx1 = jnp.take_along_axis(logits_MxKxV, jnp.maximum(newest.labels_CxK, 0)[..., None], axis=-1)
         above_MxK = jnp.sum(logits_MxKxV > label_MxKx1, axis=-1)  # tokens the head ranks above the target's
+        above_MxK = jnp.where(newest.labels_CxK >= 0, above_MxK, logits_MxKxV.shape[-1])  # -1: never drafted
         chain_M = jnp.sum(jnp.cumprod((above_MxK == 0) & newest.valid_CxK, axis=-1), axis=-1)
         width_MxK = method.slot_widths(rank_MxKxC, above_MxK.shape, first_block=True)
         sibling_MxK = (above_MxK < width_MxK) & newest.valid_CxK
@@ -480,8 +501,8 @@ class Adapter:
 
     Args:
         target: the `Target` served.
-        drafter: a full-vocabulary SpecBlock `Drafter`; its parameters are the reference the
-            updates' returns are measured against.
+        drafter: a SpecBlock `Drafter` (full or reduced draft vocabulary); its parameters are the
+            reference the updates' returns are measured against.
         config: what adapts, the buffer, the optimizer and the bandit's prices (`AdaptConfig`).
         seed: the updates' rng (LoRA initialisation, slot draws).
 
@@ -489,20 +510,18 @@ class Adapter:
     the bandit's decision, the measured gain, seconds), `feedback` (the ring buffer).
 
     Raises:
-        ValueError: a drafter of another kind or with a reduced draft vocabulary, or a config that
-            is not an `AdaptConfig`.
+        ValueError: a drafter of another kind, or a config that is not an `AdaptConfig`.
     """
 
     def __init__(self, target: Any, drafter: Drafter, config: AdaptConfig = AdaptConfig(), seed: int = 0):
         if not isinstance(drafter.method, SpecBlockMethod):
             raise ValueError(f"adaptation needs a SpecBlock drafter, got {type(drafter.method).__name__}")
-        if drafter.method.config.draft_vocab_size is not None:
-            raise ValueError("adaptation of a reduced-vocabulary SpecBlock drafter is not supported: its labels "
-                             "would need mapping to draft ids")
         if not isinstance(config, AdaptConfig):
             raise ValueError(f"config must be an AdaptConfig, got {type(config).__name__}")
         self.target, self.method, self.config = target, drafter.method, config
-        self.base, self.embed = drafter.params["drafter"], drafter.params["embed"]
+        self.params, self.base = drafter.params, drafter.params["drafter"]  # base: the drafter's own weights
+        d2t = drafter.params.get("draft_to_target")
+        self.target_to_draft = None if d2t is None else eagle3.target_to_draft(d2t, drafter.method.config.vocab_size)
         self.key, init_key = jax.random.split(jax.random.key(seed))
         self.trainable = init_trainable(config, drafter.method.config, self.base, init_key)
         self.opt_state = _optimizer(config).init(self.trainable)
@@ -515,7 +534,7 @@ class Adapter:
     @property
     def drafter(self) -> Drafter:
         """The drafter as it serves now."""
-        return Drafter(self.method, {"drafter": merge(self.base, self.trainable), "embed": self.embed})
+        return Drafter(self.method, {**self.params, "drafter": merge(self.base, self.trainable)})
 
     @property
     def _gain_records(self) -> int:
@@ -571,7 +590,9 @@ class Adapter:
         stats = out.stats
         start = time.perf_counter()
         written_before = int(self.feedback.written)
-        self.feedback = append(self.feedback, out.feedback)
+        fresh_records = out.feedback if self.target_to_draft is None else to_draft_ids(out.feedback,
+                                                                                        self.target_to_draft)
+        self.feedback = append(self.feedback, fresh_records)
         shifts = self.bandit.shifts
         self.bandit.observe_window(stats["tau"], stats["decode_s"] / max(stats["iterations"], 1) / len(prompts))
         if self.bandit.shifts > shifts:  # a new domain: returns count from the heads serving now

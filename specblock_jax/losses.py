@@ -14,6 +14,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from specblock_jax.models import eagle3
 from specblock_jax.models.layers import NEG_INF
 
 TTT_DECAY = 0.8  # EAGLE-3's weight of step k: 0.8 ** k
@@ -55,10 +56,7 @@ def topk_teacher(topk_logits_BxTxk: jax.Array, topk_ids_BxTxk: jax.Array, loss_m
     logits_BxTxk = jax.lax.stop_gradient(topk_logits_BxTxk).astype(jnp.float32)
     ids_BxTxk = topk_ids_BxTxk.astype(jnp.int32)
     if draft_to_target_Vd is not None:
-        draft_to_target_Vd = jnp.asarray(draft_to_target_Vd, jnp.int32)
-        target_to_draft_V = jnp.full((vocab_size,), -1, jnp.int32).at[draft_to_target_Vd].set(
-            jnp.arange(draft_to_target_Vd.shape[0], dtype=jnp.int32))
-        ids_BxTxk = target_to_draft_V[ids_BxTxk]
+        ids_BxTxk = eagle3.target_to_draft(draft_to_target_Vd, vocab_size)[ids_BxTxk]
         top_BxT = jnp.argmax(logits_BxTxk, axis=-1)  # the target's most likely token, before restricting
         covered_BxT = jnp.take_along_axis(ids_BxTxk, top_BxT[..., None], axis=-1)[..., 0] >= 0
         loss_mask_BxT = loss_mask_BxT * covered_BxT.astype(loss_mask_BxT.dtype)

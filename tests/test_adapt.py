@@ -13,6 +13,7 @@ import pytest
 from specblock_jax import adapt, decode
 from specblock_jax.config import ConfigError, ModelConfig
 from specblock_jax.drafter import Drafter
+from specblock_jax.models import eagle3
 from specblock_jax.models import specblock as sb
 from specblock_jax.ngram import NgramMethod
 from specblock_jax.specblock_draft import SpecBlockMethod, drafter_params
@@ -378,9 +379,81 @@ def test_gains_count_block_ones_accepted_depth_not_the_greedy_chain_alone(drafte
     assert float(same.mean) == 0.0 and float(fewer.mean) == -1.0
 
 
-def test_adapter_needs_a_full_vocabulary_specblock_drafter(target, drafter):
+def test_adapter_needs_a_specblock_drafter(target, drafter):
     with pytest.raises(ValueError, match="SpecBlock"):
         adapt.Adapter(target, Drafter(NgramMethod()))
-    reduced = dataclasses.replace(drafter.method, config=dataclasses.replace(CONFIG, draft_vocab_size=32))
-    with pytest.raises(ValueError, match="reduced-vocabulary"):
-        adapt.Adapter(target, dataclasses.replace(drafter, method=reduced))
+    with pytest.raises(ValueError, match="AdaptConfig"):
+        adapt.Adapter(target, drafter, {"params": "head"})
+
+
+@pytest.fixture(scope="module")
+def reduced(target):
+    """A drafter over 32 of the 64 ids: half of those plain greedy decoding emits (the most frequent)
+    and ids it never emits, so some labels lie outside the draft vocabulary; and its target -> draft table."""
+    plain = decode.generate(target, PROMPTS, max_new_tokens=N_NEW, max_len=MAX_LEN, stop_on_eos=False).token_ids
+    counts = np.bincount(np.concatenate(plain), minlength=TARGET.vocab_size)
+    emitted = [int(i) for i in np.argsort(-counts, kind="stable") if counts[i]]
+    unseen = [i for i in range(TARGET.vocab_size) if not counts[i]]
+    d2t = np.sort(np.array((emitted[:len(emitted) // 2] + unseen)[:32], np.int32))
+    config = dataclasses.replace(CONFIG, draft_vocab_size=32)
+    params = sb.init_params(config, jax.random.key(3))
+    params = {n: (p if n.startswith("shift") else jax.tree.map(lambda x: x * 10 if x.ndim == 2 else x, p))
+              for n, p in params.items()}
+    drafter = Drafter(SpecBlockMethod(config, budget=8, max_blocks=1, widths=(1, 2, 2, 1), slot0_width=2),
+                      drafter_params(params, target.params, d2t))
+    return drafter, d2t, plain
+
+
+def test_a_reduced_vocabulary_windows_records_become_draft_ids(target, reduced):
+    """Labels map to draft ids (-1 outside the draft vocabulary; both occur); the teacher keeps the ids it
+    covers, renormalised, and is empty where the target's top token is outside."""
+    drafter, d2t, _ = reduced
+    window = _collect(target, drafter, PROMPTS[:2], size=128).feedback
+    n = int(window.written)
+    mapped = adapt.to_draft_ids(window, eagle3.target_to_draft(d2t, TARGET.vocab_size))
+    labels, drafted = np.asarray(window.labels_CxK)[:n], np.asarray(mapped.labels_CxK)[:n]
+    valid = np.asarray(window.valid_CxK)[:n]
+    inside = np.isin(labels, d2t)
+    assert (inside & valid).any() and (~inside & valid).any()
+    np.testing.assert_array_equal(d2t[drafted[inside]], labels[inside])
+    assert (drafted[~inside] == -1).all()
+    ids, probs = np.asarray(window.teacher_ids_CxKxT)[:n], np.asarray(window.teacher_probs_CxKxT)[:n]
+    new_ids, new_probs = np.asarray(mapped.teacher_ids_CxKxT)[:n], np.asarray(mapped.teacher_probs_CxKxT)[:n]
+    covered = np.isin(ids, d2t)
+    top_inside = covered[..., 0]
+    assert top_inside.any() and (~top_inside).any()
+    np.testing.assert_allclose(new_probs.sum(-1), top_inside.astype(np.float32), rtol=1e-5, atol=1e-6)
+    expected = np.where(covered & top_inside[..., None], probs, 0.0)
+    expected /= np.maximum(expected.sum(-1, keepdims=True), 1e-30)
+    np.testing.assert_allclose(new_probs, expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(d2t[new_ids][covered], ids[covered])
+
+
+def test_a_reduced_vocabulary_drafter_learns_from_the_buffer_and_adapts_losslessly(target, reduced, monkeypatch):
+    """Updates of the head and of a LoRA adapter over the draft vocabulary lower the loss on the
+    (draft-id) buffer; served with forced updates, the adapter's output equals plain greedy decoding."""
+    drafter, d2t, plain = reduced
+    config = drafter.method.config
+    window = _collect(target, drafter, PROMPTS, size=128).feedback
+    fb = adapt.to_draft_ids(window, eagle3.target_to_draft(d2t, TARGET.vocab_size))
+    base = drafter.params["drafter"]
+    for params in adapt.PARAM_SETS:
+        cfg = adapt.AdaptConfig(params=params, steps=30, batch_slots=32, learning_rate=1e-2)
+        trainable = adapt.init_trainable(cfg, config, base, jax.random.key(0))
+        if params == "lora":
+            assert trainable["lora_b"].shape == (cfg.lora_rank, 32)
+        before = float(adapt.feedback_loss(trainable, base, fb, config))
+        trainable, _, _ = adapt.update(trainable, adapt._optimizer(cfg).init(trainable), base, fb, jax.random.key(1),
+                                       jnp.int32(0), cfg=cfg, config=config)
+        assert float(adapt.feedback_loss(trainable, base, fb, config)) < 0.8 * before, params
+    monkeypatch.setattr(adapt.Bandit, "cost_slope", lambda self: 0.0)
+    cfg = adapt.AdaptConfig(min_records=1, horizon_tokens=10 ** 9, ucb_beta=100.0, learning_rate=5e-2,
+                            buffer_size=128, batch_records=16)
+    adapter = adapt.Adapter(target, drafter, cfg)
+    for i, rows in enumerate([[0, 1], [2, 3], [1, 0]]):
+        out = adapter.generate([PROMPTS[r] for r in rows], max_new_tokens=N_NEW, max_len=MAX_LEN, stop_on_eos=False)
+        assert out.token_ids == [plain[r] for r in rows]
+        adapter.trainable = jax.tree.map(lambda x: x + jax.random.normal(jax.random.key(i), x.shape), adapter.trainable)
+    assert [h["updated"] for h in adapter.history] == [False, True, True]
+    labels = np.asarray(adapter.feedback.labels_CxK)[np.asarray(adapter.feedback.window_C) >= 0]
+    assert labels.min() >= -1 and labels.max() < 32 and (labels == -1).any()  # the ring holds draft ids

@@ -347,6 +347,13 @@ def t2d_mask(draft_to_target_Vd: np.ndarray, vocab_size: int) -> np.ndarray:
     return mask
 
 
+def target_to_draft(draft_to_target_Vd: jax.Array, vocab_size: int) -> jax.Array:
+    """[V] int32: each target id's draft id, -1 where the draft vocabulary does not cover it."""
+    draft_to_target_Vd = jnp.asarray(draft_to_target_Vd, jnp.int32)
+    return jnp.full((vocab_size,), -1, jnp.int32).at[draft_to_target_Vd].set(
+        jnp.arange(draft_to_target_Vd.shape[0], dtype=jnp.int32))
+
+
 def to_target_ids(draft_ids: jax.Array, draft_to_target_Vd: jax.Array | None) -> jax.Array:
     """Draft-vocabulary ids -> target ids (identity without a map)."""
     if draft_to_target_Vd is None:
