@@ -20,7 +20,7 @@ trained on the target's answers to these is measured on questions it never saw:
 Prompts no drafter was trained on, for serving streams (infer.adapt_bench): passages of the corpus's
 held-out plays, and of the other sources only what the training prompts leave out:
 
-    python -m train.chat_prompts --plays test --exclude train/prompts/chat_prompts.jsonl \
+    python -m train.chat_prompts --plays test --exclude train/prompts/chat_prompts.jsonl \\
         --per-category 200 --out train/prompts/serving_prompts.jsonl
 
 One JSON line per prompt, `{"messages": [{"role": "user", "content": ...}], "category", "source"}`,

@@ -1,6 +1,6 @@
 """Learning curves of drafter training runs against wall-clock time, from their `log.jsonl`.
 
-    python -m train.learning_curves runs/eagle3-smollm2/log.jsonl runs/specblock-smollm2/log.jsonl \
+    python -m train.learning_curves runs/eagle3-smollm2/log.jsonl runs/specblock-smollm2/log.jsonl \\
         --labels EAGLE-3,SpecBlock --out docs/learning-curves.png
 
 Two panels share the x-axis of training hours: by default (`--clock logged`) the time summed over

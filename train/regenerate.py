@@ -6,7 +6,7 @@ on target-regenerated answers). Generation is continuously batched (`specblock_j
 the unit of output, not of compute. A sampled answer's key comes from its part's seed and its row,
 so it never depends on the prompts it was decoded beside.
 
-    python -m train.regenerate --prompts train/prompts/chat_prompts.jsonl --output-dir runs/regen-chat \
+    python -m train.regenerate --prompts train/prompts/chat_prompts.jsonl --output-dir runs/regen-chat \\
         --prompt-tokens 448 --new-tokens 256 --batch-size 32           # chat answers, by category
     python -m train.regenerate --target specblock_jax/assets/toy/target --output-dir runs/regen  # corpus
 
