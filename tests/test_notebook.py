@@ -7,6 +7,8 @@ import pathlib
 import nbclient
 import nbformat
 
+from specblock_jax.drafter import SHIPPED_DRAFTERS_DIR
+
 NOTEBOOK = pathlib.Path(__file__).parent.parent / "notebooks" / "quickstart.ipynb"
 
 
@@ -28,6 +30,12 @@ def test_quickstart_notebook_executes_and_every_method_gives_plain_decodings_tok
     lines = _text(checked).splitlines()
     assert lines[-1] == "identical"
     assert any(line.startswith("ngram") and "identical to ar: True" in line for line in lines)
+    # the drafters shipped for the default target decode losslessly and accept drafts: a tau of 1.2
+    # tokens per target forward fails an untrained drafter, which accepts almost nothing
+    for kind in ("eagle3", "specblock"):
+        if (SHIPPED_DRAFTERS_DIR / kind / "drafter.json").is_file():
+            line = next(line for line in lines if line.startswith(kind))
+            assert "identical to ar: True" in line and float(line.split("tau = ")[1].split()[0]) > 1.2, line
     plotted = code[-1]
     assert "x ar" in _text(plotted)
     assert any("image/png" in o.get("data", {}) for o in plotted.outputs if o.output_type == "display_data")
