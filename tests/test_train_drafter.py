@@ -495,12 +495,11 @@ def test_bench_step_reports_each_steps_time_and_its_xla_flop_count(workdir, caps
     small_peak, small = rows("--batch-size", "2", "--modes", "offline")
     large_peak, large = rows("--batch-size", "4", "--modes", "offline")
     assert list(small) == list(large) == [("eagle3", "offline")]
-    # each run measures its own matmul peak, and its share column is over that peak
-    for peak, (seconds, per_hour, tflop, gflops, share) in [*((small_peak, r) for r in small.values()),
-                                                            *((large_peak, r) for r in large.values())]:
-        assert seconds > 0 and per_hour == pytest.approx(3600 / seconds, rel=0.05, abs=1)
-        assert gflops == pytest.approx(tflop * 1e3 / seconds, rel=0.05, abs=1) and share == pytest.approx(
-            gflops / peak, abs=0.01)
+    for peak, table in ((small_peak, small), (large_peak, large)):  # each run's share is of its own peak
+        for seconds, per_hour, tflop, gflops, share in table.values():
+            assert seconds > 0 and per_hour == pytest.approx(3600 / seconds, rel=0.05, abs=1)
+            assert gflops == pytest.approx(tflop * 1e3 / seconds, rel=0.05, abs=1) and share == pytest.approx(
+                gflops / peak, abs=0.01)
     assert 1.6 < large["eagle3", "offline"][2] / small["eagle3", "offline"][2] <= 2.0
 
 
