@@ -101,7 +101,7 @@ def ttt_targets(target_logits_BxTxV: jax.Array, loss_mask_BxT: jax.Array, step: 
 class TTTLoss(NamedTuple):
     loss: jax.Array  # [] sum over steps of 0.8**k * step loss
     step_loss_K: jax.Array  # [K] soft cross-entropy of each step
-    step_acc_K: jax.Array  # [K] fraction of masked rows whose drafter argmax equals the target's argmax
+    step_acc_K: jax.Array  # [K] accuracy (argmax = the target's) of step k where steps < k were right (conditional)
 
 
 def ttt_loss(draft_logits_K: Sequence[jax.Array], teacher: Teacher, loss_mask_BxT: jax.Array,
@@ -110,21 +110,28 @@ def ttt_loss(draft_logits_K: Sequence[jax.Array], teacher: Teacher, loss_mask_Bx
     `draft_logits_K`: each step's [B, T, V] logits (`eagle3.ttt_forward`'s tuple, or a [K, B, T, V] array);
     `teacher` and `loss_mask` as `dense_teacher` or `topk_teacher` give them.
 
-    The same figures as `ttt_targets` per step, computed without its shifted copies: step k compares
+    The same losses as `ttt_targets` per step, computed without its shifted copies: step k compares
     draft rows [0, T - 1 - k) with teacher rows [1 + k, T) (the rows past the end, masked out there,
-    are left out here)."""
+    are left out here). The accuracy of step k counts a row only where steps < k were right on it
+    (`valid_prefix_mask`, as SpecBlock's slots): drafting reaches depth k + 1 only through them, and
+    the unconditional figure hides a drafter whose later steps are right only where its earlier ones
+    were wrong."""
     t = teacher.argmax_BxT.shape[1]
-    losses, accs = [], []
+    r = max(t - 1, 0)  # rows of step 0; step k has r - k of them
+    losses, hits, masks = [], [], []
     for k in range(len(draft_logits_K)):  # static: the number of TTT steps
         n = max(t - 1 - k, 0)
         later = jax.tree.map(lambda x: x[:, 1 + k:], teacher)
         logits_BxNxV, mask_BxN = draft_logits_K[k][:, :n], loss_mask_BxT[:, 1 + k:].astype(jnp.float32)
         losses.append(soft_cross_entropy(logits_BxNxV, later.probs_BxTxk, mask_BxN, later.ids_BxTxk))
-        hit_BxN = jnp.argmax(logits_BxNxV, axis=-1) == later.argmax_BxT
-        accs.append(jnp.sum(hit_BxN * mask_BxN) / jnp.maximum(jnp.sum(mask_BxN), 1.0))
+        pad = lambda x_BxN: jnp.pad(x_BxN, ((0, 0), (0, r - n)))
+        hits.append(pad(jnp.argmax(logits_BxNxV, axis=-1) == later.argmax_BxT))
+        masks.append(pad(mask_BxN))
+    hit_BxRxK, counted_BxRxK = jnp.stack(hits, -1), valid_prefix_mask(jnp.stack(hits, -1), jnp.stack(masks, -1))
+    step_acc_K = jnp.sum(hit_BxRxK * counted_BxRxK, axis=(0, 1)) / jnp.maximum(jnp.sum(counted_BxRxK, axis=(0, 1)), 1.0)
     step_loss_K = jnp.stack(losses)
     weights_K = decay ** jnp.arange(len(losses), dtype=jnp.float32)
-    return TTTLoss(jnp.sum(weights_K * step_loss_K), step_loss_K, jnp.stack(accs))
+    return TTTLoss(jnp.sum(weights_K * step_loss_K), step_loss_K, step_acc_K)
 
 
 def restrict_to_draft_vocab(target_logits_BxTxV: jax.Array, loss_mask_BxT: jax.Array, draft_to_target_Vd: jax.Array

@@ -64,10 +64,29 @@ def test_ttt_loss_equals_the_shifted_targets_of_every_step():
         probs, step_mask = losses.ttt_targets(target, mask, step)
         np.testing.assert_allclose(out.step_loss_K[step], losses.soft_cross_entropy(draft[step], probs, step_mask),
                                    rtol=1e-6, atol=1e-7)
-        hit = jnp.argmax(draft[step], -1) == jnp.argmax(probs, -1)
-        np.testing.assert_allclose(out.step_acc_K[step], jnp.sum(hit * step_mask) / max(float(jnp.sum(step_mask)), 1.0),
-                                   rtol=1e-6)
     assert float(out.step_loss_K[-1]) == 0.0 and float(out.step_loss_K[0]) > 0.0
+
+
+def test_ttt_accuracy_of_a_step_counts_the_rows_whose_earlier_steps_were_right():
+    """Step k's accuracy, against a loop over rows: row j counts where the teacher position j + 1 + k is
+    in the mask and steps < k hit at row j, as drafting reaches depth k + 1. Two ids make hits common,
+    so the conditional figure differs from the fraction of all masked rows that hit."""
+    keys = jax.random.split(jax.random.key(1), 3)
+    k, b, t, v = 4, 4, 16, 2
+    draft = jax.random.normal(keys[0], (k, b, t, v))
+    target = jax.random.normal(keys[1], (b, t, v))
+    mask = np.asarray(jax.random.uniform(keys[2], (b, t)) < 0.8, np.float32)
+    out = losses.ttt_loss(tuple(draft), *losses.dense_teacher(target, jnp.asarray(mask)))
+    want = np.asarray(jnp.argmax(target, -1))
+    hit = [np.asarray(jnp.argmax(draft[s], -1))[:, :t - 1 - s] == want[:, 1 + s:] for s in range(k)]
+    for s in range(k):
+        counted = [(r, j) for r in range(b) for j in range(t - 1 - s)
+                   if mask[r, j + 1 + s] and all(hit[i][r, j] for i in range(s))]
+        expected = sum(hit[s][r, j] for r, j in counted) / max(len(counted), 1)
+        np.testing.assert_allclose(out.step_acc_K[s], expected, rtol=1e-6)
+        unconditional = (hit[s] * mask[:, 1 + s:]).sum() / mask[:, 1 + s:].sum()
+        if s == 2:
+            assert len(counted) >= 5 and abs(expected - unconditional) > 0.02
 
 
 def test_topk_teacher_is_the_dense_teacher_of_its_top_k():

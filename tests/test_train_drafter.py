@@ -85,6 +85,21 @@ def test_training_lowers_the_ttt_loss(trained):
     assert log[-1]["val_acceptance_length"] == pytest.approx(1 + acc[0] + acc[0] * acc[1])
 
 
+def test_eval_only_reprints_the_last_log_lines_held_out_figures(trained, workdir, capsys):
+    """--eval-only evaluates the newest checkpoint (step 8) with the training loop's eval step and key,
+    so its JSON line repeats the log's last held-out figures; it trains and exports nothing."""
+    root, _ = workdir
+    _, _, log = trained
+    log_text = (root / "full" / "log.jsonl").read_text()
+    train_drafter.main(["--config", str(root / "full.yaml"), "--eval-only"])
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["step"] == 8 and (root / "full" / "log.jsonl").read_text() == log_text
+    for key in ("val_loss", "val_step_acc", "val_acceptance_length"):
+        np.testing.assert_allclose(record[key], log[-1][key], rtol=1e-5)
+    with pytest.raises(SystemExit):
+        train_drafter.main(["--config", str(root / "full.yaml"), "--eval-only", "--export-only"])
+
+
 def test_resume_after_interruption_matches_uninterrupted(trained, workdir):
     root, target = workdir
     cfg_full, params_full, _ = trained

@@ -10,8 +10,8 @@ the run was paused, counts in full there; `--clock median` instead puts step s a
 seconds per step over its intervals, which such intervals (and the first one's compiles) do not move.
 A table of each run's steps, logged hours, median seconds per step and that budget is printed.
 Left: the held-out chain estimate of the acceptance length (`val_acceptance_length`); right:
-the held-out accuracy of each draft position (`val_step_acc`; SpecBlock's given the earlier slots of
-its block right).
+the held-out accuracy of each draft position (`val_step_acc`, given the earlier positions right;
+EAGLE-3 logs written before that definition, 2026-12-05, hold its unconditional accuracy).
 """
 
 from __future__ import annotations

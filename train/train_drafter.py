@@ -18,7 +18,9 @@ run on all the data).
 
 Resumable: rerunning the same command after a kill continues from the newest checkpoint with exactly
 the batches the uninterrupted run would have seen. log.jsonl gets, every `log_every` steps, the loss,
-per-TTT-step losses and accuracies, and on held-out rows a chain estimate of the acceptance length.
+per-TTT-step losses and accuracies (of each position given the earlier ones right, as drafting reaches
+it), and on held-out rows a chain estimate of the acceptance length. `--eval-only` prints those
+held-out figures for the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -347,8 +349,9 @@ def jit_steps(target_config: ModelConfig, config: Any, optimizer, state_sh, targ
 
 
 def chain_acceptance(step_acc_K: np.ndarray) -> float:
-    """Expected tokens per target forward of a single-chain draft of depth K, if step k is accepted
-    with probability acc_k given steps < k were: 1 + sum_k prod_{j<=k} acc_j (a tree does better)."""
+    """Expected tokens per target forward of a single-chain draft of depth K, where step k is accepted
+    with probability acc_k given steps < k were (both drafters' `step_acc_K`): 1 + sum_k prod_{j<=k}
+    acc_j (a tree does better)."""
     return float(1.0 + np.sum(np.cumprod(step_acc_K)))
 
 
@@ -420,12 +423,16 @@ def init_state(host: Any, config: Any, optimizer, mesh) -> tuple[dict, dict]:
 
 
 def train(cfg: DrafterTrainConfig, *, stop_after: int | None = None, export: bool = True,
-          progress: bool = True, export_only: bool = False, weights_dtype: str | None = None) -> dict:
+          progress: bool = True, export_only: bool = False, eval_only: bool = False,
+          weights_dtype: str | None = None) -> dict:
     """Run (or resume) training. `stop_after` ends this run at that step (as a kill would), for tests;
     `export_only` exports the newest checkpoint as the drafter directory and trains nothing;
-    `weights_dtype` (e.g. "bfloat16") stores the exported weights narrower.
+    `eval_only` prints the newest checkpoint's held-out figures (a JSON line, as the log's) and trains
+    nothing; `weights_dtype` (e.g. "bfloat16") stores the exported weights narrower.
 
     Returns the final state (drafter params and optimizer state, on the mesh)."""
+    if export_only and eval_only:
+        raise ValueError("export_only and eval_only are exclusive")
     target = load_target(cfg.target, dtype=cfg.dtype)
     config = drafter_config(cfg, target.config)
     method = drafting_method(cfg, config)
@@ -457,15 +464,19 @@ def train(cfg: DrafterTrainConfig, *, stop_after: int | None = None, export: boo
     if restored is not None:
         start, state = restored
         print(f"resuming from step {start} in {ckpt.directory}", file=sys.stderr)
+    if (export_only or eval_only) and restored is None:
+        raise FileNotFoundError(f"--{'export' if export_only else 'eval'}-only: no checkpoint in {ckpt.directory}")
     if export_only:
-        if restored is None:
-            raise FileNotFoundError(f"--export-only: no checkpoint in {ckpt.directory}")
         ckpt.close()
         path = save_drafter(cfg, method, state, draft_to_target, weights_dtype)
         print(f"exported the drafter of step {start} (of {cfg.optim.total_steps}) to {path}", file=sys.stderr)
         return state
     train_step, eval_step = jit_steps(target.config, config, optimizer, state_sh, target_sh,
                                       sharding.batch_sharding(mesh), cfg.seed, draft_to_target, cfg.grad_accum)
+    if eval_only:
+        ckpt.close()
+        print(json.dumps({"step": start, **evaluate(eval_step, state["params"], target_params, val_batches, mesh)}))
+        return state
     last = cfg.optim.total_steps if stop_after is None else min(stop_after, cfg.optim.total_steps)
     lr_schedule = schedule(cfg.optim)
     with open(out / "log.jsonl", "a") as log, tqdm(total=cfg.optim.total_steps, initial=start, disable=not progress,
@@ -517,6 +528,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--export-dir", help="override export_dir (the final drafter directory)")
     parser.add_argument("--export-only", action="store_true",
                         help="export the newest checkpoint as the drafter directory (also mid-run) and stop")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="print the newest checkpoint's held-out loss, accuracy per position and chain "
+                             "estimate (one JSON line, as in log.jsonl) and stop")
     parser.add_argument("--weights-dtype", choices=("bfloat16", "float32"),
                         help="dtype the exported weights are stored in (default: the drafter's)")
     parser.add_argument("--distributed", action="store_true",
@@ -533,7 +547,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--coordinator, --num-processes and --process-id need --distributed")
     cfg = load_yaml(DrafterTrainConfig, args.config)
     overrides = {k: v for k, v in (("output_dir", args.output_dir), ("export_dir", args.export_dir)) if v}
-    train(dataclasses.replace(cfg, **overrides), export_only=args.export_only, weights_dtype=args.weights_dtype)
+    if args.export_only and args.eval_only:
+        parser.error("--export-only and --eval-only are exclusive")
+    train(dataclasses.replace(cfg, **overrides), export_only=args.export_only, eval_only=args.eval_only,
+          weights_dtype=args.weights_dtype)
 
 
 if __name__ == "__main__":
