@@ -53,6 +53,9 @@ def test_config_validation_and_for_target():
         sb.SpecBlockConfig.for_target(TARGET, block_size=0)
     with pytest.raises(ConfigError, match="rank_bounds"):
         sb.SpecBlockConfig.for_target(TARGET, rank_classes=3)
+    assert cfg.slot_loss_mean == "reached"  # the reference's
+    with pytest.raises(ConfigError, match="slot_loss_mean='reach' is not one of"):
+        sb.SpecBlockConfig.for_target(TARGET, slot_loss_mean="reach")
     with pytest.raises(ConfigError, match="vocab_size 64 does not match the target's 65"):
         cfg.check_target(dataclasses.replace(TARGET, vocab_size=65))
     with pytest.raises(ConfigError, match="exceed the target's 2 layers"):
@@ -273,6 +276,32 @@ def test_sample_inherit_draws_every_slot_count_per_row():
     assert len({tuple(np.asarray(m[b, :, 0])) for b in range(4)}) == 4  # rows differ
 
 
+def _block1_by_hand(logits, target_logits, loss_mask):
+    """Block 1's per-slot sums under the valid-prefix mask, by loops: cross-entropy and hits over the
+    rows that reach each slot (num, hits), their count (den) and the count of trained-on rows (rows)."""
+    k = logits.shape[2]
+    tlogp = np.asarray(jax.nn.log_softmax(target_logits), np.float64)
+    dlogp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
+        -1, keepdims=True)
+    num, den, hits, rows = np.zeros(k), np.zeros(k), np.zeros(k), np.zeros(k)
+    for b in range(B):
+        for j in range(T):
+            all_right = True
+            for s in range(k):
+                pos = j + 1 + s
+                if pos >= T or not loss_mask[b, pos]:
+                    all_right = all_right and (pos < T and logits[b, j, s].argmax() == tlogp[b, pos].argmax())
+                    continue
+                rows[s] += 1
+                hit = logits[b, j, s].argmax() == tlogp[b, pos].argmax()
+                if all_right:
+                    num[s] += -(np.exp(tlogp[b, pos]) * dlogp[b, j, s]).sum()
+                    den[s] += 1
+                    hits[s] += hit
+                all_right = all_right and hit
+    return num, den, hits, rows
+
+
 def test_train_metrics_composes_the_block_losses(setup, two_blocks, without_valid_prefix):
     """The total is sum_k 0.8**k sum_b L_{b,k} + sum_b R_b; block-1 slot losses follow the teacher at
     position j + 1 + k under the valid-prefix mask; without the mask slot k > 0 trains everywhere."""
@@ -287,29 +316,25 @@ def test_train_metrics_composes_the_block_losses(setup, two_blocks, without_vali
     expected = (weights * np.asarray(out.block_loss_NxK).sum(0)).sum() + float(out.rank_loss)
     np.testing.assert_allclose(out.loss, expected, rtol=1e-6)
 
-    # Block 1 by hand.
+    # Block 1 by hand, with the teacher as given and with one that agrees with slot 0 on every other row
+    # (so that later slots are reached): slot_loss_mean "all" sums the same and divides by every
+    # trained-on row, so a rarely reached slot weighs less.
     logits = np.asarray(_ttt(params, cfg, table, features, tokens, inherit).outputs[0].logits, np.float64)
-    tlogp = np.asarray(jax.nn.log_softmax(target_logits), np.float64)
-    dlogp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
-        -1, keepdims=True)
-    num, den, hits = np.zeros(k), np.zeros(k), np.zeros(k)
-    for b in range(B):
-        for j in range(T):
-            all_right = True
-            for s in range(k):
-                pos = j + 1 + s
-                if pos >= T or not loss_mask[b, pos]:
-                    all_right = all_right and (pos < T and logits[b, j, s].argmax() == tlogp[b, pos].argmax())
-                    continue
-                hit = logits[b, j, s].argmax() == tlogp[b, pos].argmax()
-                if all_right:
-                    num[s] += -(np.exp(tlogp[b, pos]) * dlogp[b, j, s]).sum()
-                    den[s] += 1
-                    hits[s] += hit
-                all_right = all_right and hit
+    num, den, hits, _ = _block1_by_hand(logits, target_logits, loss_mask)
     np.testing.assert_allclose(out.step_loss_K, num / np.maximum(den, 1), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out.step_acc_K, hits / np.maximum(den, 1), rtol=1e-6)
     assert out.step_loss_K[0] > 0
+    agree = np.zeros(target_logits.shape, np.float32)
+    for j in range(0, T - 1, 2):
+        agree[np.arange(B), j + 1, logits[:, j, 0].argmax(-1)] = 30.0
+    agreeing = jnp.asarray(target_logits) + agree
+    num, den, hits, rows = _block1_by_hand(logits, agreeing, loss_mask)
+    for mean, divisor in (("reached", den), ("all", rows)):
+        got = _metrics(params, dataclasses.replace(cfg, slot_loss_mean=mean), table, features, tokens,
+                       *losses.dense_teacher(agreeing, loss_mask), None, inherit)
+        np.testing.assert_allclose(got.step_loss_K, num / np.maximum(divisor, 1), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got.step_acc_K, hits / np.maximum(den, 1), rtol=1e-6)
+    assert 0 < den[1] < rows[1]
 
     free = without_valid_prefix[1]
     np.testing.assert_allclose(free.step_loss_K[0], out.step_loss_K[0], rtol=1e-6)

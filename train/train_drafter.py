@@ -79,6 +79,7 @@ class SpecBlockOverrides:
     inherit: bool | None = None
     rank_head: bool | None = None
     valid_prefix: bool | None = None
+    slot_loss_mean: str | None = None  # "reached" (the reference) or "all" (see SpecBlockConfig)
     position_loss_weight: float | None = None
     rank_loss_weight: float | None = None
     feature_layers: tuple[int, ...] | None = None

@@ -54,6 +54,7 @@ from specblock_jax.models.layers import (
     top_k,
 )
 
+SLOT_LOSS_MEANS = ("reached", "all")  # `SpecBlockConfig.slot_loss_mean`
 RANK_FEATURES = 15  # 10 top log-probs, 3 logit gaps, top probability, entropy (see `rank_features`)
 
 
@@ -62,7 +63,7 @@ class SpecBlockConfig:
     """Shape, ablation switches and training weights of a SpecBlock drafter for one target."""
 
     TRAINING_FIELDS: ClassVar[tuple[str, ...]] = (  # free to change when fine-tuning
-        "num_ttt_blocks", "valid_prefix", "position_loss_weight", "rank_loss_weight", "dtype")
+        "num_ttt_blocks", "valid_prefix", "slot_loss_mean", "position_loss_weight", "rank_loss_weight", "dtype")
 
     hidden_size: int
     num_heads: int
@@ -81,6 +82,9 @@ class SpecBlockConfig:
     inherit: bool = True  # later blocks start from the parent slot's hidden (else from the anchor's feature)
     rank_head: bool = True  # co-trained rank head (else the tree keeps a fixed top-k per slot)
     valid_prefix: bool = True  # slot k's loss counts only where slots < k of its block were right
+    # what a slot's loss is the mean over (`SLOT_LOSS_MEANS`): "reached", the rows it counts on (the
+    # reference's); "all", every trained-on row, so a slot weighs as often as drafting reaches it
+    slot_loss_mean: str = "reached"
     num_ttt_blocks: int = 3
     position_loss_weight: float = 0.8  # slot k's loss weight: w ** k
     rank_loss_weight: float = 1.0
@@ -116,6 +120,8 @@ class SpecBlockConfig:
         if not 10 <= self.rank_topk <= self.draft_vocab:
             raise ConfigError(f"SpecBlockConfig rank_topk must be in [10, draft vocabulary {self.draft_vocab}], "
                               f"got {self.rank_topk}")
+        if self.slot_loss_mean not in SLOT_LOSS_MEANS:
+            raise ConfigError(f"SpecBlockConfig slot_loss_mean={self.slot_loss_mean!r} is not one of {SLOT_LOSS_MEANS}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"SpecBlockConfig dtype={self.dtype!r} is not one of {DTYPES}")
 
@@ -480,9 +486,13 @@ class BlockMetrics(NamedTuple):
 
 
 def block_metrics(out: BlockOutput, offset_BxT: jax.Array, teacher: losses.Teacher, loss_mask_BxT: jax.Array,
-                  valid_prefix: bool, rank_bounds: tuple[int, ...]) -> BlockMetrics:
+                  valid_prefix: bool, rank_bounds: tuple[int, ...], slot_loss_mean: str = "reached") -> BlockMetrics:
     """One block's losses. Slot k of row j at depth O + k is taught by the target at position
-    p = j + 1 + O + k (its distribution of x_{p+1}), counted where p < T and loss_mask[p]."""
+    p = j + 1 + O + k (its distribution of x_{p+1}), counted where p < T and loss_mask[p]. With the
+    valid-prefix mask, slot k's loss sums over the rows it counts on and divides by their number
+    (`slot_loss_mean` "reached") or by all trained-on rows ("all"): early in training a late slot is
+    reached on a few rows, whose mean is as loud as slot 0's and mostly noise (on SmolLM2 it held
+    every slot at unigram accuracy), while "all" weighs it by how often drafting gets there."""
     b, t, k_slots, _ = out.logits.shape
     pos_BxTxK = jnp.arange(t)[None, :, None] + 1 + offset_BxT[..., None] + jnp.arange(k_slots)
     pos_BxQ = jnp.minimum(pos_BxTxK, t - 1).reshape(b, t * k_slots)
@@ -492,8 +502,10 @@ def block_metrics(out: BlockOutput, offset_BxT: jax.Array, teacher: losses.Teach
     chain_BxTxK = losses.valid_prefix_mask(hit_BxTxK, mask_BxTxK)
     train_BxTxK = chain_BxTxK if valid_prefix else mask_BxTxK
     ce_BxTxK = losses.cross_entropy(out.logits, taught.probs_BxTxk, taught.ids_BxTxk)
-    per_slot = lambda x, m: jnp.sum(x * m, axis=(0, 1)) / jnp.maximum(jnp.sum(m, axis=(0, 1)), 1.0)
-    loss_K, acc_K = per_slot(ce_BxTxK, train_BxTxK), per_slot(hit_BxTxK, chain_BxTxK)
+    total = lambda x: jnp.sum(x, axis=(0, 1))
+    rows_K = total(train_BxTxK if slot_loss_mean == "reached" else mask_BxTxK)
+    loss_K = total(ce_BxTxK * train_BxTxK) / jnp.maximum(rows_K, 1.0)
+    acc_K = total(hit_BxTxK * chain_BxTxK) / jnp.maximum(total(chain_BxTxK), 1.0)
     if out.rank_logits is None:
         return BlockMetrics(loss_K, acc_K, jnp.zeros(()), jnp.zeros(()))
     labels_BxTxK = losses.rank_labels(jax.lax.stop_gradient(out.logits), taught.argmax_BxT, rank_bounds)
@@ -517,7 +529,7 @@ def train_metrics(params: Any, config: SpecBlockConfig, table_VxH: jax.Array, fe
         inherit_BxTxN1 = sample_inherit(c, key, tokens_BxT.shape)
     blocks = ttt_forward(params, c, table_VxH, features_BxTxF, tokens_BxT, inherit_BxTxN1)
     per_block = [block_metrics(out, offset_BxT, teacher, loss_mask_BxT.astype(jnp.float32), c.valid_prefix,
-                               c.rank_bounds)
+                               c.rank_bounds, c.slot_loss_mean)
                  for out, offset_BxT in zip(blocks.outputs, blocks.offsets_NxBxT)]
     loss_NxK = jnp.stack([m.loss_K for m in per_block])
     acc_NxK = jnp.stack([m.acc_K for m in per_block])
