@@ -490,9 +490,10 @@ def block_metrics(out: BlockOutput, offset_BxT: jax.Array, teacher: losses.Teach
     """One block's losses. Slot k of row j at depth O + k is taught by the target at position
     p = j + 1 + O + k (its distribution of x_{p+1}), counted where p < T and loss_mask[p]. With the
     valid-prefix mask, slot k's loss sums over the rows it counts on and divides by their number
-    (`slot_loss_mean` "reached") or by all trained-on rows ("all"): early in training a late slot is
-    reached on a few rows, whose mean is as loud as slot 0's and mostly noise (on SmolLM2 it held
-    every slot at unigram accuracy), while "all" weighs it by how often drafting gets there."""
+    (`slot_loss_mean` "reached") or by all trained-on rows ("all"). "reached" gives a slot its full
+    weight however rarely drafting reaches it; "all" weighs it by that rate, so slot 0 learns first
+    and later slots join as the earlier ones get right (on SmolLM2 the later slots at full weight, with
+    or without the mask, held every slot at unigram accuracy)."""
     b, t, k_slots, _ = out.logits.shape
     pos_BxTxK = jnp.arange(t)[None, :, None] + 1 + offset_BxT[..., None] + jnp.arange(k_slots)
     pos_BxQ = jnp.minimum(pos_BxTxK, t - 1).reshape(b, t * k_slots)
