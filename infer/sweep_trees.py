@@ -38,8 +38,11 @@ GRIDS: dict[str, dict[str, dict[str, Any]]] = {
         "60-7-10": {"budget": 60, "max_depth": 7, "topk": 10},  # EAGLE-3's GPU tree
     },
     "specblock": {
+        "chain4": {"budget": 4, "max_blocks": 1, "widths": [1, 1, 1, 1], "slot0_width": 1, "topk": 1, "expand": 1},
+        "rank4": {"budget": 4, "max_blocks": 1, "widths": [1, 2, 2, 1], "slot0_width": 2, "topk": 2, "expand": 1},
         "1x6": {"budget": 6, "max_blocks": 1, "widths": [1, 2, 2, 1], "slot0_width": 2, "topk": 2, "expand": 1},
         "1x12": {"budget": 12, "max_blocks": 1, "widths": [2, 3, 3, 2], "slot0_width": 3, "topk": 3, "expand": 1},
+        "chain8": {"budget": 8, "max_blocks": 2, "widths": [1, 1, 1, 1], "slot0_width": 1, "topk": 1, "expand": 1},
         "2x8": {"budget": 8, "max_blocks": 2, "widths": [1, 2, 3, 2], "slot0_width": 2, "topk": 3, "expand": 2},
         "2x16": {"budget": 16, "max_blocks": 2, "widths": [2, 3, 4, 3], "slot0_width": 4, "topk": 4, "expand": 2},
         "2x32": {"budget": 32, "max_blocks": 2, "widths": [2, 4, 6, 4], "slot0_width": 6, "topk": 4, "expand": 4},

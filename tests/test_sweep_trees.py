@@ -84,3 +84,13 @@ def test_set_decoding_checks_the_tree_and_leaves_the_file_alone_on_error(drafter
         drafter_io.set_decoding(drafter_dir, {"expand": 2})
     assert (drafter_dir / drafter_io.DRAFTER_JSON).read_text() == before
     assert drafter_io.set_decoding(drafter_dir, {"budget": 5})["budget"] == 5
+
+
+@pytest.mark.parametrize("kind", sorted(sweep_trees.GRIDS))
+def test_every_built_in_tree_is_a_valid_method_for_the_shipped_toy_drafter(kind):
+    """A built-in grid entry that its method rejects would only fail mid-sweep, after the others ran."""
+    target = load_target(hf.TOY_TARGET_DIR)
+    method = load_drafter(kind, target).method
+    for label, tree in sweep_trees.GRIDS[kind].items():
+        made = drafter_io.make_method(kind, method.config, tree)
+        assert drafter_io.decoding_of(made)["budget"] == tree["budget"], label
