@@ -486,7 +486,7 @@ class BlockMetrics(NamedTuple):
 
 
 def block_metrics(out: BlockOutput, offset_BxT: jax.Array, teacher: losses.Teacher, loss_mask_BxT: jax.Array,
-                  valid_prefix: bool, rank_bounds: tuple[int, ...], slot_loss_mean: str = "reached") -> BlockMetrics:
+                  valid_prefix: bool, rank_bounds: tuple[int, ...], slot_loss_mean: str) -> BlockMetrics:
     """One block's losses. Slot k of row j at depth O + k is taught by the target at position
     p = j + 1 + O + k (its distribution of x_{p+1}), counted where p < T and loss_mask[p]. With the
     valid-prefix mask, slot k's loss sums over the rows it counts on and divides by their number
