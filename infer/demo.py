@@ -1,6 +1,6 @@
 """The main job (`make demo`): the embedded default target, SmolLM2-135M-Instruct, answers one chat
 question per category of the benchmark suite (every turn) with every decoding method at hand (plain,
-n-gram, and the EAGLE-3 / SpecBlock drafters once they ship for it), interleaved as infer.bench runs
+n-gram, and the EAGLE-3 and SpecBlock drafters shipped for it), interleaved as infer.bench runs
 them; it prints the answers, checks that every method gave the same tokens, and shows the benchmark
 table and where the report and plots are.
 
