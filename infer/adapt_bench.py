@@ -114,7 +114,8 @@ def _record(out, index: int, adapt_record: dict | None) -> dict:
             "seconds": stats["prefill_s"] + stats["decode_s"], "tau": stats["tau"],
             "adapt_s": 0.0 if adapt_record is None else adapt_record["adapt_s"],
             **({} if adapt_record is None else {k: adapt_record[k] for k in (
-                "updated", "kept", "probed", "measured_gain", "predicted_gain", "reason", "shifts")})}
+                "updated", "kept", "probed", "measured_gain", "predicted_gain", "reason", "shifts", "step_s",
+                "cost_slope", "cost_s")})}
 
 
 def run_stream(target, drafter, prompts: list[str], cfg: adapt.AdaptConfig, max_new_tokens: int,
@@ -158,6 +159,9 @@ def summarize(passes: list[dict]) -> dict[str, Any]:
                         adapt_time_share=out["adapt"]["adapt_s"] / out["adapt"]["seconds"])
     ratios = [totals(p["records"]["adapt"])["tokens_per_s"] / totals(p["records"]["static"])["tokens_per_s"]
               for p in passes]
+    # The prices the bandit used, as it measured them on this target, at the end of each pass
+    out["adapt"]["prices"] = [{k: p["records"]["adapt"][-1][k] for k in ("step_s", "cost_slope", "cost_s")}
+                              for p in passes]
     out["speedup_adapt_vs_static"] = statistics.median(ratios)
     out["speedup_per_repeat"] = ratios
     out["tau_ratio"] = out["adapt"]["tau"] / out["static"]["tau"]
@@ -165,15 +169,20 @@ def summarize(passes: list[dict]) -> dict[str, Any]:
     return out
 
 
+def _prices(p: dict) -> str:
+    """A pass's last step time (ms per row-step), its growth per accepted token, and update cost (ms)."""
+    return f"{1e3 * p['step_s']:.1f}, {1e3 * p['cost_slope']:.2f}, {1e3 * p['cost_s']:.0f}"
+
+
 def table(report: dict) -> str:
     lines = ["| stream | static tok/s | adapt tok/s | speedup | static tau | adapt tau | updates tried (kept) "
-             "| adapting time | mismatches |", "|---" * 9 + "|"]
+             "| adapting time | step ms, slope, update ms (measured) | mismatches |", "|---" * 10 + "|"]
     for name, s in report["streams"].items():
         st, ad = s["summary"]["static"], s["summary"]["adapt"]
         lines.append(f"| {name} | {st['tokens_per_s']:.0f} | {ad['tokens_per_s']:.0f} | "
                      f"{s['summary']['speedup_adapt_vs_static']:.3f}x | {st['tau']:.2f} | {ad['tau']:.2f} | "
                      f"{ad['updates']} ({ad['kept']}) | {100 * ad['adapt_time_share']:.1f} % | "
-                     f"{s['summary']['mismatches']} |")
+                     f"{_prices(ad['prices'][-1])} | {s['summary']['mismatches']} |")
     return "\n".join(lines)
 
 

@@ -72,6 +72,7 @@ SUITE = pathlib.Path(hf.__file__).parent / "assets" / "suite" / "questions.jsonl
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked (argparse exits with status 2 and a message on a bad flag)."""
     p = argparse.ArgumentParser(prog="infer.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", help=f"comma-separated, from {', '.join(METHODS)} and the KIND:LABEL variants given "
@@ -644,7 +645,12 @@ def plot_paths(args: argparse.Namespace) -> pathlib.Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark; 0 when done, 1 when a greedy method's output differs from ar's, 2 on bad input."""
+    """Run the benchmark on command-line arguments (`argv`; None: `sys.argv[1:]`; `--help` lists them).
+
+    Writes the JSON report to `--out` (and, unless `--plots-dir none`, PNG plots beside it) and prints
+    the markdown table. Returns the exit status: 0 when done, 1 when a greedy method's output differs
+    from ar's (or a run failed: the partial report is kept), 2 on bad input (printed, before any compute),
+    130 on an interrupt. Bad input is reported, not raised; `--help` and argparse's own errors exit."""
     args = parse_args(argv)
     try:  # every input checked before any compute
         drafter_dirs = parse_drafter_specs(args.drafter)

@@ -620,6 +620,7 @@ class Adapter:
                       updated=decision.update and bool(fresh), kept=kept, probed=probed, measured_gain=gain,
                       measured_stderr=stderr, loss=loss,
                       predicted_gain=decision.gain, saving_s=decision.saving_s, cost_s=decision.cost_s,
+                      step_s=self.bandit.step_s, cost_slope=self.bandit.cost_slope(),  # the prices it used
                       reason=decision.reason, shifts=self.bandit.shifts)
         self.history.append(record)
         stats["adapt"] = record

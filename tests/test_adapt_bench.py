@@ -45,6 +45,9 @@ def test_micro_run_reports_every_stream_and_prompt(tmp_path, target, capsys):
     assert summary["mismatches"] == 0 and summary["speedup_adapt_vs_static"] > 0
     assert summary["adapt"]["updates"] == sum(r["updated"] for r in records["adapt"])
     assert 0 < summary["adapt"]["adapt_time_share"] < 1
+    prices = summary["adapt"]["prices"][0]  # measured on this target, not constants
+    assert prices["step_s"] > 0 and prices["cost_s"] > 0 and prices["cost_slope"] >= 0
+    assert prices["step_s"] == records["adapt"][-1]["step_s"] != records["adapt"][1]["step_s"]
     assert "| prose+code |" in capsys.readouterr().out
     assert (tmp_path / "adapt_adaptation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
