@@ -311,27 +311,38 @@ class Paired(NamedTuple):
 def depth_gains(serving: Any, others: tuple[Any, ...], feedback: Feedback, window: jax.Array, *,
                 method: SpecBlockMethod, records: int) -> tuple[Paired, ...]:
     """Differences other - serving of block 1's accepted depth, for each of `others`, over the newest
-    `records` records that belong to `window`: paired estimates in accepted tokens per step. Block 1's
-    tree hangs the greedy chain from the root and each slot's alternatives (its width of top tokens)
-    beside the chain's token, as leaves: it accepts the greedy chain (the leading slots whose greedy
-    token is the target's, within the slots the target reached), plus one where the target's token at
-    the first miss is among that slot's alternatives. Counting the alternatives keeps a head that only
-    swaps a slot's first and second token (more of the greedy chain, as many tokens accepted) from
-    looking like a gain."""
+    `records` records that belong to `window`: paired estimates in accepted tokens per step. The tree is
+    rebuilt as drafting builds it: the greedy chain from the root, each slot's alternatives (its width
+    of top tokens) beside the chain's token as leaves, pruned to the method's budget by cumulative
+    log-prob (`tree.prune`'s order). It accepts the leading slots whose kept chain token is the
+    target's (within the slots the target reached), plus one where the target's token at the first miss
+    is a kept alternative. Counting the alternatives keeps a head that only swaps a slot's first and
+    second token from looking like a gain; pruning counts the budget a head's confident alternatives
+    take from the chain (with a budget of 4, a head that spreads slot 0's probability loses depth)."""
     config = method.config
     newest = take(feedback, (feedback.written - 1 - jnp.arange(records)) % feedback.window_C.shape[0])
+    labels_MxK = newest.labels_CxK  # draft ids; -1: outside the draft vocabulary, never drafted
+    m, k = labels_MxK.shape
+    index_N = jnp.arange(k * method.width)
 
     def accepted_M(params):
         logits_MxKxV, rank_MxKxC = specblock.heads(params, config, newest.hidden_CxKxH)
-        label_MxKx1 = jnp.take_along_axis(logits_MxKxV, jnp.maximum(newest.labels_CxK, 0)[..., None], axis=-1)
-        above_MxK = jnp.sum(logits_MxKxV > label_MxKx1, axis=-1)  # tokens the head ranks above the target's
-        above_MxK = jnp.where(newest.labels_CxK >= 0, above_MxK, logits_MxKxV.shape[-1])  # -1: never drafted
-        chain_M = jnp.sum(jnp.cumprod((above_MxK == 0) & newest.valid_CxK, axis=-1), axis=-1)
-        width_MxK = method.slot_widths(rank_MxKxC, above_MxK.shape, first_block=True)
-        sibling_MxK = (above_MxK < width_MxK) & newest.valid_CxK
-        k = above_MxK.shape[1]
-        at_miss_M = jnp.take_along_axis(sibling_MxK, jnp.minimum(chain_M, k - 1)[:, None], axis=1)[:, 0]
-        return (chain_M + (at_miss_M & (chain_M < k))).astype(jnp.float32)
+        top_lp_MxKxW, top_MxKxW = layers.top_k(jax.nn.log_softmax(logits_MxKxV.astype(jnp.float32), axis=-1),
+                                               method.width)
+        offered_MxKxW = jnp.arange(method.width) < method.slot_widths(rank_MxKxC, (m, k), first_block=True)[..., None]
+        chain_MxK = jnp.cumsum(top_lp_MxKxW[..., 0], axis=-1)
+        above_MxK = jnp.concatenate([jnp.zeros((m, 1)), chain_MxK[:, :-1]], axis=1)
+        score_MxN = jnp.where(offered_MxKxW, above_MxK[..., None] + top_lp_MxKxW, -jnp.inf).reshape(m, -1)
+        offered_MxN = offered_MxKxW.reshape(m, -1)
+        beats_MxNxN = (score_MxN[:, None, :] > score_MxN[:, :, None]) | (  # [m, i, j]: node j ranks above i
+            (score_MxN[:, None, :] == score_MxN[:, :, None]) & (index_N[None, :] < index_N[:, None]))
+        place_MxN = jnp.sum(beats_MxNxN & offered_MxN[:, None, :], axis=-1)
+        kept_MxKxW = (offered_MxN & (place_MxN < method.budget)).reshape(offered_MxKxW.shape)
+        hit_MxKxW = kept_MxKxW & (top_MxKxW == labels_MxK[..., None]) & (newest.valid_CxK & (labels_MxK >= 0))[..., None]
+        depth_M = jnp.sum(jnp.cumprod(hit_MxKxW[..., 0], axis=-1), axis=-1)
+        sibling_MxK = jnp.any(hit_MxKxW[..., 1:], axis=-1)
+        at_miss_M = jnp.take_along_axis(sibling_MxK, jnp.minimum(depth_M, k - 1)[:, None], axis=1)[:, 0]
+        return (depth_M + (at_miss_M & (depth_M < k))).astype(jnp.float32)
 
     mine_M = (newest.window_C == window) & (jnp.arange(records) < feedback.written)
     count = jnp.sum(mine_M)

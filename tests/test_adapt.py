@@ -379,6 +379,33 @@ def test_gains_count_block_ones_accepted_depth_not_the_greedy_chain_alone(drafte
     assert float(same.mean) == 0.0 and float(fewer.mean) == -1.0
 
 
+def test_gains_count_the_depth_a_heads_alternatives_take_from_the_chain_under_the_budget(drafter):
+    """With a budget of 3 nodes, heads that give slot 0's alternative as much probability as its first
+    token spend a node on it, and block 1 keeps only 2 chain slots; heads whose alternatives are unlikely
+    keep 3. Same greedy chain, same ranks of the target's tokens: only the pruning tells them apart."""
+    method = SpecBlockMethod(CONFIG, budget=3, max_blocks=1, widths=(2, 2, 2, 2), slot0_width=2)
+    k, h, v = CONFIG.block_size, CONFIG.hidden_size, CONFIG.vocab_size
+    labels = 10 + np.arange(k)
+
+    def heads(tied_alternative):  # slot j's hidden is the j-th unit vector; its logits are row j of the kernel
+        kernel = np.zeros((h, v), np.float32)
+        kernel[np.arange(k), labels] = 10.0  # every slot's first token is the target's, near-certain
+        if tied_alternative:
+            kernel[0, 40] = 10.0  # ties with slot 0's first token (a higher id: ranked second)
+        base = drafter.params["drafter"]
+        return {**base, "lm_head": {**base["lm_head"], "kernel": jnp.asarray(kernel)}}
+
+    fb = adapt.empty_feedback(CONFIG, 1, 4)
+    fb = fb._replace(hidden_CxKxH=jnp.eye(k, h)[None], labels_CxK=jnp.asarray(labels, jnp.int32)[None],
+                     valid_CxK=jnp.ones((1, k), bool), window_C=jnp.zeros((1,), jnp.int32), written=jnp.int32(1))
+    confident, spread = heads(False), heads(True)
+    (shallower,) = adapt.depth_gains(confident, (spread,), fb, jnp.int32(0), method=method, records=1)
+    assert float(shallower.mean) == -1.0
+    wide = SpecBlockMethod(CONFIG, budget=8, max_blocks=1, widths=(2, 2, 2, 2), slot0_width=2)
+    (same,) = adapt.depth_gains(confident, (spread,), fb, jnp.int32(0), method=wide, records=1)
+    assert float(same.mean) == 0.0  # room for every node: the alternative costs the chain nothing
+
+
 def test_adapter_needs_a_specblock_drafter(target, drafter):
     with pytest.raises(ValueError, match="SpecBlock"):
         adapt.Adapter(target, Drafter(NgramMethod()))
