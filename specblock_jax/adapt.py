@@ -338,7 +338,8 @@ def depth_gains(serving: Any, others: tuple[Any, ...], feedback: Feedback, windo
             (score_MxN[:, None, :] == score_MxN[:, :, None]) & (index_N[None, :] < index_N[:, None]))
         place_MxN = jnp.sum(beats_MxNxN & offered_MxN[:, None, :], axis=-1)
         kept_MxKxW = (offered_MxN & (place_MxN < method.budget)).reshape(offered_MxKxW.shape)
-        hit_MxKxW = kept_MxKxW & (top_MxKxW == labels_MxK[..., None]) & (newest.valid_CxK & (labels_MxK >= 0))[..., None]
+        reached_MxK = newest.valid_CxK & (labels_MxK >= 0)
+        hit_MxKxW = kept_MxKxW & (top_MxKxW == labels_MxK[..., None]) & reached_MxK[..., None]
         depth_M = jnp.sum(jnp.cumprod(hit_MxKxW[..., 0], axis=-1), axis=-1)
         sibling_MxK = jnp.any(hit_MxKxW[..., 1:], axis=-1)
         at_miss_M = jnp.take_along_axis(sibling_MxK, jnp.minimum(depth_M, k - 1)[:, None], axis=1)[:, 0]
