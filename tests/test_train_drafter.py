@@ -521,14 +521,14 @@ def test_bench_step_reports_each_steps_time_and_its_xla_flop_count(workdir, caps
 def test_the_smollm2_recipes_differ_only_where_their_comments_say():
     """The shipped drafters' recipes for the default target, the ablations and the one-domain drafter:
     the same data, feature cache, batches, optimizer and seed, apart from what each config's header
-    names (its kind, one ablation switch, the budget, the domains), so comparisons between them hold."""
+    names (its kind and tree, one ablation switch, the budget, the domains), so comparisons between them hold."""
     configs = pathlib.Path(__file__).parent.parent / "configs"
     read = lambda name: train_drafter.to_dict(load_yaml(DrafterTrainConfig, configs / name))
 
     def common(cfg: dict) -> dict:
         optim = {k: v for k, v in cfg["optim"].items() if k not in ("total_steps", "warmup_steps")}
-        dropped = ("kind", "eagle3", "specblock", "optim", "output_dir", "export_dir", "domains", "feature_cache",
-                   "cache_reuse", "checkpoint_every", "log_every")
+        dropped = ("kind", "eagle3", "specblock", "decoding", "optim", "output_dir", "export_dir", "domains",
+                   "feature_cache", "cache_reuse", "checkpoint_every", "log_every")
         return {**{k: v for k, v in cfg.items() if k not in dropped}, "optim": optim}
 
     eagle3, specblock = read("eagle3-smollm2.yaml"), read("specblock-smollm2.yaml")
@@ -543,9 +543,11 @@ def test_the_smollm2_recipes_differ_only_where_their_comments_say():
         assert off == ([] if variant == "full" else [variant[3:].replace("-", "_")])
         assert {k: v for k, v in ablation["specblock"].items() if k not in switches} == \
             {k: v for k, v in specblock["specblock"].items() if k not in switches}
+        assert ablation["decoding"] == specblock["decoding"]  # decoded side by side with one tree
         assert ablation["optim"]["total_steps"] == 82 and ablation["output_dir"] not in outputs
         outputs.add(ablation["output_dir"])
     prose = read("specblock-smollm2-prose.yaml")
     assert common(prose) == common(specblock) and prose["specblock"] == specblock["specblock"]
+    assert prose["decoding"] == specblock["decoding"]
     assert prose["cache_reuse"] == specblock["feature_cache"] != prose["feature_cache"]
     assert set(prose["domains"]).isdisjoint({"code", "explain", "math"}) and prose["output_dir"] not in outputs
