@@ -114,7 +114,7 @@ def _record(out, index: int, adapt_record: dict | None) -> dict:
             "seconds": stats["prefill_s"] + stats["decode_s"], "tau": stats["tau"],
             "adapt_s": 0.0 if adapt_record is None else adapt_record["adapt_s"],
             **({} if adapt_record is None else {k: adapt_record[k] for k in (
-                "updated", "kept", "probed", "measured_gain", "predicted_gain", "reason", "shifts", "step_s",
+                "updated", "kept", "probed", "reverted", "measured_gain", "predicted_gain", "reason", "shifts", "step_s",
                 "cost_slope", "cost_s")})}
 
 
@@ -155,6 +155,7 @@ def summarize(passes: list[dict]) -> dict[str, Any]:
     out["adapt"].update(updates=sum(r["updated"] for r in adapt_records),
                         kept=sum(r["kept"] for r in adapt_records),
                         probes=sum(r["probed"] for r in adapt_records),
+                        reverts=sum(r["reverted"] for r in adapt_records),
                         shifts=max(r["shifts"] for r in adapt_records),
                         adapt_time_share=out["adapt"]["adapt_s"] / out["adapt"]["seconds"])
     ratios = [totals(p["records"]["adapt"])["tokens_per_s"] / totals(p["records"]["static"])["tokens_per_s"]
@@ -175,13 +176,13 @@ def _prices(p: dict) -> str:
 
 
 def table(report: dict) -> str:
-    lines = ["| stream | static tok/s | adapt tok/s | speedup | static tau | adapt tau | updates tried (kept) "
+    lines = ["| stream | static tok/s | adapt tok/s | speedup | static tau | adapt tau | updates tried (kept), reverts "
              "| adapting time | step ms, slope, update ms (measured) | mismatches |", "|---" * 10 + "|"]
     for name, s in report["streams"].items():
         st, ad = s["summary"]["static"], s["summary"]["adapt"]
         lines.append(f"| {name} | {st['tokens_per_s']:.0f} | {ad['tokens_per_s']:.0f} | "
                      f"{s['summary']['speedup_adapt_vs_static']:.3f}x | {st['tau']:.2f} | {ad['tau']:.2f} | "
-                     f"{ad['updates']} ({ad['kept']}) | {100 * ad['adapt_time_share']:.1f} % | "
+                     f"{ad['updates']} ({ad['kept']}), {ad['reverts']} | {100 * ad['adapt_time_share']:.1f} % | "
                      f"{_prices(ad['prices'][-1])} | {s['summary']['mismatches']} |")
     return "\n".join(lines)
 

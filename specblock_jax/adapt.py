@@ -12,23 +12,30 @@ with a reduced draft vocabulary, `to_draft_ids` first restricts the window's rec
 drafter's training restricts its teacher: ids become draft ids (a label outside the draft vocabulary
 becomes -1, which no head can propose), and the teacher is renormalised over the ids it covers.
 
-Update. What is trained is the drafter's output side, chosen by `AdaptConfig.params`: the LM head
-(`head`) or a low-rank adapter on it (`lora`, merged into it for drafting), plus the rank head
-(`rank_head`). These read nothing but the buffered hiddens, so a buffer replays the drafter's
-outputs exactly, and an update never invalidates the drafter's KV cache. The loss is the drafter's
-own: soft cross-entropy to the target's distribution per slot with the valid-prefix mask and
-position weights, plus the rank loss. An optimizer step draws `batch_slots` valid slots rather than
-whole records, slot k with probability proportional to the position weight w**k: under a shift most
-records hold a single valid slot of K, and the head's logits cost per slot.
+Update. What is trained is the drafter's output side, chosen by `AdaptConfig.params`: a low-rank
+adapter on the LM head (`lora`, merged into it for drafting, kept apart in training) or the LM head
+itself (`head`), plus the rank head (`rank_head`). These read nothing but the buffered hiddens, so a
+buffer replays the drafter's outputs exactly, and an update never invalidates the drafter's KV cache.
+The loss is the drafter's own: soft cross-entropy to the target's distribution per slot with the
+valid-prefix mask and position weights, plus the rank loss. An optimizer step draws `batch_slots`
+valid slots rather than whole records, slot k with probability proportional to the position weight
+w**k: under a shift most records hold a single valid slot of K, and the head's logits cost per slot.
+Adam's step is relative to the LM head's scale (`_optimizer`). The adapter is the default because it
+costs less and risks less: on SmolLM2-135M's drafter (a 576 x 16,384 head) an update of the adapter
+costs 0.19 s against 0.52 for the head's (whose gradient and Adam step are dense [H, V] each step),
+and a shifted stream's held-out records gained about as much from its first updates.
 
 Validation. An update at the end of a window (an `Adapter.generate` call) trains on the records of
 earlier windows only, and is measured on the window's own records, which it has not seen: the depth
 block 1's tree would accept (its greedy chain, plus an alternative at the first miss; `depth_gains`)
 under the new heads minus under the old ones, per record, gives the gain in accepted tokens per step
 and its standard error. The records were drafted by the old heads, so the new heads' chains can be
-cut short where the old drafts stopped: the estimate errs against the update. An update that
-measures worse by more than its standard error is discarded at once (the drafter never serves it);
-any other is kept, so small steps, each within the noise of one window, can add up.
+cut short where the old drafts stopped: the estimate errs against the update. Only an update that
+measures better is kept; any other is discarded at once (the drafter never serves it): an update
+that changes nothing one window can see may still cost the next ones (measured on SmolLM2: a kept
+update that measured 0.000 cost 0.1-0.5 tokens per step on the four windows after it). The window
+after a kept update also measures the return (below), so harm that one window did not show is seen
+at the next.
 
 Bandit. At the end of every window it chooses between two arms, update or not. Measured gains are
 kept as discounted statistics (`discount` per measurement, `idle_discount` per window without one,
@@ -49,7 +56,10 @@ row-step costs `step_s` at the accepted length tau, plus `slope` seconds per fur
 horizon * (step_s / tau - (step_s + slope * gain) / (tau + gain)) seconds; it runs only when that
 beats the measured update time. A recent accepted length (EMA weight `tau_fast`) below the
 long-run one (`tau_slow`) by the fraction `drift` is read as a shift: the gain and return statistics
-are forgotten, so the bandit explores again. Updates touch only the drafter: decoding stays lossless.
+are forgotten, so the bandit explores again. When the serving heads' return is negative beyond
+`revert_beta` spreads, the reference heads serve again (`Bandit.revert`): a kept update that hurt
+(one window cannot always show it) is undone rather than served for the rest of the stream. Updates
+touch only the drafter: decoding stays lossless.
 """
 
 from __future__ import annotations
@@ -79,12 +89,12 @@ PARAM_SETS = ("lora", "head")
 class AdaptConfig:
     """What adapts, how it learns, and when the bandit lets it."""
 
-    params: str = "head"  # "head": the LM head; "lora": a rank-`lora_rank` adapter on it
+    params: str = "lora"  # "lora": a rank-`lora_rank` adapter on the LM head; "head": the LM head itself
     lora_rank: int = 16
     rank_head: bool = False  # also train the rank head (rank loss), when the drafter has one
     buffer_size: int = 8192  # records kept (K slots each); the oldest are overwritten
     teacher_topk: int = 8  # target probabilities kept per slot (renormalised)
-    learning_rate: float = 3e-3
+    learning_rate: float = 0.1  # Adam's step, as a fraction of the LM head's RMS weight (`_optimizer`)
     steps: int = 8  # optimizer steps per update
     batch_slots: int = 96  # valid slots per optimizer step (drawn from the buffer)
     batch_records: int = 64  # records per gain measurement (the newest)
@@ -93,6 +103,7 @@ class AdaptConfig:
     returns_after: int = 16  # updates tried before what they returned together may cap the gain
     probe_every: int = 8  # while the cap alone declines, windows between measurements of the return
     ucb_beta: float = 1.0  # optimism: spreads added to the mean measured gain
+    revert_beta: float = 2.0  # spreads by which the return must fall below zero to restore the reference heads
     gain_floor: float = 0.02  # the smallest spread assumed for a measured gain (tokens per step)
     discount: float = 0.5  # weight kept by older gain measurements at each new one
     idle_discount: float = 0.97  # weight kept per window without a measurement (slow re-exploration)
@@ -109,6 +120,7 @@ class AdaptConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"AdaptConfig {name} must be an integer >= 1, got {value!r}")
         for name, low, high in (("learning_rate", "(0", math.inf), ("ucb_beta", "[0", math.inf),
+                                ("revert_beta", "[0", math.inf),
                                 ("gain_floor", "(0", math.inf), ("discount", "(0", 1), ("idle_discount", "(0", 1),
                                 ("drift", "(0", 1), ("tau_fast", "(0", 1), ("tau_slow", "(0", 1)):
             value = getattr(self, name)
@@ -219,13 +231,24 @@ def init_trainable(cfg: AdaptConfig, config: specblock.SpecBlockConfig, base: An
     return trainable
 
 
+def _dense(trainable: dict) -> dict:
+    """The adapted parameters that replace the drafter's own (all but the adapter)."""
+    return {k: v for k, v in trainable.items() if not k.startswith("lora_")}
+
+
+def _lora(trainable: dict) -> tuple[jax.Array, jax.Array] | None:
+    return (trainable["lora_a"], trainable["lora_b"]) if "lora_a" in trainable else None
+
+
 def merge(base: Any, trainable: dict) -> Any:
-    """The drafter's params with the adapted ones in place (the adapter folded into the LM head)."""
-    params = {**base, **{k: v for k, v in trainable.items() if not k.startswith("lora_")}}
-    if "lora_a" in trainable:
+    """The drafter's params with the adapted ones in place (the adapter folded into the LM head), for
+    drafting; training keeps the adapter apart (`specblock.heads`' `lora`), as a gradient through the
+    folded [H, V] kernel would cost a dense [H, V] product per step."""
+    params = {**base, **_dense(trainable)}
+    if (lora := _lora(trainable)) is not None:
         kernel = base["lm_head"]["kernel"]
-        delta = trainable["lora_a"] @ trainable["lora_b"]
-        params["lm_head"] = {**base["lm_head"], "kernel": (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)}
+        params["lm_head"] = {**base["lm_head"],
+                             "kernel": (kernel.astype(jnp.float32) + lora[0] @ lora[1]).astype(kernel.dtype)}
     return params
 
 
@@ -234,7 +257,8 @@ def feedback_loss(trainable: dict, base: Any, feedback: Feedback, config: specbl
     cross-entropy to the target's (top-T) distribution under the valid-prefix mask, weighted w**k, plus
     the rank loss when the rank head adapts. A slot without a teacher (zero probabilities:
     `to_draft_ids`) is left out of the cross-entropy."""
-    logits_CxKxV, rank_logits_CxKxC = specblock.heads(merge(base, trainable), config, feedback.hidden_CxKxH)
+    logits_CxKxV, rank_logits_CxKxC = specblock.heads(merge(base, _dense(trainable)), config, feedback.hidden_CxKxH,
+                                                      _lora(trainable))
     logp_CxKxV = jax.nn.log_softmax(logits_CxKxV, axis=-1)
     ce_CxK = -jnp.sum(feedback.teacher_probs_CxKxT * jnp.take_along_axis(logp_CxKxV, feedback.teacher_ids_CxKxT,
                                                                           axis=-1), axis=-1)
@@ -252,8 +276,13 @@ def feedback_loss(trainable: dict, base: Any, feedback: Feedback, config: specbl
     return loss
 
 
-def _optimizer(cfg: AdaptConfig) -> optax.GradientTransformation:
-    return optax.adam(cfg.learning_rate)
+def _optimizer(cfg: AdaptConfig, base: Any) -> optax.GradientTransformation:
+    """Adam with a step relative to the drafter's LM head: Adam moves every weight by about its step
+    size whatever the gradient (rows of tokens never seen included), so an absolute step that suits a
+    head whose weights are 0.08 moves one whose weights are 0.03 by most of its norm in one update
+    (measured on SmolLM2's one-domain drafter: 55 % at 3e-3)."""
+    kernel = base["lm_head"]["kernel"].astype(jnp.float32)
+    return optax.adam(cfg.learning_rate * jnp.sqrt(jnp.mean(kernel * kernel)))
 
 
 def sample_slots(feedback: Feedback, key: jax.Array, held_out: jax.Array, slots: int, decay: float) -> Feedback:
@@ -286,7 +315,7 @@ def update(trainable: dict, opt_state: Any, base: Any, feedback: Feedback, key: 
     """`cfg.steps` Adam steps, each on `batch_slots` slots drawn from the buffer but for its newest
     `held_out` records (kept for validation): (trainable, optimizer state, mean loss of the steps)."""
     loss_and_grad = jax.value_and_grad(feedback_loss)
-    optimizer = _optimizer(cfg)
+    optimizer = _optimizer(cfg, base)
 
     def step(i, carry):
         params, state, total = carry
@@ -308,10 +337,11 @@ class Paired(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("method", "records"))
-def depth_gains(serving: Any, others: tuple[Any, ...], feedback: Feedback, window: jax.Array, *,
+def depth_gains(base: Any, serving: dict, others: tuple[dict, ...], feedback: Feedback, window: jax.Array, *,
                 method: SpecBlockMethod, records: int) -> tuple[Paired, ...]:
-    """Differences other - serving of block 1's accepted depth, for each of `others`, over the newest
-    `records` records that belong to `window`: paired estimates in accepted tokens per step. The tree is
+    """Differences other - serving of block 1's accepted depth, for each of `others` (adapted parameters
+    over the drafter's `base`, as `init_trainable` makes them), over the newest `records` records that
+    belong to `window`: paired estimates in accepted tokens per step. The tree is
     rebuilt as drafting builds it: the greedy chain from the root, each slot's alternatives (its width
     of top tokens) beside the chain's token as leaves, pruned to the method's budget by cumulative
     log-prob (`tree.prune`'s order). It accepts the leading slots whose kept chain token is the
@@ -325,10 +355,12 @@ def depth_gains(serving: Any, others: tuple[Any, ...], feedback: Feedback, windo
     m, k = labels_MxK.shape
     index_N = jnp.arange(k * method.width)
 
-    def accepted_M(params):
-        logits_MxKxV, rank_MxKxC = specblock.heads(params, config, newest.hidden_CxKxH)
-        top_lp_MxKxW, top_MxKxW = layers.top_k(jax.nn.log_softmax(logits_MxKxV.astype(jnp.float32), axis=-1),
-                                               method.width)
+    def accepted_M(trainable):
+        logits_MxKxV, rank_MxKxC = specblock.heads(merge(base, _dense(trainable)), config, newest.hidden_CxKxH,
+                                                   _lora(trainable))
+        logits_MxKxV = logits_MxKxV.astype(jnp.float32)  # log-probs of the top tokens alone: half the time
+        top_logit_MxKxW, top_MxKxW = layers.top_k(logits_MxKxV, method.width)
+        top_lp_MxKxW = top_logit_MxKxW - jax.nn.logsumexp(logits_MxKxV, axis=-1, keepdims=True)
         offered_MxKxW = jnp.arange(method.width) < method.slot_widths(rank_MxKxC, (m, k), first_block=True)[..., None]
         chain_MxK = jnp.cumsum(top_lp_MxKxW[..., 0], axis=-1)
         above_MxK = jnp.concatenate([jnp.zeros((m, 1)), chain_MxK[:, :-1]], axis=1)
@@ -411,6 +443,7 @@ class Bandit:
     returns_age: int = 0  # windows since the return was last measured
     cost_moments: tuple[float, ...] = (0.0,) * 5  # discounted sums 1, tau, s, tau^2, tau * s over windows
     shifts: int = 0  # shifts detected
+    reverts: int = 0  # returns to the reference heads
 
     def observe_window(self, tau: float, step_s: float) -> None:
         """A window's accepted tokens per row-step and seconds per row-step."""
@@ -445,6 +478,22 @@ class Bandit:
         self.returns.fade(self.config.discount)
         self.returns.add(gain, stderr)
         self.returns_age = 0
+
+    def revert(self) -> bool:
+        """Whether the heads serving return less than the reference heads beyond noise: the return's mean
+        plus `revert_beta` spreads over sqrt(weight) is below zero. Then the updates are undone (the
+        caller restores the reference heads), and the count of updates tried and the return start again;
+        the measured gains of single updates stay, to fade. The return is measured on records the
+        serving heads drafted, which favours them: a negative one is no artefact."""
+        c, r = self.config, self.returns
+        if r.weight <= 1e-6:
+            return False
+        spread = max(math.sqrt(r.errors / r.weight), c.gain_floor)
+        if r.mean + c.revert_beta * spread / math.sqrt(r.weight) >= 0:
+            return False
+        self.returns, self.tries = Discounted(), 0
+        self.reverts += 1
+        return True
 
     def observe_update(self, seconds: float) -> None:
         self.update_s = 0.5 * (self.update_s + seconds)
@@ -536,11 +585,12 @@ class Adapter:
         self.target_to_draft = None if d2t is None else eagle3.target_to_draft(d2t, drafter.method.config.vocab_size)
         self.key, init_key = jax.random.split(jax.random.key(seed))
         self.trainable = init_trainable(config, drafter.method.config, self.base, init_key)
-        self.opt_state = _optimizer(config).init(self.trainable)
+        self.opt_state = _optimizer(config, self.base).init(self.trainable)
         self.feedback = empty_feedback(drafter.method.config, config.buffer_size, config.teacher_topk)
         self.window = 0
         self.history: list[dict] = []
         self.reference = self.trainable  # what the updates' returns are measured against
+        self._watch = False  # the last window kept an update: this one measures the return
         self.bandit = Bandit(config, drafter.method.max_depth, update_s=self._time_update())
 
     @property
@@ -554,9 +604,8 @@ class Adapter:
 
     def _depth_gains(self, *others: dict) -> list[Paired]:
         """This window's gains in accepted depth of `others` (trainables) over the heads serving."""
-        gains = depth_gains(merge(self.base, self.trainable), tuple(merge(self.base, t) for t in others),
-                            self.feedback, jnp.asarray(self.window, jnp.int32), method=self.method,
-                            records=self._gain_records)
+        gains = depth_gains(self.base, self.trainable, others, self.feedback, jnp.asarray(self.window, jnp.int32),
+                            method=self.method, records=self._gain_records)
         return [Paired(float(p.mean), float(p.stderr)) for p in gains]
 
     def _update(self, held_out: int) -> tuple[dict, Any, float, Paired, Paired]:
@@ -569,9 +618,14 @@ class Adapter:
         gain, reference = self._depth_gains(trainable, self.reference)
         return trainable, opt_state, float(loss), gain, reference
 
-    def _observe_returns(self, reference: Paired) -> None:
-        """The serving heads' return: the reference's depth gain over them, negated."""
+    def _observe_returns(self, reference: Paired) -> bool:
+        """The serving heads' return: the reference's depth gain over them, negated. When it is negative
+        beyond noise (`Bandit.revert`), the reference heads serve again: True."""
         self.bandit.observe_returns(-reference.mean, reference.stderr)
+        if not self.bandit.revert():
+            return False
+        self.trainable, self.opt_state = self.reference, _optimizer(self.config, self.base).init(self.reference)
+        return True
 
     def _time_update(self) -> float:
         """Compile the update and the measurements (a probe's too), then time one update on the (empty)
@@ -613,23 +667,25 @@ class Adapter:
         older = min(written_before, self.config.buffer_size - fresh)  # earlier windows' records still held
         decision = self.bandit.decide(older)
         loss = gain = stderr = None
-        kept = probed = False
+        kept = probed = reverted = False
         if decision.update and fresh:
             trainable, opt_state, loss, measured, reference = self._update(fresh)
             gain, stderr = measured
-            if self.bandit.tries:  # the serving heads hold earlier updates, and were not kept for this window
-                self._observe_returns(reference)
+            earlier = self.bandit.tries  # the serving heads hold earlier updates, not kept for this window
             self.bandit.observe_gain(*measured)
-            kept = gain + stderr >= 0  # discarded only when worse beyond noise: small steps add up
+            reverted = bool(earlier) and self._observe_returns(reference)
+            kept = not reverted and gain > 0
             if kept:
                 self.trainable, self.opt_state = trainable, opt_state
             self.bandit.observe_update(time.perf_counter() - start)
-        elif decision.probe and fresh:
-            self._observe_returns(*self._depth_gains(self.reference))
+        elif (decision.probe or self._watch) and fresh:  # the return, on a window the heads were not kept for
+            reverted = self._observe_returns(*self._depth_gains(self.reference))
             probed = True
+        self._watch = kept
         record = dict(window=self.window, tau=stats["tau"], new_tokens=int(np.sum(stats["new_tokens"])),
                       seconds=stats["prefill_s"] + stats["decode_s"], adapt_s=time.perf_counter() - start,
-                      updated=decision.update and bool(fresh), kept=kept, probed=probed, measured_gain=gain,
+                      updated=decision.update and bool(fresh), kept=kept, probed=probed, reverted=reverted,
+                      measured_gain=gain,
                       measured_stderr=stderr, loss=loss,
                       predicted_gain=decision.gain, saving_s=decision.saving_s, cost_s=decision.cost_s,
                       step_s=self.bandit.step_s, cost_slope=self.bandit.cost_slope(),  # the prices it used

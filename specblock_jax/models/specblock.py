@@ -296,12 +296,17 @@ class SpecBlockDrafter(nn.Module):
         return BlockOutput(logits, hidden, rank_logits, tuple(aux))
 
 
-def _heads(c: SpecBlockConfig, hidden_xH: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+def _heads(c: SpecBlockConfig, hidden_xH: jax.Array, lora: tuple[jax.Array, jax.Array] | None = None
+           ) -> tuple[jax.Array, jax.Array | None]:
     """The output heads of a slot's pre-norm hidden, defined in the calling module's scope (so the
-    drafter and `SpecBlockHeads` name their parameters alike): float32 logits and rank logits."""
+    drafter and `SpecBlockHeads` name their parameters alike): float32 logits and rank logits. `lora`
+    (A [H, r], B [r, V]) adds normed @ A @ B to the logits: the LM head plus a low-rank delta, without
+    forming the [H, V] sum (a gradient through it would cost a dense [H, V] product per step)."""
     dtype = jnp.dtype(c.dtype)
     normed = RMSNorm(c.rms_norm_eps, dtype, name="norm")(hidden_xH)
     logits = dense(c.draft_vocab, ("embed", "vocab"), "lm_head", dtype)(normed).astype(jnp.float32)
+    if lora is not None:
+        logits = logits + (normed.astype(jnp.float32) @ lora[0]) @ lora[1]
     rank_logits = None
     if c.rank_head:  # detached inputs: the rank loss never trains the drafter
         rank_in = jnp.concatenate([jax.lax.stop_gradient(normed).astype(jnp.float32),
@@ -317,18 +322,20 @@ class SpecBlockHeads(nn.Module):
     config: SpecBlockConfig
 
     @nn.compact
-    def __call__(self, hidden_xH):
-        return _heads(self.config, hidden_xH)
+    def __call__(self, hidden_xH, lora=None):
+        return _heads(self.config, hidden_xH, lora)
 
 
 HEAD_PARAMS = ("norm", "lm_head", "rank_in", "rank_out")  # the drafter's parameters `heads` reads
 
 
-def heads(params: Any, config: SpecBlockConfig, hidden_xH: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+def heads(params: Any, config: SpecBlockConfig, hidden_xH: jax.Array, lora: tuple[jax.Array, jax.Array] | None = None
+          ) -> tuple[jax.Array, jax.Array | None]:
     """(logits, rank logits) of pre-norm hiddens (`BlockOutput.hidden`), exactly as the drafter's forward
-    computes them: the heads read nothing else, so buffered hiddens replay the drafter's outputs."""
+    computes them: the heads read nothing else, so buffered hiddens replay the drafter's outputs. `lora`:
+    a low-rank delta on the LM head (`_heads`)."""
     own = {name: params[name] for name in HEAD_PARAMS if name in params}
-    return SpecBlockHeads(config).apply({"params": own}, hidden_xH)
+    return SpecBlockHeads(config).apply({"params": own}, hidden_xH, lora)
 
 
 def _init_args(config: SpecBlockConfig):
