@@ -56,8 +56,8 @@ row-step costs `step_s` at the accepted length tau, plus `slope` seconds per fur
 horizon * (step_s / tau - (step_s + slope * gain) / (tau + gain)) seconds; it runs only when that
 beats the measured update time. A recent accepted length (EMA weight `tau_fast`) below the
 long-run one (`tau_slow`) by the fraction `drift` is read as a shift: the gain and return statistics
-are forgotten, so the bandit explores again. When the serving heads' return is negative beyond
-`revert_beta` spreads, the reference heads serve again (`Bandit.revert`): a kept update that hurt
+are forgotten, so the bandit explores again. When the serving heads' return is negative even
+optimistically, the reference heads serve again (`Bandit.revert`): a kept update that hurt
 (one window cannot always show it) is undone rather than served for the rest of the stream. Updates
 touch only the drafter: decoding stays lossless.
 """
@@ -103,7 +103,6 @@ class AdaptConfig:
     returns_after: int = 16  # updates tried before what they returned together may cap the gain
     probe_every: int = 8  # while the cap alone declines, windows between measurements of the return
     ucb_beta: float = 1.0  # optimism: spreads added to the mean measured gain
-    revert_beta: float = 2.0  # spreads by which the return must fall below zero to restore the reference heads
     gain_floor: float = 0.02  # the smallest spread assumed for a measured gain (tokens per step)
     discount: float = 0.5  # weight kept by older gain measurements at each new one
     idle_discount: float = 0.97  # weight kept per window without a measurement (slow re-exploration)
@@ -120,7 +119,6 @@ class AdaptConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"AdaptConfig {name} must be an integer >= 1, got {value!r}")
         for name, low, high in (("learning_rate", "(0", math.inf), ("ucb_beta", "[0", math.inf),
-                                ("revert_beta", "[0", math.inf),
                                 ("gain_floor", "(0", math.inf), ("discount", "(0", 1), ("idle_discount", "(0", 1),
                                 ("drift", "(0", 1), ("tau_fast", "(0", 1), ("tau_slow", "(0", 1)):
             value = getattr(self, name)
@@ -480,8 +478,8 @@ class Bandit:
         self.returns_age = 0
 
     def revert(self) -> bool:
-        """Whether the heads serving return less than the reference heads beyond noise: the return's mean
-        plus `revert_beta` spreads over sqrt(weight) is below zero. Then the updates are undone (the
+        """Whether the heads serving return less than the reference heads beyond noise: even optimistically
+        (the return's mean plus `ucb_beta` spreads over sqrt(weight), as `decide` prices it) below zero. Then the updates are undone (the
         caller restores the reference heads), and the count of updates tried and the return start again;
         the measured gains of single updates stay, to fade. The return is measured on records the
         serving heads drafted, which favours them: a negative one is no artefact."""
@@ -489,7 +487,7 @@ class Bandit:
         if r.weight <= 1e-6:
             return False
         spread = max(math.sqrt(r.errors / r.weight), c.gain_floor)
-        if r.mean + c.revert_beta * spread / math.sqrt(r.weight) >= 0:
+        if r.mean + c.ucb_beta * spread / math.sqrt(r.weight) >= 0:
             return False
         self.returns, self.tries = Discounted(), 0
         self.reverts += 1
