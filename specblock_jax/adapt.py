@@ -100,7 +100,7 @@ class AdaptConfig:
     batch_records: int = 64  # records per gain measurement (the newest)
     horizon_tokens: int = 16384  # the server's setting: tokens this drafter will still serve (an update's gain x it)
     min_records: int = 64  # records of earlier windows an update needs to train on
-    returns_after: int = 16  # updates tried before what they returned together may cap the gain
+    returns_after: int = 4  # updates tried before what they returned together may cap the gain
     probe_every: int = 8  # while the cap alone declines, windows between measurements of the return
     ucb_beta: float = 1.0  # optimism: spreads added to the mean measured gain
     gain_floor: float = 0.02  # the smallest spread assumed for a measured gain (tokens per step)
@@ -479,10 +479,10 @@ class Bandit:
 
     def revert(self) -> bool:
         """Whether the heads serving return less than the reference heads beyond noise: even optimistically
-        (the return's mean plus `ucb_beta` spreads over sqrt(weight), as `decide` prices it) below zero. Then the updates are undone (the
-        caller restores the reference heads), and the count of updates tried and the return start again;
-        the measured gains of single updates stay, to fade. The return is measured on records the
-        serving heads drafted, which favours them: a negative one is no artefact."""
+        (the return's mean plus `ucb_beta` spreads over sqrt(weight), as `decide` prices it) below zero.
+        Then the updates are undone (the caller restores the reference heads), and the count of updates
+        tried and the return start again; the measured gains of single updates stay, to fade. The return
+        is measured on records the serving heads drafted, which favours them: a negative one is no artefact."""
         c, r = self.config, self.returns
         if r.weight <= 1e-6:
             return False
