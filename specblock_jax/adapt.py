@@ -75,11 +75,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from specblock_jax import decode, losses
+from specblock_jax import decode, losses, tree
 from specblock_jax.config import ConfigError
 from specblock_jax.drafter import Drafter
 from specblock_jax.models import eagle3, layers, specblock
-from specblock_jax.specblock_draft import SpecBlockMethod
+from specblock_jax.specblock_draft import SpecBlockMethod, block_scores
 from specblock_jax.verify import Acceptance
 
 PARAM_SETS = ("lora", "head")
@@ -341,8 +341,8 @@ def depth_gains(base: Any, serving: dict, others: tuple[dict, ...], feedback: Fe
     over the drafter's `base`, as `init_trainable` makes them), over the newest `records` records that
     belong to `window`: paired estimates in accepted tokens per step. The tree is
     rebuilt as drafting builds it: the greedy chain from the root, each slot's alternatives (its width
-    of top tokens) beside the chain's token as leaves, pruned to the method's budget by cumulative
-    log-prob (`tree.prune`'s order). It accepts the leading slots whose kept chain token is the
+    of top tokens) beside the chain's token as leaves, scored and pruned to the method's budget with
+    drafting's own functions (`block_scores`, `tree.best`). It accepts the leading slots whose kept chain token is the
     target's (within the slots the target reached), plus one where the target's token at the first miss
     is a kept alternative. Counting the alternatives keeps a head that only swaps a slot's first and
     second token from looking like a gain; pruning counts the budget a head's confident alternatives
@@ -351,7 +351,6 @@ def depth_gains(base: Any, serving: dict, others: tuple[dict, ...], feedback: Fe
     newest = take(feedback, (feedback.written - 1 - jnp.arange(records)) % feedback.window_C.shape[0])
     labels_MxK = newest.labels_CxK  # draft ids; -1: outside the draft vocabulary, never drafted
     m, k = labels_MxK.shape
-    index_N = jnp.arange(k * method.width)
 
     def accepted_M(trainable):
         logits_MxKxV, rank_MxKxC = specblock.heads(merge(base, _dense(trainable)), config, newest.hidden_CxKxH,
@@ -360,14 +359,9 @@ def depth_gains(base: Any, serving: dict, others: tuple[dict, ...], feedback: Fe
         top_logit_MxKxW, top_MxKxW = layers.top_k(logits_MxKxV, method.width)
         top_lp_MxKxW = top_logit_MxKxW - jax.nn.logsumexp(logits_MxKxV, axis=-1, keepdims=True)
         offered_MxKxW = jnp.arange(method.width) < method.slot_widths(rank_MxKxC, (m, k), first_block=True)[..., None]
-        chain_MxK = jnp.cumsum(top_lp_MxKxW[..., 0], axis=-1)
-        above_MxK = jnp.concatenate([jnp.zeros((m, 1)), chain_MxK[:, :-1]], axis=1)
-        score_MxN = jnp.where(offered_MxKxW, above_MxK[..., None] + top_lp_MxKxW, -jnp.inf).reshape(m, -1)
-        offered_MxN = offered_MxKxW.reshape(m, -1)
-        beats_MxNxN = (score_MxN[:, None, :] > score_MxN[:, :, None]) | (  # [m, i, j]: node j ranks above i
-            (score_MxN[:, None, :] == score_MxN[:, :, None]) & (index_N[None, :] < index_N[:, None]))
-        place_MxN = jnp.sum(beats_MxNxN & offered_MxN[:, None, :], axis=-1)
-        kept_MxKxW = (offered_MxN & (place_MxN < method.budget)).reshape(offered_MxKxW.shape)
+        score_MxKxW = jnp.where(offered_MxKxW, block_scores(top_lp_MxKxW, jnp.zeros(m)), -jnp.inf)
+        kept_MxKxW = tree.best(score_MxKxW.reshape(m, -1), offered_MxKxW.reshape(m, -1),
+                               method.budget).reshape(offered_MxKxW.shape)
         reached_MxK = newest.valid_CxK & (labels_MxK >= 0)
         hit_MxKxW = kept_MxKxW & (top_MxKxW == labels_MxK[..., None]) & reached_MxK[..., None]
         depth_M = jnp.sum(jnp.cumprod(hit_MxKxW[..., 0], axis=-1), axis=-1)

@@ -67,6 +67,15 @@ def drafter_params(drafter: Any, target_params: Any, draft_to_target: Any = None
     return _drafter_params(drafter, target_params, draft_to_target)
 
 
+def block_scores(top_lp_xKxW: jax.Array, parent_x: jax.Array) -> jax.Array:
+    """Cumulative log-probs of a block's candidates below a parent scored `parent_x`, from each slot's
+    top-W log-probs: slot k's greedy token extends the chain of the greedy tokens before it, and its
+    other top tokens hang beside it (siblings), below the same chain."""
+    greedy_xK = parent_x[..., None] + jnp.cumsum(top_lp_xKxW[..., 0], axis=-1)
+    above_xK = jnp.concatenate([parent_x[..., None], greedy_xK[..., :-1]], axis=-1)
+    return above_xK[..., None] + top_lp_xKxW
+
+
 def _positive_int(owner: str, name: str, value: Any) -> None:
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{owner} {name} must be an integer >= 1, got {value!r}")
@@ -238,14 +247,12 @@ class SpecBlockMethod:
         b, r = parent_scores_BxR.shape
         top_lp_BxRxKxW, top_tok_BxRxKxW = layers.top_k(jax.nn.log_softmax(logits_BxRxKxV, axis=-1), w)
         width_BxRxK = self.slot_widths(rank_BxRxKxC, (b, r, k_slots), first_block)
-        greedy_BxRxK = parent_scores_BxR[..., None] + jnp.cumsum(top_lp_BxRxKxW[..., 0], axis=-1)
-        above_BxRxK = jnp.concatenate([parent_scores_BxR[..., None], greedy_BxRxK[..., :-1]], axis=-1)
         greedy_index_RxK = first_index + (jnp.arange(r)[:, None] * k_slots + jnp.arange(k_slots)) * w
         greedy_index_BxRxK = jnp.broadcast_to(greedy_index_RxK, (b, r, k_slots))
         parent_BxRxK = jnp.concatenate([parent_index_BxR[..., None], greedy_index_BxRxK[..., :-1]], axis=-1)
         valid = parent_valid_BxR[..., None, None] & (jnp.arange(w) < width_BxRxK[..., None])
         return _Level(seen_BxRxS, slots_BxRxK, hidden_BxRxKxH, target_ids(self.config, params, top_tok_BxRxKxW),
-                      jnp.where(valid, above_BxRxK[..., None] + top_lp_BxRxKxW, -jnp.inf), valid,
+                      jnp.where(valid, block_scores(top_lp_BxRxKxW, parent_scores_BxR), -jnp.inf), valid,
                       jnp.broadcast_to(parent_BxRxK[..., None], valid.shape).astype(jnp.int32), first_index)
 
     def _expand(self, params, kv, level: _Level, query_row_B, query_features_BxF, round_index: int, max_len: int):

@@ -199,6 +199,17 @@ def leaves(tree: Tree) -> jax.Array:
     return tree.valid & ~has_child_BxN1
 
 
+def best(scores_BxM: jax.Array, eligible_BxM: jax.Array, budget: int) -> jax.Array:
+    """bool [B, M]: the `budget` best eligible candidates by score, ties toward the lower index."""
+    b, m = scores_BxM.shape
+    idx_BxM = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), (b, m))
+    # Sort keys: eligible first, then score descending, then index ascending (deterministic ties).
+    *_, order_BxM = jax.lax.sort((~eligible_BxM, -scores_BxM.astype(jnp.float32), idx_BxM), dimension=1,
+                                 num_keys=3)
+    chosen_BxM = jnp.zeros((b, m), bool).at[jnp.arange(b)[:, None], order_BxM[:, :budget]].set(True)
+    return chosen_BxM & eligible_BxM
+
+
 def prune(cand_tokens_BxM: jax.Array, cand_parents_BxM: jax.Array, cand_scores_BxM: jax.Array,
           cand_valid_BxM: jax.Array, budget: int) -> Tree:
     """Keep the `budget` best non-root valid candidates by cumulative score (ties toward the lower
@@ -219,14 +230,7 @@ def prune(cand_tokens_BxM: jax.Array, cand_parents_BxM: jax.Array, cand_scores_B
         cand_scores_BxM = jnp.pad(cand_scores_BxM, pad, constant_values=-jnp.inf)
         cand_valid_BxM = jnp.pad(cand_valid_BxM, pad)
         m = budget + 1
-    idx_BxM = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), (b, m))
-    eligible_BxM = cand_valid_BxM & (idx_BxM > 0)
-    # Sort keys: eligible first, then score descending, then index ascending (deterministic ties).
-    neg_scores_BxM = -cand_scores_BxM.astype(jnp.float32)
-    *_, order_BxM = jax.lax.sort((~eligible_BxM, neg_scores_BxM, idx_BxM), dimension=1, num_keys=3)
-    rows_Bx1 = jnp.arange(b)[:, None]
-    chosen_BxM = jnp.zeros((b, m), bool).at[rows_Bx1, order_BxM[:, :budget]].set(True)
-    chosen_BxM = (chosen_BxM & eligible_BxM).at[:, 0].set(True)
+    chosen_BxM = best(cand_scores_BxM, cand_valid_BxM & (jnp.arange(m) > 0), budget).at[:, 0].set(True)
     candidates = Tree(tokens=cand_tokens_BxM.astype(jnp.int32), parents=cand_parents_BxM.astype(jnp.int32),
                       depth=jnp.zeros((b, m), jnp.int32), valid=chosen_BxM,
                       scores=cand_scores_BxM.astype(jnp.float32))
