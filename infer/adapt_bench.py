@@ -62,7 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--adapt", default="{}", metavar="JSON",
-                   help='AdaptConfig overrides as a JSON object, e.g. \'{"params": "head", "steps": 2}\'')
+                   help='AdaptConfig overrides as a JSON object, e.g. \'{"params": "head", "steps": 2}\'; '
+                        "horizon_tokens defaults to each stream's token budget (prompts x --max-new-tokens)")
     p.add_argument("--out", default="runs/adapt/results.json")
     p.add_argument("--plots-dir", help="where to write the PNG plots (default: beside --out; 'none': no plots)")
     args = p.parse_args(argv)
@@ -79,6 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not isinstance(overrides, dict):
             raise ValueError("not a JSON object")
         args.adapt_config = adapt.AdaptConfig(**overrides)
+        args.stream_horizon = "horizon_tokens" not in overrides
     except (ValueError, TypeError, ConfigError) as e:
         p.error(f"--adapt {args.adapt!r}: {e}")
     return args
@@ -215,9 +217,13 @@ def main(argv: list[str] | None = None) -> int:
     with tqdm(total=total, desc="timed streams", unit="prompt") as bar:
         for name, prompts in streams.items():
             passes = []
+            # Unless set, the horizon is the stream's token budget: here the stream is all the drafter serves.
+            cfg = (dataclasses.replace(args.adapt_config, horizon_tokens=len(prompts) * args.max_new_tokens)
+                   if args.stream_horizon else args.adapt_config)
             for _ in range(args.repeats):
-                passes.append(run_stream(target, drafter, prompts, args.adapt_config, args.max_new_tokens, bar))
-                report["streams"][name] = {"prompts": len(prompts), "passes": passes, "summary": summarize(passes)}
+                passes.append(run_stream(target, drafter, prompts, cfg, args.max_new_tokens, bar))
+                report["streams"][name] = {"prompts": len(prompts), "horizon_tokens": cfg.horizon_tokens,
+                                           "passes": passes, "summary": summarize(passes)}
                 hf.write_json({**report, "finished_utc": _now()}, args.out)
     report.update(complete=True, finished_utc=_now())
     hf.write_json(report, args.out)

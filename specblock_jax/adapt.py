@@ -50,10 +50,11 @@ its own window, by selection). Once `returns_after` updates were tried, that ret
 above) divided by the updates tried caps the gain: updates that, together, return too little for
 their cost stop. While the cap alone declines, a probe measures the return again every `probe_every`
 windows, at a fifth of an update's cost, so one unlucky measurement cannot hold it shut. The gain
-becomes time through measured costs: over the `horizon_tokens` the drafter will still serve, a
-row-step costs `step_s` at the accepted length tau, plus `slope` seconds per further accepted token
-(fitted over the windows: on this CPU a step that accepts more costs more), so the update saves
-horizon * (step_s / tau - (step_s + slope * gain) / (tau + gain)) seconds; it runs only when that
+becomes time through measured costs: over what is left of the `horizon_tokens` the drafter serves
+(the tokens served so far taken off), a row-step costs `step_s` at the accepted length tau, plus
+`slope` seconds per further accepted token (fitted over the windows: on this CPU a step that accepts
+more costs more), so the update saves left * (step_s / tau - (step_s + slope * gain) / (tau + gain))
+seconds; it runs only when that
 beats the measured update time. A recent accepted length (EMA weight `tau_fast`) below the
 long-run one (`tau_slow`) by the fraction `drift` is read as a shift: the gain and return statistics
 are forgotten, so the bandit explores again. When the serving heads' return is negative even
@@ -98,7 +99,7 @@ class AdaptConfig:
     steps: int = 8  # optimizer steps per update
     batch_slots: int = 96  # valid slots per optimizer step (drawn from the buffer)
     batch_records: int = 64  # records per gain measurement (the newest)
-    horizon_tokens: int = 16384  # the server's setting: tokens this drafter will still serve (an update's gain x it)
+    horizon_tokens: int = 16384  # the server's setting: tokens the drafter will serve; what is left prices a gain
     min_records: int = 64  # records of earlier windows an update needs to train on
     returns_after: int = 4  # updates tried before what they returned together may cap the gain
     probe_every: int = 8  # while the cap alone declines, windows between measurements of the return
@@ -436,10 +437,13 @@ class Bandit:
     cost_moments: tuple[float, ...] = (0.0,) * 5  # discounted sums 1, tau, s, tau^2, tau * s over windows
     shifts: int = 0  # shifts detected
     reverts: int = 0  # returns to the reference heads
+    served: int = 0  # tokens served so far
 
-    def observe_window(self, tau: float, step_s: float) -> None:
-        """A window's accepted tokens per row-step and seconds per row-step."""
+    def observe_window(self, tau: float, step_s: float, tokens: int = 0) -> None:
+        """A window's accepted tokens per row-step, seconds per row-step and tokens served (what is left
+        of the horizon shrinks by them)."""
         c = self.config
+        self.served += tokens
         keep = 1 - c.tau_slow
         self.cost_moments = tuple(keep * m + x for m, x in zip(self.cost_moments,
                                                                 (1.0, tau, step_s, tau * tau, tau * step_s)))
@@ -535,9 +539,10 @@ class Bandit:
                         f"{'>' if update else '<='} update {self.update_s * 1e3:.0f} ms", probe)
 
     def _saving(self, gain: float) -> float:
-        """Seconds a gain in accepted tokens per step saves over the horizon, at the fitted step cost."""
-        return self.config.horizon_tokens * (self.step_s / self.tau -
-                                             (self.step_s + self.cost_slope() * gain) / (self.tau + gain))
+        """Seconds a gain in accepted tokens per step saves over what is left of the horizon, at the fitted
+        step cost."""
+        left = max(self.config.horizon_tokens - self.served, 0)
+        return left * (self.step_s / self.tau - (self.step_s + self.cost_slope() * gain) / (self.tau + gain))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -652,7 +657,8 @@ class Adapter:
                                                                                         self.target_to_draft)
         self.feedback = append(self.feedback, fresh_records)
         shifts = self.bandit.shifts
-        self.bandit.observe_window(stats["tau"], stats["decode_s"] / max(stats["iterations"], 1) / len(prompts))
+        self.bandit.observe_window(stats["tau"], stats["decode_s"] / max(stats["iterations"], 1) / len(prompts),
+                                   int(np.sum(stats["new_tokens"])))
         if self.bandit.shifts > shifts:  # a new domain: returns count from the heads serving now
             self.reference = self.trainable
         fresh = int(self.feedback.written) - written_before

@@ -56,6 +56,17 @@ def test_bandit_declines_an_update_that_no_plausible_gain_pays_for():
     assert not decision.update and decision.gain == pytest.approx(3.0) and decision.saving_s < 60.0
 
 
+def test_bandit_prices_a_gain_over_what_is_left_of_the_horizon():
+    """The same evidence pays for an update early in the horizon and not once the tokens served have
+    used up most of it."""
+    early, late = _bandit(update_s=0.05, horizon_tokens=4096), _bandit(update_s=0.05, horizon_tokens=4096)
+    for bandit, served in ((early, 128), (late, 4000)):
+        bandit.observe_window(tau=2.0, step_s=0.01, tokens=served)
+        bandit.observe_gain(0.01, 0.0)  # optimistically 0.03 tokens per step
+    assert early.decide(records=100).update and not late.decide(records=100).update
+    assert late.decide(records=100).saving_s == pytest.approx(early.decide(records=100).saving_s * 96 / 3968)
+
+
 def test_bandit_waits_for_fresh_records():
     bandit = _bandit(update_s=0.001, min_records=50)
     bandit.observe_window(tau=2.0, step_s=0.01)

@@ -30,13 +30,15 @@ def test_micro_run_reports_every_stream_and_prompt(tmp_path, target, capsys):
     sb = drafter_io.save(method, specblock.init_params(config, jax.random.key(0)), tmp_path / "sb")
     out = tmp_path / "adapt.json"
     rc = adapt_bench.main(["--drafter", str(sb), "--streams", "code,prose+code", "--max-prompts", "2",
-                           "--max-new-tokens", "8", "--adapt", '{"min_records": 1}', "--out", str(out)])
+                           "--max-new-tokens", "8", "--adapt", '{"min_records": 1, "horizon_tokens": 100000}',
+                           "--out", str(out)])
     assert rc == 0
     report = json.loads(out.read_text())
     assert report["complete"] and report["config"]["adapt_config"]["min_records"] == 1
     assert set(report["streams"]) == {"code", "prose+code"}
     mixed = report["streams"]["prose+code"]
     assert mixed["prompts"] == 4 and len(mixed["passes"]) == 1
+    assert mixed["horizon_tokens"] == 100000  # set; by default the stream's 4 x 8 tokens, which no update pays for
     records = mixed["passes"][0]["records"]
     assert [r["prompt"] for r in records["adapt"]] == [0, 1, 2, 3] == [r["prompt"] for r in records["static"]]
     assert records["adapt"][0]["updated"] is False  # nothing older to train on yet
