@@ -587,7 +587,6 @@ class Adapter:
         self.window = 0
         self.history: list[dict] = []
         self.reference = self.trainable  # what the updates' returns are measured against
-        self._watch = False  # the last window kept an update: this one measures the return
         self.bandit = Bandit(config, drafter.method.max_depth, update_s=self._time_update())
 
     @property
@@ -676,10 +675,9 @@ class Adapter:
             if kept:
                 self.trainable, self.opt_state = trainable, opt_state
             self.bandit.observe_update(time.perf_counter() - start)
-        elif (decision.probe or self._watch) and fresh:  # the return, on a window the heads were not kept for
+        elif (decision.probe or self.history and self.history[-1]["kept"]) and fresh:  # the window after a kept update
             reverted = self._observe_returns(*self._depth_gains(self.reference))
             probed = True
-        self._watch = kept
         record = dict(window=self.window, tau=stats["tau"], new_tokens=int(np.sum(stats["new_tokens"])),
                       seconds=stats["prefill_s"] + stats["decode_s"], adapt_s=time.perf_counter() - start,
                       updated=decision.update and bool(fresh), kept=kept, probed=probed, reverted=reverted,
