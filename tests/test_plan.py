@@ -24,7 +24,6 @@ from train.train_drafter import DrafterTrainConfig, drafter_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "configs").glob("eagle3-*8b*.yaml"))
-SPECBLOCK_SCHEMA = "specblock" in {f.name for f in dataclasses.fields(DrafterTrainConfig)}
 TARGETS = {"Llama-3.1-8B-Instruct": 8_030_261_248, "Qwen3-8B": 8_190_735_360}
 SINGLE_HOST = {"eagle3-llama3.1-8b.yaml": "Llama-3.1-8B-Instruct", "eagle3-qwen3-8b.yaml": "Qwen3-8B"}
 TIMEOUT_S = 300
@@ -63,7 +62,6 @@ def test_every_recipe_loads_and_fits_its_target():
         assert cfg.batch_size % shards == 0, path
 
 
-@pytest.mark.skipif(not SPECBLOCK_SCHEMA, reason="DrafterTrainConfig has no specblock section yet")
 def test_every_specblock_recipe_loads_and_fits_its_target():
     from train.train_drafter import drafting_method
 
@@ -100,8 +98,7 @@ def plans(tmp_path_factory):
     accum = bad.with_name("accum.yaml")
     accum.write_text((REPO / "configs" / "eagle3-llama3.1-8b.yaml").read_text() + "grad_accum: 3\n")
     procs["accum"] = run_plan("--config", accum, "--json")
-    if SPECBLOCK_SCHEMA:
-        procs["specblock"] = run_plan("--config", REPO / "configs" / "specblock-qwen3-8b.yaml", "--json")  # its dtype
+    procs["specblock"] = run_plan("--config", REPO / "configs" / "specblock-qwen3-8b.yaml", "--json")  # its dtype
     out = {}
     try:
         for name, p in procs.items():
@@ -171,7 +168,6 @@ def test_mesh_that_does_not_fit_the_devices_is_a_clear_error(plans):
     assert "does not fit 8 device(s)" in stderr and "'data': 3" in stderr, stderr[-2000:]
 
 
-@pytest.mark.skipif(not SPECBLOCK_SCHEMA, reason="DrafterTrainConfig has no specblock section yet")
 def test_plan_of_a_specblock_recipe(plans):
     from specblock_jax.models import specblock
 
