@@ -29,7 +29,8 @@ method's phases are timed (infer/timing.py) and the final report, a markdown tab
 written. Per method: medians of per-run tokens/s (new tokens over prefill + decode seconds) and of the
 per-run ratio to `ar` (`speedup_vs_ar`; `speedup_vs_ar_total` is the ratio of all tokens over all
 seconds, which weighs long runs more); tau (tokens committed per target forward of the loop, bonus included, from the
-acceptance-length histogram) and the acceptance rate (how often a drafted position is accepted once the
+acceptance-length histogram; per run in `tau_runs`, in the same run order for every method, so that two
+methods' taus pair prompt by prompt) and the acceptance rate (how often a drafted position is accepted once the
 ones before it were, pooled and per depth: `acceptance`); ms per loop iteration (`iteration_ms`, from the
 timed runs) and, timed apart on the first batch, split into draft / verify / other (infer/timing.py); the ceiling
 (`speedup_ceiling`: the speedup if every step committed the tree's deepest path, at the measured ms per
@@ -474,6 +475,11 @@ def _histogram(out) -> list[int]:
     return [0, sum(n - 1 for n in out.stats["new_tokens"])]  # plain decoding: one token per step after the first
 
 
+def _tau(hist: list[int]) -> float | None:
+    """Tokens committed per row-step of a histogram (`_histogram`)."""
+    return sum(k * n for k, n in enumerate(hist)) / sum(hist) if sum(hist) else None
+
+
 def acceptance(hist: list[int], depth: int) -> tuple[float | None, list[float | None]]:
     """From a histogram of steps by tokens committed (index k: k - 1 drafts accepted) on a tree of
     `depth`: the rate at which a drafted position is accepted once the positions before it were
@@ -556,13 +562,12 @@ def method_figures(args: argparse.Namespace, runs: dict[str, list], phases: dict
                                if x != y]
         iterations = sum(out.stats["iterations"] for _, out in first)
         verify_steps = sum(out.stats.get("verify_steps", out.stats["iterations"]) for _, out in first)
-        row_steps = sum(hist)
         paired = [(out, ar[r, b]) for r, b, out in outs if (r, b) in ar]
         ratios = [_rate(out) / _rate(ref) for out, ref in paired]
         iteration_ms = statistics.median(out.stats["decode_s"] / max(out.stats["iterations"], 1) * 1e3
                                          for _, _, out in outs)
         entry.update(
-            tau=sum(k * n for k, n in enumerate(hist)) / row_steps if row_steps else None,
+            tau=_tau(hist),
             tokens_per_s=statistics.median(_rate(out) for _, _, out in outs),
             speedup_vs_ar=statistics.median(ratios) if ratios else None,
             speedup_vs_ar_total=(_total_rate(o for o, _ in paired) / _total_rate(a for _, a in paired)
@@ -577,6 +582,7 @@ def method_figures(args: argparse.Namespace, runs: dict[str, list], phases: dict
             mismatches_vs_ar=len(mismatched) if greedy else None,
             mismatched_prompts=mismatched if greedy else None,
             tokens_per_s_runs=[_rate(out) for _, _, out in outs],
+            tau_runs=[_tau(_histogram(out)) for _, _, out in outs],  # paired by index across methods
         )
         breakdown = (timing.phase_breakdown(phases[method]) if method in phases else dict.fromkeys(
             ("loop_ms_per_iter", "draft_ms_per_iter", "verify_ms_per_iter", "other_ms_per_iter")))

@@ -24,7 +24,7 @@ METHOD_KEYS = {"tau", "tokens_per_s", "speedup_vs_ar", "speedup_vs_ar_total", "d
                "verify_ms_per_iter", "other_ms_per_iter", "iteration_ms", "loop_ms_per_iter",
                "drafter_forwards_per_iter", "iterations", "verify_steps", "mismatches_vs_ar", "mismatched_prompts",
                "acceptance_histogram", "runs", "new_tokens", "prompts", "phase_ms", "max_tokens_per_iter",
-               "speedup_ceiling"}
+               "speedup_ceiling", "tau_runs"}
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +92,8 @@ def test_end_to_end_schema_and_no_mismatch(small, tmp_path, target, capsys):
         hist = m["acceptance_histogram"]
         assert m["tau"] == pytest.approx(sum(k * n for k, n in enumerate(hist)) / sum(hist))
         assert 1.0 <= m["tau"] <= 3.0  # a depth-2 tree commits at most 3 tokens per step
+        per_run = m["tau_runs"]  # run order: repeat by repeat, the same prompts each
+        assert len(per_run) == 4 and per_run[:2] == per_run[2:] and min(per_run) <= m["tau"] <= max(per_run)
         assert m["speedup_ceiling"] == pytest.approx(
             m["max_tokens_per_iter"] * report["methods"]["ar"]["iteration_ms"] / m["iteration_ms"])
     ar, e3 = report["methods"]["ar"], report["methods"]["eagle3"]
