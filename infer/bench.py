@@ -23,10 +23,9 @@ Variants of a trained kind run side by side as `KIND:LABEL` methods, each with i
 
 Protocol: every input is checked and every method is compiled and warmed up on the first batch
 before timing starts (`generate` also compiles ahead and times execution only). Then, for each repeat
-and each batch's turn, every method runs once, in turn. The JSON report is rewritten every 10 units and after
-every repeat (`"complete": false` until the end, and also after an interruption or an error), then each
-method's phases are timed (infer/timing.py) and the final report, a markdown table and PNG plots are
-written. Per method: medians of per-run tokens/s (new tokens over prefill + decode seconds) and of the
+and each batch's turn, every method runs once, in turn. The JSON report is rewritten after every unit
+(`"complete": false` until the end, and also after an interruption or an error), then each method's
+phases are timed (infer/timing.py) and the final report, a markdown table and PNG plots are written. Per method: medians of per-run tokens/s (new tokens over prefill + decode seconds) and of the
 per-run ratio to `ar` (`speedup_vs_ar`; `speedup_vs_ar_total` is the ratio of all tokens over all
 seconds, which weighs long runs more); tau (tokens committed per target forward of the loop, bonus included, from the
 acceptance-length histogram; per run in `tau_runs`, in the same run order for every method, so that two
@@ -354,8 +353,9 @@ def _now() -> str:
 
 def run(args: argparse.Namespace, target: Any, questions: list[dict[str, Any]], drafters: dict[str, Drafter | None],
         header: dict) -> dict:
-    """Warm up, run the interleaved repeats (rewriting the report every 10 units), time the phases, and
-    return the final report. An exception or interrupt writes the partial report and propagates.
+    """Warm up, run the interleaved repeats (rewriting the report after every unit: a crash
+    inside XLA, which no handler sees, loses one unit at most), time the phases, and return the final
+    report. An exception or interrupt writes the partial report and propagates.
     Every method answers each unit (a batch's turn) in turn, each with its own conversations: a turn's
     prompt holds the method's own earlier answers, as MT-Bench has it."""
     methods = list(drafters)
@@ -404,9 +404,7 @@ def run(args: argparse.Namespace, target: Any, questions: list[dict[str, Any]], 
                                 if x != y:
                                     gaps[method, repeat, u, j] = greedy_mismatch(
                                         target, prompt_ids[method][j], prompt_ids["ar"][j], y, x)
-                    if u % 10 == 9:
-                        hf.write_json(report(complete=False), args.out)
-                hf.write_json(report(complete=False), args.out)
+                    hf.write_json(report(complete=False), args.out)
         if args.timing_calls:
             first = [turn_prompt(questions[i], 0, []) for i in units[0]["rows"]]
             fns = {method: timing.phase_calls(target, drafters[method], first, max_new_tokens=args.max_new_tokens,

@@ -519,9 +519,10 @@ def test_bench_step_reports_each_steps_time_and_its_xla_flop_count(workdir, caps
 
 
 def test_the_smollm2_recipes_differ_only_where_their_comments_say():
-    """The shipped drafters' recipes for the default target, the ablations and the one-domain drafter:
-    the same data, feature cache, batches, optimizer and seed, apart from what each config's header
-    names (its kind and tree, one ablation switch, the budget, the domains), so comparisons between them hold."""
+    """The shipped drafters' recipes for the default target, the ablations (and their second seeds) and
+    the one-domain drafter: the same data, feature cache, batches, optimizer and seed, apart from what each
+    config's header names (its kind and tree, one ablation switch, the budget, the domains, the seed), so
+    comparisons between them hold."""
     configs = pathlib.Path(__file__).parent.parent / "configs"
     read = lambda name: train_drafter.to_dict(load_yaml(DrafterTrainConfig, configs / name))
 
@@ -546,6 +547,15 @@ def test_the_smollm2_recipes_differ_only_where_their_comments_say():
         assert ablation["decoding"] == specblock["decoding"]  # decoded side by side with one tree
         assert ablation["optim"]["total_steps"] == 82 and ablation["output_dir"] not in outputs
         outputs.add(ablation["output_dir"])
+        if variant == "no-valid-prefix":  # its effect was 5 standard errors on seed 0: no second seed
+            continue
+        second = read(f"ablations/smollm2/specblock-{variant}-seed1.yaml")  # the same but for the seed and paths
+        paths = ("seed", "feature_cache", "cache_reuse", "output_dir", "export_dir")
+        same = lambda cfg: {k: v for k, v in cfg.items() if k not in paths}
+        assert same(second) == same(ablation)
+        assert (second["seed"], second["cache_reuse"]) == (1, ablation["feature_cache"])
+        assert second["feature_cache"] != ablation["feature_cache"] and second["output_dir"] not in outputs
+        outputs.add(second["output_dir"])
     prose = read("specblock-smollm2-prose.yaml")
     assert common(prose) == common(specblock) and prose["specblock"] == specblock["specblock"]
     assert prose["decoding"] == specblock["decoding"]
