@@ -25,9 +25,10 @@ Protocol: every input is checked and every method is compiled and warmed up on t
 before timing starts (`generate` also compiles ahead and times execution only). Then, for each repeat
 and each batch's turn, every method runs once, in turn. The JSON report is rewritten after every unit
 (`"complete": false` until the end, and also after an interruption or an error), then each method's
-phases are timed (infer/timing.py) and the final report, a markdown table and PNG plots are written. Per method: medians of per-run tokens/s (new tokens over prefill + decode seconds) and of the
-per-run ratio to `ar` (`speedup_vs_ar`; `speedup_vs_ar_total` is the ratio of all tokens over all
-seconds, which weighs long runs more); tau (tokens committed per target forward of the loop, bonus included, from the
+phases are timed (infer/timing.py) and the final report, a markdown table and PNG plots are written.
+Per method: medians of per-run tokens/s (new tokens over prefill + decode seconds) and of the per-run
+ratio to `ar` (`speedup_vs_ar`; `speedup_vs_ar_total` is the ratio of all tokens over all seconds, which
+weighs long runs more); tau (tokens committed per target forward of the loop, bonus included, from the
 acceptance-length histogram; per run in `tau_runs`, in the same run order for every method, so that two
 methods' taus pair prompt by prompt) and the acceptance rate (how often a drafted position is accepted once the
 ones before it were, pooled and per depth: `acceptance`); ms per loop iteration (`iteration_ms`, from the
