@@ -41,7 +41,8 @@ def paired(report: dict, base: str, method: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="infer.paired", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("report", type=pathlib.Path, help="results.json written by infer.bench")
     p.add_argument("base", help="the method every other is compared with (say specblock:full)")
     p.add_argument("methods", nargs="+", help="methods to compare with the base")
