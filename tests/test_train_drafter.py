@@ -286,6 +286,24 @@ def test_fresh_lm_head_starts_as_the_targets_and_init_from_continues_a_drafter(t
     jax.tree.map(np.testing.assert_array_equal, continued, params)
 
 
+def test_a_continuation_reads_the_batches_its_source_run_had_not_reached(trained, workdir):
+    """At a negligible learning rate the drafter stays init_from's, so each logged training loss names
+    its batch: a continuation from step 3 logs the losses of steps 4-6 of one from step 0."""
+    root, _ = workdir
+    cfg, _, _ = trained
+    losses = {}
+    for start, steps in ((0, 6), (3, 3)):
+        run = f"cont{start}"
+        train_drafter.train(load_config(root, config_dict(
+            root, run, init_from=cfg.export_dir, init_from_step=start, log_every=1,
+            optim={"learning_rate": 1e-12, "total_steps": steps, "warmup_steps": 0})), progress=False, export=False)
+        losses[start] = [json.loads(line)["loss"] for line in (root / run / "log.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose(losses[3], losses[0][3:], rtol=1e-5)
+    assert not np.allclose(losses[3], losses[0][:3], rtol=1e-3)
+    with pytest.raises(ConfigError, match="init_from_step must be >= 0 and needs init_from"):
+        load_config(root, config_dict(root, "bad", init_from_step=3))
+
+
 @pytest.mark.parametrize("kind", ["eagle3", "specblock"])
 def test_reduced_draft_vocabulary_trains_on_the_most_frequent_tokens_and_decodes_losslessly(workdir, kind):
     root, target = workdir
@@ -467,8 +485,8 @@ def test_vocab_coverage_counts_the_trained_on_tokens_of_each_split(workdir, caps
 def test_learning_curves_read_a_training_log_in_hours_and_plot_it(trained, workdir, tmp_path, capsys):
     """The curve of a real training log: hours are the summed step seconds (or steps x the median
     seconds per step), the acceptance estimate is the chain of the held-out per-position accuracies;
-    the plot and the budget table are written, and a label count that does not match the logs is
-    refused."""
+    a continued run's logs join; the plot and the budget table are written, and a label count that does
+    not match the logs is refused."""
     root, _ = workdir
     log = root / "full" / "log.jsonl"
     records = [json.loads(line) for line in log.read_text().splitlines()]
@@ -476,6 +494,10 @@ def test_learning_curves_read_a_training_log_in_hours_and_plot_it(trained, workd
     np.testing.assert_allclose(curve.hours * 3600, np.cumsum([r["seconds"] for r in records]))
     assert curve.steps.tolist() == sorted(r["step"] for r in records) and curve.step_acc.shape == (len(records), 2)
     np.testing.assert_allclose(curve.acceptance, [train_drafter.chain_acceptance(np.array(a)) for a in curve.step_acc])
+    joined = learning_curves.read_run(f"{log}+{log}")  # a run continued by another: steps and hours follow on
+    assert joined.steps.tolist() == curve.steps.tolist() + (curve.steps + curve.steps[-1]).tolist()
+    np.testing.assert_allclose(joined.hours, np.concatenate([curve.hours, curve.hours + curve.hours[-1]]))
+    np.testing.assert_allclose(joined.step_seconds, np.tile(curve.step_seconds, 2))
     # the median clock: a paused interval (here the second, 100x its logged time) moves nothing
     paused = tmp_path / "paused.jsonl"
     paused.write_text("".join(json.dumps({**r, "seconds": r["seconds"] * (100 if i == 1 else 1)}) + "\n"

@@ -9,6 +9,8 @@ budgets end at the same place. An interval that shared the machine with other wo
 the run was paused, counts in full there; `--clock median` instead puts step s at s x the run's median
 seconds per step over its intervals, which such intervals (and the first one's compiles) do not move.
 A table of each run's steps, logged hours, median seconds per step and that budget is printed.
+A run continued by another (`init_from` its exported drafter) is given as its logs joined by `+`,
+`first.jsonl+continued.jsonl`: the continuation's steps and hours follow on from the first's.
 Left: the held-out chain estimate of the acceptance length (`val_acceptance_length`); right:
 the held-out accuracy of each draft position (`val_step_acc`, given the earlier positions right;
 EAGLE-3 logs written before that definition, 2026-12-05, hold its unconditional accuracy).
@@ -54,6 +56,17 @@ def read_curve(log_path: str | pathlib.Path, clock: str = "logged") -> Curve:
                  np.array([r["val_step_acc"] for r in records]), step_seconds)
 
 
+def read_run(logs: str, clock: str = "logged") -> Curve:
+    """The curve of a run given as logs joined by `+`, each continuing the one before: its steps and
+    hours offset by where that one ended (each log's median clock its own, as they may have run on
+    other machines)."""
+    parts = [read_curve(p, clock) for p in logs.split("+")]
+    steps = np.cumsum([0] + [c.steps[-1] for c in parts[:-1]])
+    hours = np.cumsum([0.0] + [c.hours[-1] for c in parts[:-1]])
+    shifted = [c._replace(hours=c.hours + h, steps=c.steps + s) for c, s, h in zip(parts, steps, hours)]
+    return Curve(*(np.concatenate(field) for field in zip(*shifted)))
+
+
 def budget_table(curves: dict[str, Curve]) -> str:
     """Markdown: each run's steps, logged hours, median seconds per step and steps x that median."""
     lines = ["| run | steps | logged hours | median s / step | steps x median (hours) |", "|---|---|---|---|---|"]
@@ -85,17 +98,17 @@ def plot(curves: dict[str, Curve], path: str | pathlib.Path) -> pathlib.Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("logs", nargs="+", help="log.jsonl files of drafter training runs")
+    parser.add_argument("logs", nargs="+", help="log.jsonl files of drafter training runs (A+B: B continues A)")
     parser.add_argument("--labels", help="comma-separated, one per log (default: each log's directory name)")
     parser.add_argument("--out", default="docs/learning-curves.png", help="PNG to write")
     parser.add_argument("--clock", choices=CLOCKS, default="logged",
                         help="training hours as logged, or steps x the run's median seconds per step")
     args = parser.parse_args(argv)
-    labels = args.labels.split(",") if args.labels else [pathlib.Path(p).parent.name for p in args.logs]
+    labels = args.labels.split(",") if args.labels else [pathlib.Path(p.split("+")[0]).parent.name for p in args.logs]
     if len(labels) != len(args.logs):
         parser.error(f"{len(labels)} labels for {len(args.logs)} logs")
     try:
-        curves = {label: read_curve(p, args.clock) for label, p in zip(labels, args.logs)}
+        curves = {label: read_run(p, args.clock) for label, p in zip(labels, args.logs)}
     except (OSError, ValueError, KeyError) as e:
         parser.error(f"cannot read a training log: {e!r}")
     print(budget_table(curves))

@@ -98,6 +98,10 @@ class DrafterTrainConfig:
     # and a row longer than seq_len keeps its end, all of its answer that fits after as much prompt as fits
     loss_on_prompt: bool = True
     init_from: str | None = None  # a trained drafter directory to start from (fine-tuning); None: fresh
+    # The step init_from's run ended at, when this run continues it on the same rows and seed: training
+    # batches go on from there in the seed's order (the rows it had not reached come first), the
+    # held-out rows stay the seed's.
+    init_from_step: int = 0
     lm_head_from_target: bool = True  # a fresh drafter's LM head starts as the target's (untied targets)
     feature_cache: str | None = None  # offline mode: cache of the target's outputs (built on first use)
     cache_topk: int = 64  # offline mode: target logits kept per position (the teacher is renormalised over them)
@@ -131,6 +135,8 @@ class DrafterTrainConfig:
             raise ConfigError(f"cache_dtype must be 'float16' or 'float32', got {self.cache_dtype!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.init_from_step < 0 or (self.init_from_step and self.init_from is None):
+            raise ConfigError(f"init_from_step must be >= 0 and needs init_from, got {self.init_from_step}")
         for name in ("seq_len", "batch_size", "grad_accum", "val_batches", "checkpoint_every", "log_every",
                      "cache_topk"):
             if getattr(self, name) < (2 if name == "seq_len" else 1):
@@ -484,7 +490,7 @@ def train(cfg: DrafterTrainConfig, *, stop_after: int | None = None, export: boo
                                                    desc=f"train {cfg.kind} drafter", unit="step") as bar:
         t_mark = time.perf_counter()
         for step in range(start, last):
-            batch = sharding.global_batch(local_rows(train_ds[step % len(train_ds)]), mesh)
+            batch = sharding.global_batch(local_rows(train_ds[(cfg.init_from_step + step) % len(train_ds)]), mesh)
             state, metrics = train_step(state, target_params, batch, np.int32(step))
             if (step + 1) % cfg.log_every == 0 or step + 1 == last:
                 record = log_record(step + 1, metrics, float(lr_schedule(step)), time.perf_counter() - t_mark)
