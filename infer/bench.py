@@ -591,6 +591,8 @@ def method_figures(args: argparse.Namespace, runs: dict[str, list], phases: dict
         if method in trees:
             entry["acceptance_rate"], entry["acceptance_by_depth"] = acceptance(
                 hist, entry["max_tokens_per_iter"] - 1)
+        if method in ADAPTING:
+            entry["adaptation"] = adaptation([out for _, _, out in outs])
         if greedy and mismatched:
             shown = ", ".join(f"{m['question_id']} turn {m['turn']}"
                               + (f" (logit gap {m['logit_gap']:.2g})" if "logit_gap" in m else "")
@@ -605,6 +607,18 @@ def method_figures(args: argparse.Namespace, runs: dict[str, list], phases: dict
         entry["speedup_ceiling"] = (entry["max_tokens_per_iter"] * ar_ms / entry["iteration_ms"]
                                     if ar_ms and "iteration_ms" in entry else None)
     return {"methods": methods, "warnings": warnings}
+
+
+def adaptation(outs: list) -> dict:
+    """An adapting method's windows (runs, every repeat), the updates its bandit tried and kept, the
+    probes and reverts, the most shifts one repeat saw, and the share of its time spent adapting (bandit
+    steps, updates, probes)."""
+    records = [out.stats["adapt"] for out in outs]
+    adapt_s = sum(r["adapt_s"] for r in records)
+    return {"windows": len(records), "updates": sum(r["updated"] for r in records),
+            "kept": sum(r["kept"] for r in records), "probes": sum(r["probed"] for r in records),
+            "reverts": sum(r["reverted"] for r in records), "shifts": max(r["shifts"] for r in records),
+            "adapt_s": adapt_s, "adapt_time_share": adapt_s / sum(_seconds(out) for out in outs)}
 
 
 def table(report: dict) -> str:
@@ -626,6 +640,11 @@ def table(report: dict) -> str:
                      f"{f(m.get('acceptance_rate'), '.3f')} | "
                      f"{f(m['speedup_ceiling'], '.2f')} | "
                      f"{f(m['mismatches_vs_ar'], 'd')} |")
+    for name, m in report["methods"].items():
+        if a := m.get("adaptation"):
+            lines.append(f"\n{name}: {a['windows']} windows, {a['updates']} updates tried ({a['kept']} kept), "
+                         f"{a['probes']} probes, {a['reverts']} reverts, {100 * a['adapt_time_share']:.1f} % of "
+                         "its time adapting")
     methods = [name for name in report["methods"] if name != "ar"]
     if len(report.get("categories", {})) > 1:
         lines += ["", "| category | answers | ar tokens/s | " + " | ".join(f"{m} tokens/s | {m} speedup | {m} tau"

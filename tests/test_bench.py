@@ -115,7 +115,7 @@ def test_end_to_end_schema_and_no_mismatch(small, tmp_path, target, capsys):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", suffix
 
 
-def test_specblock_adapt_runs_beside_specblock_and_stays_lossless(small, tmp_path, target):
+def test_specblock_adapt_runs_beside_specblock_and_stays_lossless(small, tmp_path, target, capsys):
     """`specblock+adapt` takes the specblock drafter directory, restarts from it at every repeat, has no
     phase timing (its loop collects feedback) and matches ar's greedy output."""
     config = specblock.SpecBlockConfig.for_target(target.config, num_layers=1, rank_hidden=8)
@@ -131,6 +131,10 @@ def test_specblock_adapt_runs_beside_specblock_and_stays_lossless(small, tmp_pat
     assert adapting["runs"] == 4 and adapting["mismatches_vs_ar"] == 0 and sb["mismatches_vs_ar"] == 0
     assert adapting["acceptance_histogram"] == sb["acceptance_histogram"]  # no update this short: same drafts
     assert adapting["phase_ms"] is None and sb["phase_ms"] is not None
+    windows = adapting["adaptation"]  # every run is a window of its adapter, restarted at each repeat
+    assert windows["windows"] == 4 and windows["updates"] == windows["kept"] == 0 and "adaptation" not in sb
+    assert 0 < windows["adapt_time_share"] < 1
+    assert "specblock+adapt: 4 windows, 0 updates tried (0 kept)" in capsys.readouterr().out
     assert bench.parse_drafter_specs([f"specblock+adapt={drafter_dir}"]) == {"specblock": drafter_dir}
 
 
