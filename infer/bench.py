@@ -34,7 +34,8 @@ methods' taus pair prompt by prompt) and the acceptance rate (how often a drafte
 ones before it were, pooled and per depth: `acceptance`); ms per loop iteration (`iteration_ms`, from the
 timed runs) and, timed apart on the first batch, split into draft / verify / other (infer/timing.py); the ceiling
 (`speedup_ceiling`: the speedup if every step committed the tree's deepest path, at the measured ms per
-iteration: what no drafter of this cost and tree shape can beat here); and, when
+iteration: what no drafter of this cost and tree shape can beat here); for an adapting method, the updates its
+bandit tried and kept and its share of time adapting (`adaptation`); and, when
 greedy, the answers (question and turn) that differ from `ar`'s: verification is lossless, so any mismatch is a
 bug, reported loudly and with exit status 1.
 """
