@@ -116,8 +116,8 @@ def _record(out, index: int, adapt_record: dict | None) -> dict:
             "seconds": stats["prefill_s"] + stats["decode_s"], "tau": stats["tau"],
             "adapt_s": 0.0 if adapt_record is None else adapt_record["adapt_s"],
             **({} if adapt_record is None else {k: adapt_record[k] for k in (
-                "updated", "kept", "probed", "reverted", "measured_gain", "predicted_gain", "reason", "shifts",
-                "step_s", "cost_slope", "cost_s")})}
+                "updated", "kept", "probed", "reverted", "measured_gain", "measured_stderr", "predicted_gain", "reason",
+                "shifts", "step_s", "cost_slope", "cost_s")})}
 
 
 def run_stream(target, drafter, prompts: list[str], cfg: adapt.AdaptConfig, max_new_tokens: int,

@@ -43,6 +43,8 @@ def test_micro_run_reports_every_stream_and_prompt(tmp_path, target, capsys):
     assert [r["prompt"] for r in records["adapt"]] == [0, 1, 2, 3] == [r["prompt"] for r in records["static"]]
     assert records["adapt"][0]["updated"] is False  # nothing older to train on yet
     assert any(r["updated"] for r in records["adapt"])  # min_records 1: later windows try updates
+    for r in records["adapt"]:  # an update's measured gain comes with its standard error, for the keep rule
+        assert (r["measured_stderr"] is None) == (r["measured_gain"] is None) != r["updated"]
     summary = mixed["summary"]
     assert summary["mismatches"] == 0 and summary["speedup_adapt_vs_static"] > 0
     assert summary["adapt"]["updates"] == sum(r["updated"] for r in records["adapt"])
