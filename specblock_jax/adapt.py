@@ -31,7 +31,7 @@ block 1's tree would accept (its greedy chain, plus an alternative at the first 
 under the new heads minus under the old ones, per record, gives the gain in accepted tokens per step
 and its standard error. The records were drafted by the old heads, so the new heads' chains can be
 cut short where the old drafts stopped: the estimate errs against the update. Only an update that
-measures better is kept; any other is discarded at once (the drafter never serves it): an update
+measures better (by more than `keep_stderrs` standard errors; 0 by default) is kept; any other is discarded at once (the drafter never serves it): an update
 that changes nothing one window can see may still cost the next ones (measured on SmolLM2: a kept
 update that measured 0.000 cost 0.1-0.5 tokens per step on the four windows after it). The window
 after a kept update also measures the return (below), so harm that one window did not show is seen
@@ -106,6 +106,7 @@ class AdaptConfig:
     returns_after: int = 4  # updates tried before what they returned together may cap the gain
     probe_every: int = 8  # while the cap alone declines, windows between measurements of the return
     ucb_beta: float = 1.0  # optimism: spreads added to the mean measured gain
+    keep_stderrs: float = 0.0  # an update is kept when its measured gain beats this many standard errors (0: > 0)
     gain_floor: float = 0.02  # the smallest spread assumed for a measured gain (tokens per step)
     discount: float = 0.5  # weight kept by older gain measurements at each new one
     idle_discount: float = 0.97  # weight kept per window without a measurement (slow re-exploration)
@@ -122,6 +123,7 @@ class AdaptConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"AdaptConfig {name} must be an integer >= 1, got {value!r}")
         for name, low, high in (("learning_rate", "(0", math.inf), ("ucb_beta", "[0", math.inf),
+                                ("keep_stderrs", "[0", math.inf),
                                 ("gain_floor", "(0", math.inf), ("discount", "(0", 1), ("idle_discount", "(0", 1),
                                 ("drift", "(0", 1), ("tau_fast", "(0", 1), ("tau_slow", "(0", 1)):
             value = getattr(self, name)
@@ -678,7 +680,7 @@ class Adapter:
             earlier = self.bandit.tries  # the serving heads hold earlier updates, not kept for this window
             self.bandit.observe_gain(*measured)
             reverted = bool(earlier) and self._observe_returns(reference)
-            kept = not reverted and gain > 0
+            kept = not reverted and gain > max(self.config.keep_stderrs * stderr, 0.0)
             if kept:
                 self.trainable, self.opt_state = trainable, opt_state
             self.bandit.observe_update(time.perf_counter() - start)

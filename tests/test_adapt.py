@@ -230,6 +230,8 @@ def test_adapt_config_is_strict():
         adapt.AdaptConfig(buffer_size=0)
     with pytest.raises(ConfigError, match="discount"):
         adapt.AdaptConfig(discount=1.5)
+    with pytest.raises(ConfigError, match="keep_stderrs"):
+        adapt.AdaptConfig(keep_stderrs=-1.0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -375,6 +377,23 @@ def test_adaptive_decoding_is_identical_to_plain_greedy_decoding(target, drafter
     merged = adapter.drafter.params["drafter"]["lm_head"]["kernel"]
     assert not np.allclose(merged, drafter.params["drafter"]["lm_head"]["kernel"])
     assert int(adapter.feedback.written) == row_steps  # a record per step of every row, batch > 1 included
+
+
+@pytest.mark.parametrize("keep_stderrs, kept", [(0.0, True), (2.0, True), (3.0, False)])
+def test_an_update_is_kept_only_when_its_gain_beats_keep_stderrs_standard_errors(target, drafter, monkeypatch,
+                                                                                  keep_stderrs, kept):
+    """Every update measures +0.05 tokens a step with a standard error of 0.02: kept below 2.5 errors."""
+    monkeypatch.setattr(adapt.Bandit, "cost_slope", lambda self: 0.0)
+    measured, unchanged = adapt.Paired(0.05, 0.02), adapt.Paired(0.0, 0.0)
+    monkeypatch.setattr(adapt.Adapter, "_update",
+                        lambda self, held_out: (self.trainable, self.opt_state, 0.0, measured, unchanged))
+    cfg = adapt.AdaptConfig(min_records=1, horizon_tokens=10 ** 9, buffer_size=128, batch_records=16,
+                            keep_stderrs=keep_stderrs)
+    adapter = adapt.Adapter(target, drafter, cfg)
+    for rows in ([0], [1]):
+        adapter.generate([PROMPTS[r] for r in rows], max_new_tokens=N_NEW, max_len=MAX_LEN, stop_on_eos=False)
+    last = adapter.history[-1]
+    assert last["updated"] and last["measured_gain"] == 0.05 and last["kept"] is kept
 
 
 def test_heads_that_serve_worse_than_the_reference_are_reverted(target, drafter, monkeypatch):
