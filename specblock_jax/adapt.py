@@ -31,11 +31,11 @@ block 1's tree would accept (its greedy chain, plus an alternative at the first 
 under the new heads minus under the old ones, per record, gives the gain in accepted tokens per step
 and its standard error. The records were drafted by the old heads, so the new heads' chains can be
 cut short where the old drafts stopped: the estimate errs against the update. Only an update that
-measures better (by more than `keep_stderrs` standard errors; 0 by default) is kept; any other is discarded at once (the drafter never serves it): an update
-that changes nothing one window can see may still cost the next ones (measured on SmolLM2: a kept
-update that measured 0.000 cost 0.1-0.5 tokens per step on the four windows after it). The window
-after a kept update also measures the return (below), so harm that one window did not show is seen
-at the next.
+measures better (by more than `keep_stderrs` standard errors; 0 by default) is kept; any other is
+discarded at once (the drafter never serves it): an update that changes nothing one window can see
+may still cost the next ones (measured on SmolLM2: a kept update that measured 0.000 cost 0.1-0.5
+tokens per step on the four windows after it). The window after a kept update also measures the
+return (below), so harm that one window did not show is seen at the next.
 
 Bandit. At the end of every window it chooses between two arms, update or not. Measured gains are
 kept as discounted statistics (`discount` per measurement, `idle_discount` per window without one,
@@ -680,7 +680,7 @@ class Adapter:
             earlier = self.bandit.tries  # the serving heads hold earlier updates, not kept for this window
             self.bandit.observe_gain(*measured)
             reverted = bool(earlier) and self._observe_returns(reference)
-            kept = not reverted and gain > max(self.config.keep_stderrs * stderr, 0.0)
+            kept = not reverted and gain > self.config.keep_stderrs * stderr
             if kept:
                 self.trainable, self.opt_state = trainable, opt_state
             self.bandit.observe_update(time.perf_counter() - start)
