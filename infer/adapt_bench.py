@@ -4,7 +4,7 @@ adapting (specblock_jax.adapt), interleaved prompt by prompt so machine drift ca
     python -m infer.adapt_bench --drafter runs/specblock-prose/drafter            # code (shift), prose (own)
     python -m infer.adapt_bench --drafter DIR --streams prose+code --repeats 3     # a shift mid-stream
     python -m infer.adapt_bench --drafter DIR --source corpus --max-prompts 320   # streams long enough to learn
-    python -m infer.adapt_bench --drafter runs/specblock-smollm2-prose/drafter \\
+    python -m infer.adapt_bench --drafter infer/drafters/specblock-smollm2-prose \\
         --source train/prompts/serving_prompts.jsonl --streams math,writing+summarization+translation,writing+math
 
 A stream is held-out prompts of one domain, or of several joined with '+' (prose+code: every prose
