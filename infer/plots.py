@@ -107,8 +107,9 @@ def _rolling(values: list[float], width: int) -> list[float]:
 
 def adaptation(report: dict, path: pathlib.Path) -> pathlib.Path:
     """Per stream (first pass): tau per prompt (rolling mean over a twentieth of the stream, at least 6
-    prompts) with the updates marked, and tokens served against wall time (the adapting method's update
-    time included)."""
+    prompts) with the adapter's events marked (updates kept shaded, updates discarded as ticks, reverts and
+    shifts as lines), and the adapting method's tokens/s over the static one's, cumulative over the stream
+    (its update time included): where learning costs and where it pays."""
     streams = report["streams"]
     fig, axes = plt.subplots(2, len(streams), figsize=(5.5 * len(streams), 7), squeeze=False)
     colors = {"static": "tab:blue", "adapt": "tab:red"}
@@ -118,24 +119,35 @@ def adaptation(report: dict, path: pathlib.Path) -> pathlib.Path:
         top, bottom = axes[0, col], axes[1, col]
         for method, rows in records.items():
             top.plot(_rolling([r["tau"] for r in rows], window), color=colors[method], label=method)
-            seconds, tokens, elapsed, served = [0.0], [0], 0.0, 0
-            for r in rows:
-                elapsed += r["seconds"] + r["adapt_s"]
-                served += r["new_tokens"]
-                seconds.append(elapsed)
-                tokens.append(served)
-            bottom.plot(seconds, tokens, color=colors[method], label=method)
+        shifts = 0
         for r in records["adapt"]:
             if r["kept"]:
                 top.axvline(r["prompt"], color="tab:red", alpha=0.15, linewidth=2)
-        summary = stream["summary"]
-        top.set_title(f"{name}: adapt / static {summary['speedup_adapt_vs_static']:.2f}x tokens/s")
-        top.set_xlabel("prompt (kept updates shaded)")
+            elif r["updated"]:
+                top.plot(r["prompt"], 0, marker="|", color="tab:gray", markersize=8,
+                         transform=top.get_xaxis_transform())
+            if r["reverted"]:
+                top.axvline(r["prompt"], color="black", linestyle="--", linewidth=0.8)
+            if r["shifts"] > shifts:
+                top.axvline(r["prompt"], color="tab:green", linestyle=":", linewidth=1.2)
+            shifts = r["shifts"]
+        ratio, served, seconds = [], {m: 0.0 for m in records}, {m: 0.0 for m in records}
+        for rows in zip(records["static"], records["adapt"]):
+            for method, r in zip(("static", "adapt"), rows):
+                served[method] += r["new_tokens"]
+                seconds[method] += r["seconds"] + r["adapt_s"]
+            ratio.append((served["adapt"] / seconds["adapt"]) / (served["static"] / seconds["static"]))
+        bottom.plot(ratio, color="tab:red")
+        bottom.axhline(1.0, color="tab:blue", linewidth=0.8)
+        updates = sum(r["updated"] for r in records["adapt"])
+        kept = sum(r["kept"] for r in records["adapt"])
+        top.set_title(f"{name} (pass 1)\nadapt / static {ratio[-1]:.3f}x tokens/s, {updates} updates ({kept} kept)",
+                      fontsize=10)
+        top.set_xlabel("prompt (kept updates shaded, discarded |, reverts --, shifts seen ..)")
         top.set_ylabel(f"tau (rolling mean of {window})")
         top.legend()
-        bottom.set_xlabel("seconds (decoding + adapting)")
-        bottom.set_ylabel("tokens served")
-        bottom.legend()
+        bottom.set_xlabel("prompt")
+        bottom.set_ylabel("adapt / static tokens/s, cumulative")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
