@@ -153,12 +153,8 @@ def summarize(passes: list[dict]) -> dict[str, Any]:
                 "adapt_s": sum(r["adapt_s"] for r in records)}
 
     out = {m: totals([r for p in passes for r in p["records"][m]]) for m in ("static", "adapt")}
-    adapt_records = [r for p in passes for r in p["records"]["adapt"]]
-    out["adapt"].update(updates=sum(r["updated"] for r in adapt_records),
-                        kept=sum(r["kept"] for r in adapt_records),
-                        probes=sum(r["probed"] for r in adapt_records),
-                        reverts=sum(r["reverted"] for r in adapt_records),
-                        shifts=max(r["shifts"] for r in adapt_records),
+    counts = adapt.tally([r for p in passes for r in p["records"]["adapt"]])
+    out["adapt"].update({k: v for k, v in counts.items() if k not in ("windows", "adapt_s")},
                         adapt_time_share=out["adapt"]["adapt_s"] / out["adapt"]["seconds"])
     ratios = [totals(p["records"]["adapt"])["tokens_per_s"] / totals(p["records"]["static"])["tokens_per_s"]
               for p in passes]

@@ -614,12 +614,8 @@ def adaptation(outs: list) -> dict:
     """An adapting method's windows (runs, every repeat), the updates its bandit tried and kept, the
     probes and reverts, the most shifts one repeat saw, and the share of its time spent adapting (bandit
     steps, updates, probes)."""
-    records = [out.stats["adapt"] for out in outs]
-    adapt_s = sum(r["adapt_s"] for r in records)
-    return {"windows": len(records), "updates": sum(r["updated"] for r in records),
-            "kept": sum(r["kept"] for r in records), "probes": sum(r["probed"] for r in records),
-            "reverts": sum(r["reverted"] for r in records), "shifts": max(r["shifts"] for r in records),
-            "adapt_s": adapt_s, "adapt_time_share": adapt_s / sum(_seconds(out) for out in outs)}
+    counts = adapt.tally([out.stats["adapt"] for out in outs])
+    return {**counts, "adapt_time_share": counts["adapt_s"] / sum(_seconds(out) for out in outs)}
 
 
 def table(report: dict) -> str:

@@ -554,6 +554,15 @@ class Bandit:
 # ---------------------------------------------------------------------------------------------------
 # Serving with adaptation.
 
+def tally(records: list[dict]) -> dict:
+    """What an adapter did over windows (`generate`'s `stats["adapt"]` records, one per window): the updates
+    tried and kept, the probes and reverts, the most shifts one adapter saw, and its seconds adapting."""
+    return {"windows": len(records), "updates": sum(r["updated"] for r in records),
+            "kept": sum(r["kept"] for r in records), "probes": sum(r["probed"] for r in records),
+            "reverts": sum(r["reverted"] for r in records), "shifts": max(r["shifts"] for r in records),
+            "adapt_s": sum(r["adapt_s"] for r in records)}
+
+
 class Adapter:
     """A SpecBlock drafter that adapts while it serves. Each `generate` call (a window) decodes with the
     current drafter, collecting feedback in the loop; then the bandit decides, and an update it asks
